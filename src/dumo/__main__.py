@@ -1,0 +1,3 @@
+from dumo.cli import main
+
+raise SystemExit(main())

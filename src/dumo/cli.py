@@ -1,0 +1,292 @@
+"""The ``dumo`` command line: train, sample, eval, demo.
+
+Problems with the user's input end in one line on stderr (``dumo: error: ...``) and exit
+status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from dumo import __version__
+from dumo.errors import DumoError
+
+EXIT_USAGE = 2
+DEMO_MARKER = ".dumo-demo"
+
+
+class UsageError(DumoError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package, e.g. ``toy/moons-dumo.yaml``."""
+    return Path(str(resources.files("dumo") / "configs" / name))
+
+
+def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"--out {path}: the file name must end in {' or '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {path}: directory {path.parent} does not exist")
+
+
+def parse_times(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--times must be comma-separated numbers like 1.0,0.5; got {text!r}") from None
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from dumo.config import load_config
+    from dumo.training import train
+
+    config = load_config(args.config, args.set)
+    result = train(config, args.out)
+    print_result(result)
+    return 0
+
+
+def print_result(result) -> None:
+    state = "interrupted" if result.interrupted else "finished"
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
+    print(f"{state} at step {result.step}{resumed} in {result.seconds:.1f} s; run: {result.run_dir}")
+    for key, value in result.metrics.items():
+        print(f"  {key:12s} {value:.5f}")
+
+
+def positive(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer; got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1; got {value}")
+        return value
+
+    return parse
+
+
+def generate_from_run(run, nfe: int, num: int, seed: int, method: str, times, class_label: int | None):
+    import torch
+
+    from dumo.evaluation import balanced_labels, generate
+
+    if class_label is not None:
+        if run.num_classes == 0:
+            raise UsageError("--class given but the model is unconditional")
+        if not 0 <= class_label < run.num_classes:
+            raise UsageError(f"--class must be in [0, {run.num_classes - 1}]; got {class_label}")
+        labels = torch.full((num,), class_label, dtype=torch.long)
+    else:
+        labels = balanced_labels(num, run.num_classes)
+    try:
+        points = generate(
+            run.model, run.objective_name, (num, run.dataset.dim), nfe, run.config.sample, seed, labels, method, times
+        )
+    except ValueError as error:  # bad schedule or sampler choice
+        raise UsageError(str(error)) from None
+    return points
+
+
+def command_sample(args: argparse.Namespace) -> int:
+    from dumo.plotting import scatter_over_density
+    from dumo.run import load_run
+
+    out = Path(args.out)
+    check_output_file(out, (".npy", ".png"))
+    run = load_run(args.run_dir, args.checkpoint, args.weights)
+    points = generate_from_run(run, args.nfe, args.num, args.seed, args.method, parse_times(args.times), args.class_label)
+    points = run.dataset.unstandardise(points).numpy()
+    if out.suffix.lower() == ".npy":
+        np.save(out, points.astype(np.float64))
+    else:
+        reference, _ = run.dataset.sample(50_000)
+        title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
+        scatter_over_density([(title, points)], reference.numpy(), out)
+    print(f"wrote {args.num} samples ({args.nfe} NFE, step {run.step}) to {out}")
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from dumo.evaluation import evaluate_toy
+    from dumo.run import load_run
+
+    run = load_run(args.run_dir, args.checkpoint, args.weights)
+    print(f"{args.run_dir}: {run.objective_name}, step {run.step}, {args.num} samples, seed {args.seed}")
+    for nfe in args.nfe:
+        try:
+            metrics = evaluate_toy(
+                run.model, run.objective_name, run.dataset, run.config.sample, (nfe,), args.num, args.seed,
+                run.num_classes, args.method,
+            )
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        print(f"  {nfe:3d} NFE  MMD {metrics[f'mmd_{nfe}nfe']:.5f}  SW {metrics[f'sw_{nfe}nfe']:.5f}")
+    return 0
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from dumo.config import load_config
+    from dumo.evaluation import evaluate_toy, generate
+    from dumo.plotting import scatter_over_density
+    from dumo.training import Trainer
+
+    overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+    config = load_config(packaged_config("toy/moons-dumo.yaml"), overrides)
+    out = Path(args.out)
+    if out.exists():
+        if not (out / DEMO_MARKER).exists():
+            raise UsageError(f"{out} exists and was not made by 'dumo demo'; choose another --out")
+        shutil.rmtree(out)  # a previous demo: start afresh
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).touch()
+
+    print(f"dumo demo: training DuMo (beta={config.objective.beta}) on moons for {config.train.steps} steps")
+    started = time.perf_counter()
+    trainer = Trainer(config, out)
+    result = trainer.run()
+    trained = time.perf_counter() - started
+    print(f"trained {result.step} steps in {trained:.1f} s ({result.step / trained:.0f} steps/s)")
+
+    num = 2000
+    metrics = evaluate_toy(trainer.ema.model, "dumo", trainer.dataset, config.sample, (1, 2), num)
+    panels = []
+    for nfe in (1, 2):
+        points = generate(trainer.ema.model, "dumo", (num, 2), nfe, config.sample)
+        panels.append((f"DuMo u-head, {nfe} NFE (MMD {metrics[f'mmd_{nfe}nfe']:.4f})", points))
+    v_head = evaluate_toy(trainer.ema.model, "dumo", trainer.dataset, config.sample, (32,), num, method="euler")
+    points = generate(trainer.ema.model, "dumo", (num, 2), 32, config.sample, method="euler")
+    panels.append((f"same model, v-head Euler 32 NFE (MMD {v_head['mmd_32nfe']:.4f})", points))
+    reference, _ = trainer.dataset.sample(50_000)
+    picture = out / "samples.png"
+    scatter_over_density(
+        [(label, trainer.dataset.unstandardise(p).numpy()) for label, p in panels], reference.numpy(), picture
+    )
+    for nfe in (1, 2):
+        print(f"  {nfe} NFE  MMD {metrics[f'mmd_{nfe}nfe']:.5f}  (sliced W2 {metrics[f'sw_{nfe}nfe']:.5f})")
+    print(f"  v-head Euler 32 NFE  MMD {v_head['mmd_32nfe']:.5f}")
+    print(f"picture: {picture}")
+    print(f"total {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run directory written by 'dumo train'")
+    parser.add_argument("--num", type=positive("--num"), default=2000, help="number of samples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    parser.add_argument(
+        "--method",
+        choices=("auto", "flow_map", "meanflow", "euler", "heun"),
+        default="auto",
+        help="sampler: auto picks the objective's own (DuMo: flow_map on the u-head, MeanFlow: meanflow, "
+        "Flow Matching: euler); euler/heun integrate the v-head ODE (default: the config's sample.method)",
+    )
+    parser.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    parser.add_argument(
+        "--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw trained weights"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="dumo",
+        description="Duality Models (DuMo) and baselines for one- and few-step generation.",
+    )
+    parser.add_argument("--version", action="version", version=f"dumo {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train a model. If RUN_DIR already holds this run (same config, except train.steps and "
+        "logging cadence), training resumes from its latest checkpoint.",
+    )
+    train.add_argument("config", help="YAML config, e.g. configs/toy/moons-dumo.yaml")
+    train.add_argument("--out", required=True, help="run directory for config, logs and checkpoints")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.steps=500 --set objective.beta=0.5 (repeatable)",
+    )
+    train.set_defaults(handler=command_train)
+
+    sample = commands.add_parser(
+        "sample",
+        help="draw samples from a trained run",
+        description="Draw samples with the run's EMA weights. For 2-D data: FILE.npy holds an (N, 2) array in "
+        "the dataset's own coordinates; FILE.png shows the samples over the data density.",
+    )
+    add_sampling_arguments(sample)
+    sample.add_argument("--nfe", type=positive("--nfe"), required=True, help="network evaluations per sample")
+    sample.add_argument("--out", required=True, help="output file: .npy or .png (its directory must exist)")
+    sample.add_argument(
+        "--times", help="k-step times t_0,...,t_{k-1} in (0, 1], decreasing, e.g. 1.0,0.4 (default: config schedule)"
+    )
+    sample.add_argument("--class", dest="class_label", type=int, help="class to sample (default: balanced over classes)")
+    sample.set_defaults(handler=command_sample)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a trained run (MMD, sliced Wasserstein)",
+        description="Score samples of a run against fresh data: MMD (multi-bandwidth RBF) and sliced "
+        "Wasserstein-2, both on standardised coordinates.",
+    )
+    add_sampling_arguments(evaluate)
+    evaluate.add_argument("--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)")
+    evaluate.set_defaults(handler=command_eval)
+
+    demo = commands.add_parser(
+        "demo",
+        help="train DuMo on moons briefly, draw 1- and 2-NFE samples, print their MMD",
+        description="The built-in default run: DuMo on 2-D moons (the shipped configs/toy/moons-dumo.yaml), "
+        "then a picture of 1-NFE and 2-NFE samples over the true density and their MMD.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; replaced if a demo)")
+    demo.add_argument("--steps", type=positive("--steps"), help="training steps (default: the config's)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    demo.set_defaults(handler=command_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return EXIT_USAGE
+        return args.handler(args)
+    except DumoError as error:
+        if debug:
+            raise
+        print(f"dumo: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dumo: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,180 @@
+"""The run configuration: one YAML file, every key overridable with ``--set key=value``.
+
+Sections: ``data``, ``model``, ``objective`` (its keys depend on ``objective.name``),
+``optim``, ``train`` and ``sample``. Defaults are the paper's (AdamW lr 1e-4, betas
+(0.9, 0.95), no weight decay, EMA 0.9999) and METHOD's documented option defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dumo.data import DataConfig
+from dumo.errors import ConfigError
+from dumo.models import ModelConfig
+from dumo.objectives import OBJECTIVES, DuMoConfig, ObjectiveConfig
+from dumo.schema import build, require, to_dict
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float | None = None  # max global gradient norm; null = no clipping
+
+    def validate(self, prefix: str) -> None:
+        require(self.lr > 0, f"{prefix}.lr must be > 0; got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), f"{prefix}.betas must lie in [0, 1); got {list(self.betas)}")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0; got {self.weight_decay}")
+        require(self.eps > 0, f"{prefix}.eps must be > 0; got {self.eps}")
+        require(self.grad_clip is None or self.grad_clip > 0, f"{prefix}.grad_clip must be > 0 or null")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000
+    seed: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step)): early EMA follows the weights
+    log_every: int = 100
+    eval_every: int = 0  # steps between quality evaluations (1-NFE); 0 = only at the end
+    eval_samples: int = 2000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    device: str = "auto"  # auto: cuda when available, else cpu
+    progress: bool = True  # progress bar on the terminal
+
+    def validate(self, prefix: str) -> None:
+        require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")
+        require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay must be in [0, 1); got {self.ema_decay}")
+        for key in ("log_every", "eval_every", "checkpoint_every"):
+            require(getattr(self, key) >= 0, f"{prefix}.{key} must be >= 0; got {getattr(self, key)}")
+        require(self.eval_samples >= 2, f"{prefix}.eval_samples must be >= 2; got {self.eval_samples}")
+        require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for ``dumo sample`` and evaluations."""
+
+    method: Literal["auto", "flow_map", "meanflow", "euler", "heun"] = "auto"  # auto: by objective
+    t_start: float = 1.0  # first time of the few-step samplers (slightly below 1 is an option)
+    schedule_power: float = 1.0  # k-step times t_i = t_start * (1 - i/k)^power; > 1 moves them toward 0
+    stochasticity: float = 1.0  # flow-map re-noising: 1 fresh noise, 0 the noise the prediction implies
+
+    def validate(self, prefix: str) -> None:
+        require(0 < self.t_start <= 1, f"{prefix}.t_start must be in (0, 1]; got {self.t_start}")
+        require(self.schedule_power > 0, f"{prefix}.schedule_power must be > 0; got {self.schedule_power}")
+        require(0 <= self.stochasticity <= 1, f"{prefix}.stochasticity must be in [0, 1]; got {self.stochasticity}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=DuMoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+def config_from_dict(raw: Any) -> Config:
+    """Validate a parsed config mapping; raises :class:`ConfigError` naming the first problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections; got {type(raw).__name__}")
+    unknown = [key for key in raw if key not in SECTIONS and key != "objective"]
+    if unknown:
+        raise ConfigError(f"unknown config section '{unknown[0]}' (sections: {', '.join([*SECTIONS, 'objective'])})")
+    sections = {name: build(cls, raw.get(name), prefix=name) for name, cls in SECTIONS.items()}
+    objective_raw = raw.get("objective") or {}
+    if not isinstance(objective_raw, dict):
+        raise ConfigError("'objective' must be a mapping of keys to values")
+    name = objective_raw.get("name", "dumo")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {name!r}")
+    objective = build(OBJECTIVES[name][0], {**objective_raw, "name": name}, prefix="objective")
+    return Config(objective=objective, **sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"objective.beta=0.5"`` -> (["objective", "beta"], 0.5); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value (for example train.steps=100)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: keep the raw string and let the type check decide
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{text.partition('=')[0]}': '{'.'.join(keys[: i + 1])}' is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "parse error"
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate."""
+    raw = read_yaml(path)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections; got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw or {}, overrides or []))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_differences(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (keys in ``ignore`` skipped)."""
+
+    def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                out.update(flatten(value, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: node}
+
+    flat_a, flat_b = flatten(a.to_dict()), flatten(b.to_dict())
+    keys = sorted(set(flat_a) | set(flat_b))
+    return [k for k in keys if k not in ignore and flat_a.get(k) != flat_b.get(k)]

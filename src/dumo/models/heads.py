@@ -1,0 +1,52 @@
+"""Output heads and the model that joins a backbone to one or two of them."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dumo.models.embeddings import modulate
+from dumo.models.output import ModelOutput
+
+HEAD_NAMES = ("v", "u")
+
+
+class OutputHead(nn.Module):
+    """adaLN final layer: normalise, modulate by the conditioning, project (zero-initialised)."""
+
+    def __init__(self, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
+        self.linear = nn.Linear(hidden_dim, out_dim)
+        for layer in (self.modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Tensor, cond: Tensor) -> Tensor:
+        shift, scale = self.modulation(cond).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(features), shift, scale))
+
+
+class FlowModel(nn.Module):
+    """A backbone shared by the heads named in ``heads`` ("v": velocity, "u": flow map).
+
+    ``backbone(x, t, r, labels)`` returns (features, conditioning); every head reads both,
+    so a dual-head model costs one backbone pass for v and u together.
+    """
+
+    def __init__(self, backbone: nn.Module, head: type[nn.Module] | None, heads: tuple[str, ...], **head_kwargs):
+        super().__init__()
+        unknown = set(heads) - set(HEAD_NAMES)
+        if unknown or not heads:
+            raise ValueError(f"heads must be a non-empty subset of {HEAD_NAMES}; got {heads}")
+        self.backbone = backbone
+        head = OutputHead if head is None else head
+        self.heads = nn.ModuleDict({name: head(**head_kwargs) for name in heads})
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(self.heads.keys())
+
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
+        features, cond = self.backbone(x, t, r=r, labels=labels)
+        return ModelOutput(**{name: head(features, cond) for name, head in self.heads.items()})

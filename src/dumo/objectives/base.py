@@ -1,0 +1,223 @@
+"""The interface shared by all objectives, and the small pieces they have in common.
+
+An objective takes the model and a :class:`~dumo.data.batch.Batch` and returns an
+:class:`ObjectiveOutput`: the scalar loss to minimise plus named, detached parts for logging.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dumo.data.batch import Batch
+from dumo.models.output import ModelOutput
+from dumo.paths import PATHS, AffinePath, expand_time
+from dumo.schema import require
+
+
+@dataclass
+class TimeConfig:
+    """Distribution of the training time t (data at 0, noise at 1)."""
+
+    distribution: Literal["beta", "logit_normal", "uniform"] = "beta"
+    theta1: float = 2.4  # Beta(theta1, theta2); the paper's ImageNet-256 setting
+    theta2: float = 2.4
+    mean: float = -0.4  # logit-normal: sigmoid(N(mean, std^2))
+    std: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        require(self.theta1 > 0 and self.theta2 > 0, f"{prefix}.theta1 and {prefix}.theta2 must be > 0")
+        require(self.std > 0, f"{prefix}.std must be > 0; got {self.std}")
+
+
+class TimeSampler:
+    """Draws per-sample times in [0, 1] from the configured distribution (global torch RNG)."""
+
+    def __init__(self, config: TimeConfig):
+        self.config = config
+
+    def sample(self, n: int, device: torch.device | str = "cpu") -> Tensor:
+        c = self.config
+        if c.distribution == "uniform":
+            return torch.rand(n, device=device)
+        if c.distribution == "logit_normal":
+            return torch.sigmoid(c.mean + c.std * torch.randn(n, device=device))
+        concentration = torch.tensor([c.theta1, c.theta2], device=device)
+        return torch.distributions.Beta(concentration[0], concentration[1]).sample((n,))
+
+
+@dataclass
+class ObjectiveConfig:
+    """Keys shared by every objective."""
+
+    name: str = ""
+    path: Literal["linear"] = "linear"
+    time: TimeConfig = field(default_factory=TimeConfig)
+    label_dropout: float = 0.1  # fraction of labels replaced by the null class (guidance)
+
+    def validate(self, prefix: str) -> None:
+        require(0.0 <= self.label_dropout <= 1.0, f"{prefix}.label_dropout must be in [0, 1]; got {self.label_dropout}")
+
+
+@dataclass
+class FewStepConfig(ObjectiveConfig):
+    """Keys shared by the flow-map objectives (DuMo, MeanFlow)."""
+
+    derivative: Literal["finite_difference", "jvp"] = "finite_difference"
+    epsilon: float = 0.005  # half-width of the central difference in t
+    dudt_clamp: float | None = None  # clamp |du/dt| elementwise; null = off
+    target_network: Literal["online", "ema"] = "online"  # theta^-: stop-gradient weights or EMA
+    zeta: float = 0.0  # training-time guidance (enhancement ratio); 0 = off
+    guidance_t_min: float = 0.0  # guidance only where guidance_t_min <= t <= guidance_t_max
+    guidance_t_max: float = 1.0
+    adaptive_p: float = 0.0  # per-sample loss / sg(loss + adaptive_c)^p; 0 = plain MSE
+    adaptive_c: float = 1e-3
+    batch_target_passes: bool = True  # run the independent no-grad passes as one batched call
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        require(0.0 < self.epsilon < 0.5, f"{prefix}.epsilon must be in (0, 0.5); got {self.epsilon}")
+        require(self.dudt_clamp is None or self.dudt_clamp > 0, f"{prefix}.dudt_clamp must be > 0 or null")
+        require(self.zeta >= 0.0, f"{prefix}.zeta must be >= 0; got {self.zeta}")
+        require(
+            0.0 <= self.guidance_t_min <= self.guidance_t_max <= 1.0,
+            f"{prefix}.guidance_t_min and guidance_t_max must satisfy 0 <= min <= max <= 1",
+        )
+        require(self.adaptive_p >= 0.0, f"{prefix}.adaptive_p must be >= 0; got {self.adaptive_p}")
+        require(self.adaptive_c > 0.0, f"{prefix}.adaptive_c must be > 0; got {self.adaptive_c}")
+
+
+@dataclass
+class ObjectiveOutput:
+    """The loss to minimise, detached scalar parts for logging and detached targets for inspection."""
+
+    loss: Tensor
+    parts: dict[str, Tensor]
+    targets: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInput:
+    """Arguments of one network call: ``model(x, t, r=r, labels=labels)``."""
+
+    x: Tensor
+    t: Tensor
+    r: Tensor | None = None
+    labels: Tensor | None = None
+
+
+class Objective(ABC):
+    """A training objective: ``objective(model, batch) -> ObjectiveOutput``."""
+
+    heads: tuple[str, ...] = ()  # heads the network must have
+    time_inputs: int = 1  # 2 when the network also takes the second time r (MeanFlow)
+
+    def __init__(self, config: ObjectiveConfig, num_classes: int = 0):
+        self.config = config
+        self.path: AffinePath = PATHS[config.path]()
+        self.time_sampler = TimeSampler(config.time)
+        self.num_classes = num_classes
+
+    @property
+    def null_label(self) -> int:
+        """Index of the null (unconditional) class: one past the real classes."""
+        return self.num_classes
+
+    @abstractmethod
+    def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
+        """Loss for one batch. ``target_model`` is theta^- (defaults to ``model`` under no_grad)."""
+
+    def drop_labels(self, labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """Replace each label by the null class with probability ``label_dropout``.
+
+        An independent coin per sample, so the expected fraction is right for any batch size
+        (rounding a count would drop none or all of a small batch). Returns the labels and the
+        mask of rows that kept their real label.
+        """
+        if labels is None:
+            return None, None
+        kept = torch.rand(labels.shape[0], device=labels.device) >= self.config.label_dropout
+        return torch.where(kept, labels, torch.full_like(labels, self.null_label)), kept
+
+    def null_labels(self, labels: Tensor) -> Tensor:
+        return torch.full_like(labels, self.null_label)
+
+
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32, or as it is when it is already fp32 or wider (fp64 in tests)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """Per-sample mean squared error in (at least) fp32, shape (B,)."""
+    return (at_least_fp32(prediction) - at_least_fp32(target)).square().flatten(1).mean(dim=1)
+
+
+def adaptive_weighting(per_sample_loss: Tensor, p: float, c: float) -> Tensor:
+    """``loss / sg(loss + c)^p`` (MeanFlow's adaptive weight); the identity for p = 0."""
+    if p == 0:
+        return per_sample_loss
+    return per_sample_loss / (per_sample_loss.detach() + c).pow(p)
+
+
+def central_difference_times(t: Tensor, epsilon: float, lower: Tensor | float, upper: float) -> tuple[Tensor, Tensor]:
+    """The stencil (t - e, t + e), shrunk to stay inside [lower, upper].
+
+    Near a boundary the difference becomes one-sided rather than querying the network at times
+    it never trained on (t > 1 would extrapolate past pure noise); the quotient divides by the
+    actual width ``t_high - t_low``.
+    """
+    lower_t = torch.as_tensor(lower, dtype=t.dtype, device=t.device)
+    t_low = torch.maximum(t - epsilon, lower_t)
+    t_high = torch.clamp(t + epsilon, max=upper)
+    return t_low, t_high
+
+
+def difference_quotient(high: Tensor, low: Tensor, t_high: Tensor, t_low: Tensor) -> Tensor:
+    """(high - low) / (t_high - t_low) in fp32; rows of zero width give 0.
+
+    fp32 because dividing by 2e (about 0.01) amplifies the rounding error of low precision
+    outputs about a hundredfold.
+    """
+    high, low = at_least_fp32(high), at_least_fp32(low)
+    width = expand_time(t_high - t_low, high)
+    safe = torch.where(width > 0, width, torch.ones_like(width))
+    return torch.where(width > 0, (high - low) / safe, torch.zeros_like(high))
+
+
+def guidance_weight(kept: Tensor, t: Tensor, t_min: float, t_max: float) -> Tensor:
+    """1 for rows that get training-time guidance (real label, t inside the range), else 0."""
+    return (kept & (t >= t_min) & (t <= t_max)).float()
+
+
+def forward_many(model: nn.Module, requests: list[ModelInput], batched: bool) -> list[ModelOutput]:
+    """Evaluate several independent network calls, as one concatenated call when ``batched``."""
+    if not requests:
+        return []
+    if not batched or len(requests) == 1:
+        return [model(q.x, q.t, r=q.r, labels=q.labels) for q in requests]
+
+    def cat(values: list[Tensor | None]) -> Tensor | None:
+        return None if values[0] is None else torch.cat(values)
+
+    joined = model(
+        cat([q.x for q in requests]),
+        cat([q.t for q in requests]),
+        r=cat([q.r for q in requests]),
+        labels=cat([q.labels for q in requests]),
+    )
+    return joined.split([q.x.shape[0] for q in requests])
+
+
+def time_derivative_jvp(function, x_t: Tensor, t: Tensor, dx_dt: Tensor, *extra_primals: Tensor):
+    """d/dt of ``function(x_t, t, *extra)`` along dx/dt = ``dx_dt``, with forward-mode AD.
+
+    Extra primals (MeanFlow's r) get a zero tangent. Returns (value, derivative).
+    """
+    primals = (x_t, t, *extra_primals)
+    tangents = (dx_dt, torch.ones_like(t), *(torch.zeros_like(p) for p in extra_primals))
+    return torch.func.jvp(function, primals, tangents)

@@ -1,0 +1,133 @@
+"""MeanFlow: one head u(x_t, r, t), the average velocity from time r to time t.
+
+    x_r    = x_t - (t - r) u(x_t, r, t)
+    u_tgt  = v_tgt - (t - r) du/dt,   tangent (dx/dt, dr/dt, dt/dt) = (v_tgt, 0, 1)
+
+A fraction ``rho`` of samples has r = t, where u is the instantaneous velocity (the
+Flow Matching loss); the rest trains the flow map. One-step sampling: x_0 = z - u(z, 0, 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dumo.data.batch import Batch
+from dumo.objectives.base import (
+    FewStepConfig,
+    ModelInput,
+    Objective,
+    ObjectiveOutput,
+    adaptive_weighting,
+    at_least_fp32,
+    central_difference_times,
+    difference_quotient,
+    forward_many,
+    guidance_weight,
+    squared_error,
+    time_derivative_jvp,
+)
+from dumo.paths import expand_time
+from dumo.schema import require
+
+
+@dataclass
+class MeanFlowConfig(FewStepConfig):
+    name: Literal["meanflow"] = "meanflow"
+    derivative: Literal["finite_difference", "jvp"] = "jvp"  # MeanFlow's own choice
+    rho: float = 0.75  # fraction of samples with r = t (the velocity ratio)
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
+
+
+class MeanFlowObjective(Objective):
+    heads = ("u",)
+    time_inputs = 2
+    config: MeanFlowConfig
+
+    def sample_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(t, r) with r <= t: two draws sorted, then r = t on a fraction rho of rows."""
+        pair = self.time_sampler.sample(2 * n, device).reshape(2, n)
+        t, r = pair.max(dim=0).values, pair.min(dim=0).values
+        on_diagonal = torch.rand(n, device=device) < self.config.rho
+        return t, torch.where(on_diagonal, t, r)
+
+    def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
+        cfg = self.config
+        target_model = model if target_model is None else target_model
+        x = batch.x
+        z = torch.randn_like(x)
+        t, r = self.sample_times(x.shape[0], x.device)
+        labels, kept = self.drop_labels(batch.labels)
+        x_t = self.path.sample(x, z, t)
+        v_target = at_least_fp32(self.path.velocity(x, z, t))
+
+        if cfg.zeta > 0 and labels is not None:
+            # Guidance needs the conditional and unconditional velocity u(x_t, t, t) of theta^-.
+            with torch.no_grad():
+                conditional, unconditional = forward_many(
+                    target_model,
+                    [ModelInput(x_t, t, r=t, labels=labels), ModelInput(x_t, t, r=t, labels=self.null_labels(labels))],
+                    batched=cfg.batch_target_passes,
+                )
+                weight = expand_time(guidance_weight(kept, t, cfg.guidance_t_min, cfg.guidance_t_max), x)
+                v_target = v_target + cfg.zeta * weight * (at_least_fp32(conditional.u) - at_least_fp32(unconditional.u))
+
+        def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
+            return model(x_in, t_in, r=r_in, labels=labels).u
+
+        tangent = v_target.to(x.dtype)
+        if cfg.derivative == "jvp" and cfg.target_network == "online":
+            # One forward-mode pass gives u (with gradients) and du/dt (treated as sg).
+            u, du_dt = time_derivative_jvp(average_velocity, x_t, t, tangent, r)
+            du_dt = at_least_fp32(du_dt.detach())
+        else:
+            u = average_velocity(x_t, t, r)
+            du_dt = self.target_derivative(target_model, x_t, t, r, tangent, labels)
+        if cfg.dudt_clamp is not None:
+            du_dt = du_dt.clamp(-cfg.dudt_clamp, cfg.dudt_clamp)
+        u_target = v_target - expand_time(t - r, du_dt) * du_dt
+
+        per_sample = squared_error(u, u_target)
+        loss = adaptive_weighting(per_sample, cfg.adaptive_p, cfg.adaptive_c).mean()
+        on_diagonal = (t == r).float()
+        parts = {
+            "loss": per_sample.mean().detach(),
+            "loss_v": (per_sample * on_diagonal).sum().detach() / on_diagonal.sum().clamp(min=1),
+            "loss_u": (per_sample * (1 - on_diagonal)).sum().detach() / (1 - on_diagonal).sum().clamp(min=1),
+        }
+        return ObjectiveOutput(
+            loss=loss,
+            parts=parts,
+            targets={"t": t, "r": r, "x_t": x_t, "v": v_target, "u": u_target, "du_dt": du_dt},
+        )
+
+    @torch.no_grad()
+    def target_derivative(
+        self, target_model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, tangent: Tensor, labels: Tensor | None
+    ) -> Tensor:
+        """du_minus/dt along (tangent, 0, 1) from theta^-, by finite difference or JVP."""
+        cfg = self.config
+        if cfg.derivative == "jvp":
+
+            def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
+                return at_least_fp32(target_model(x_in, t_in, r=r_in, labels=labels).u)
+
+            return time_derivative_jvp(average_velocity, x_t, t, tangent, r)[1]
+        # The stencil stays in [r, 1]; rows with t = r get width 0 and derivative 0, which the
+        # factor (t - r) ignores anyway.
+        t_low, t_high = central_difference_times(t, cfg.epsilon, r, 1.0)
+        high, low = forward_many(
+            target_model,
+            [
+                ModelInput(x_t + expand_time(t_high - t, x_t) * tangent, t_high, r=r, labels=labels),
+                ModelInput(x_t + expand_time(t_low - t, x_t) * tangent, t_low, r=r, labels=labels),
+            ],
+            batched=cfg.batch_target_passes,
+        )
+        return difference_quotient(high.u, low.u, t_high, t_low)

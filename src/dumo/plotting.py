@@ -1,0 +1,49 @@
+"""Pictures: samples over the true density (2-D)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def scatter_over_density(
+    panels: Sequence[tuple[str, np.ndarray]],
+    reference: np.ndarray,
+    path: str | Path,
+    columns: int | None = None,
+    title: str | None = None,
+    max_points: int = 2000,
+) -> None:
+    """One panel per (title, points): the data density in grey, the samples as red dots."""
+    columns = columns or min(len(panels), 4)
+    rows = math.ceil(len(panels) / columns)
+    low, high = np.percentile(reference, 0.5, axis=0), np.percentile(reference, 99.5, axis=0)
+    margin = 0.25 * (high - low)
+    extent = (low[0] - margin[0], high[0] + margin[0], low[1] - margin[1], high[1] + margin[1])
+    density, _, _ = np.histogram2d(
+        reference[:, 0], reference[:, 1], bins=120, range=[extent[:2], extent[2:]], density=True
+    )
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (label, points) in zip(axes.flat, panels):
+        ax.imshow(density.T, origin="lower", extent=extent, cmap="Greys", aspect="auto", vmax=density.max() * 0.8)
+        shown = points[:max_points]
+        ax.scatter(shown[:, 0], shown[:, 1], s=2, c="tab:red", alpha=0.6, linewidths=0)
+        ax.set_xlim(extent[:2])
+        ax.set_ylim(extent[2:])
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

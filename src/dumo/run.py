@@ -1,0 +1,56 @@
+"""Reading a finished (or running) run directory back: config, EMA weights, data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dumo.config import Config, load_config
+from dumo.data import ToyDataset, build_dataset, num_classes
+from dumo.errors import RunDirError
+from dumo.models import build_model
+from dumo.objectives import objective_class
+from dumo.training.checkpoint import list_checkpoints, load_checkpoint, load_weights, unprefixed
+from dumo.training.trainer import CONFIG_FILE
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    model: nn.Module
+    dataset: ToyDataset
+    num_classes: int
+    step: int
+    checkpoint: Path
+
+    @property
+    def objective_name(self) -> str:
+        return self.config.objective.name
+
+
+def load_run(
+    run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema", device: str = "cpu"
+) -> LoadedRun:
+    """The model of ``run_dir`` with its EMA (default) or raw weights from the latest checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory not found: {run_dir}")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise RunDirError(f"{run_dir} is not a dumo run directory (no {CONFIG_FILE})")
+    config = load_config(run_dir / CONFIG_FILE)
+    if checkpoint is None:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise RunDirError(f"{run_dir} has no checkpoints yet; train it first")
+        checkpoint = found[-1]
+    tensors, metadata = load_checkpoint(Path(checkpoint))
+    dataset = build_dataset(config.data)
+    classes = num_classes(config.data)
+    objective = objective_class(config.objective.name)
+    model = build_model(config.model, dataset.dim, objective.heads, classes, objective.time_inputs)
+    load_weights(model, unprefixed(tensors, f"{weights}."), str(checkpoint))
+    model.to(torch.device(device)).eval().requires_grad_(False)
+    return LoadedRun(config, model, dataset, classes, int(metadata["step"]), Path(checkpoint))

@@ -1,0 +1,146 @@
+"""Samplers: from noise at t = 1 to data at t = 0 in a given number of network evaluations (NFE).
+
+- :func:`flow_map_sample` - DuMo's u-head: 1 NFE ``x_0 = x_1 - u(x_1, 1)``; k NFE re-noise
+  the prediction to the next time (consistency-style multistep).
+- :func:`meanflow_sample` - MeanFlow: ``x_r = x_t - (t - r) u(x_t, r, t)`` over a time grid.
+- :func:`ode_sample` - Euler or Heun on the velocity head (Flow Matching, or DuMo's v-head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+SAMPLERS = ("flow_map", "meanflow", "euler", "heun")
+
+
+def uniform_times(nfe: int, t_start: float = 1.0) -> list[float]:
+    """The default k-step schedule: ``nfe`` times evenly spaced from t_start down (0 excluded)."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1; got {nfe}")
+    return [t_start * (1 - i / nfe) for i in range(nfe)]
+
+
+def check_times(times: Sequence[float]) -> list[float]:
+    """Times must be strictly decreasing inside (0, 1]."""
+    times = [float(t) for t in times]
+    if not times:
+        raise ValueError("at least one time is needed")
+    if any(not 0 < t <= 1 for t in times):
+        raise ValueError(f"times must lie in (0, 1]; got {times}")
+    if any(a <= b for a, b in zip(times, times[1:])):
+        raise ValueError(f"times must be strictly decreasing; got {times}")
+    return times
+
+
+def _time(value: float, like: Tensor) -> Tensor:
+    return torch.full((like.shape[0],), value, dtype=torch.float32, device=like.device)
+
+
+def _broadcast(value: Tensor | float, like: Tensor) -> Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+
+@torch.no_grad()
+def flow_map_sample(
+    model: nn.Module,
+    noise: Tensor,
+    times: Sequence[float],
+    labels: Tensor | None = None,
+    stochasticity: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Consistency-style sampling with the u-head at ``times`` (t_0 > t_1 > ... > 0).
+
+    At each time the clean estimate is ``x0 = x_t - t u``; the next point is
+    ``t' z' + (1 - t') x0`` with ``z' = s * fresh + sqrt(1 - s^2) * z_hat``, where
+    ``z_hat = x_t + (1 - t) u`` is the noise the prediction implies and s = ``stochasticity``
+    (1: fresh noise, the usual multistep consistency sampler; 0: deterministic).
+    """
+    times = check_times(times)
+    x = noise
+    for i, t in enumerate(times):
+        u = model(x, _time(t, x), labels=labels).u.to(x.dtype)
+        x0 = x - t * u
+        if i + 1 == len(times):
+            return x0
+        implied_noise = x + (1 - t) * u
+        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = stochasticity * fresh + (1 - stochasticity**2) ** 0.5 * implied_noise
+        t_next = times[i + 1]
+        x = t_next * z + (1 - t_next) * x0
+    return x
+
+
+@torch.no_grad()
+def meanflow_sample(model: nn.Module, noise: Tensor, times: Sequence[float], labels: Tensor | None = None) -> Tensor:
+    """MeanFlow's deterministic k-step map over ``times`` then 0."""
+    grid = check_times(times) + [0.0]
+    x = noise
+    for t, r in zip(grid[:-1], grid[1:]):
+        u = model(x, _time(t, x), r=_time(r, x), labels=labels).u.to(x.dtype)
+        x = x - (t - r) * u
+    return x
+
+
+@torch.no_grad()
+def ode_sample(
+    model: nn.Module,
+    noise: Tensor,
+    steps: int,
+    method: str = "euler",
+    labels: Tensor | None = None,
+    t_start: float = 1.0,
+) -> Tensor:
+    """Integrate dx/dt = v(x, t) from t_start to 0 in ``steps`` uniform steps.
+
+    Euler costs ``steps`` NFE; Heun (trapezoidal correction, none on the last step onto t = 0)
+    costs 2 * steps - 1.
+    """
+    if method not in ("euler", "heun"):
+        raise ValueError(f"unknown ODE method {method!r}")
+    grid = torch.linspace(t_start, 0.0, steps + 1).tolist()
+    x = noise
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        dt = t_next - t
+        v = model(x, _time(t, x), labels=labels).v.to(x.dtype)
+        if method == "heun" and t_next > 0:
+            v_next = model(x + dt * v, _time(t_next, x), labels=labels).v.to(x.dtype)
+            v = 0.5 * (v + v_next)
+        x = x + dt * v
+    return x
+
+
+def heun_steps_for_nfe(nfe: int) -> int:
+    """The number of Heun steps whose cost is at most ``nfe`` evaluations."""
+    return max(1, (nfe + 1) // 2)
+
+
+def sample(
+    model: nn.Module,
+    noise: Tensor,
+    nfe: int,
+    method: str,
+    labels: Tensor | None = None,
+    times: Sequence[float] | None = None,
+    t_start: float = 1.0,
+    stochasticity: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Dispatch to a sampler by name with a budget of ``nfe`` network evaluations."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1; got {nfe}")
+    if times is not None and len(times) != nfe and method in ("flow_map", "meanflow"):
+        raise ValueError(f"{len(times)} times given for nfe={nfe}")
+    if method == "flow_map":
+        schedule = times if times is not None else uniform_times(nfe, t_start)
+        return flow_map_sample(model, noise, schedule, labels, stochasticity, generator)
+    if method == "meanflow":
+        return meanflow_sample(model, noise, times if times is not None else uniform_times(nfe, t_start), labels)
+    if method == "euler":
+        return ode_sample(model, noise, nfe, "euler", labels, t_start)
+    if method == "heun":
+        return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", labels, t_start)
+    raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")

@@ -1,0 +1,138 @@
+"""Checkpoints: one safetensors file per save, written atomically, loaded without unpickling.
+
+A checkpoint holds tensors under prefixes (``model.``, ``ema.``, ``optimizer.state.``,
+``rng.``) and JSON metadata (format tag, step, optimiser hyper-parameters, the config).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor, nn
+
+from dumo.errors import CheckpointError
+
+FORMAT = "dumo-checkpoint"
+FORMAT_VERSION = "1"
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8,})\.safetensors$")
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.safetensors"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary files of a torn write are ignored)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it.
+
+    A crash at any point leaves either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, safetensors_bytes(tensors, metadata={"format": FORMAT, "version": FORMAT_VERSION, **metadata}))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a dumo checkpoint; :class:`CheckpointError` for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises several types for torn or foreign files
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated, corrupt or another format): {error}"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a dumo checkpoint (no '{FORMAT}' tag)")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+    return tensors, metadata
+
+
+def prefixed(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {f"{prefix}{k}": v for k, v in state.items()}
+
+
+def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load a state dict, naming mismatching keys or shapes in one line instead of a long report."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            problems.append(f"shape of {k}: {tuple(state[k].shape)} in checkpoint vs {tuple(expected[k].shape)} in model")
+        raise CheckpointError(
+            f"{source} does not match this model (another architecture or config?): {'; '.join(problems)}"
+        )
+    module.load_state_dict(state)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], str]:
+    """Optimiser state as flat tensors plus its param_groups as JSON."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            tensors[f"optimizer.state.{index}.{name}"] = torch.as_tensor(value)
+    return tensors, json.dumps(state["param_groups"])
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], param_groups_json: str) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in unprefixed(tensors, "optimizer.state.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = json.loads(param_groups_json)
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

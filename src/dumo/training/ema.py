@@ -1,0 +1,32 @@
+"""Exponential moving average of the weights, used for sampling (and optionally as theta^-)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``ema = d * ema + (1 - d) * weights`` after every optimiser step.
+
+    With ``warmup`` the decay is ``min(decay, (1 + step) / (10 + step))``, so the average
+    forgets the random initialisation quickly in short runs and reaches ``decay`` later.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        for average, current in zip(self.model.parameters(), model.parameters()):
+            average.lerp_(current.detach(), weight)
+        for average, current in zip(self.model.buffers(), model.buffers()):
+            average.copy_(current)

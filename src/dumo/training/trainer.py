@@ -1,0 +1,285 @@
+"""The training loop: AdamW, EMA, periodic evaluation, CSV logs, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dumo.config import Config, config_differences, load_config, save_config
+from dumo.data import ToyStream, build_dataset, num_classes
+from dumo.errors import ConfigError, RunDirError, TrainingError
+from dumo.evaluation import evaluate_toy
+from dumo.models import build_model
+from dumo.objectives import build_objective
+from dumo.training.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    load_optimizer,
+    load_weights,
+    optimizer_tensors,
+    prefixed,
+    save_checkpoint,
+    unprefixed,
+)
+from dumo.training.ema import EMA
+
+CONFIG_FILE = "config.yaml"
+TRAIN_LOG = "train_log.csv"
+EVAL_LOG = "eval_log.csv"
+#: keys that may change between a run and its resumption (they do not change the maths)
+RESUMABLE_KEYS = tuple(
+    f"train.{k}"
+    for k in ("steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "device", "progress")
+)
+MAX_NONFINITE_STEPS = 5
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
+    return device
+
+
+def prepare_run_dir(config: Config, run_dir: Path) -> None:
+    """Create ``run_dir`` or check that it holds this same run; then record the config."""
+    config_file = run_dir / CONFIG_FILE
+    if config_file.is_file():
+        previous = load_config(config_file)
+        differences = config_differences(previous, config, ignore=RESUMABLE_KEYS)
+        if differences:
+            shown = ", ".join(differences[:4]) + (", ..." if len(differences) > 4 else "")
+            raise RunDirError(f"{run_dir} holds a different run (config differs in {shown}); choose another --out")
+    elif run_dir.exists() and (not run_dir.is_dir() or any(not p.name.startswith(".") for p in run_dir.iterdir())):
+        raise RunDirError(f"{run_dir} exists and is not an empty directory or a dumo run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, config_file)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Owns the model, EMA, optimiser and data stream of one run directory."""
+
+    def __init__(self, config: Config, run_dir: str | Path):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = resolve_device(config.train.device)
+        torch.manual_seed(config.train.seed)
+        self.dataset = build_dataset(config.data)
+        self.num_classes = num_classes(config.data)
+        self.objective = build_objective(config.objective, self.num_classes)
+        self.model = build_model(
+            config.model, self.dataset.dim, self.objective.heads, self.num_classes, self.objective.time_inputs
+        ).to(self.device)
+        self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.optim.lr,
+            betas=config.optim.betas,
+            weight_decay=config.optim.weight_decay,
+            eps=config.optim.eps,
+        )
+        self.stream = ToyStream(self.dataset, config.data.batch_size, config.data.conditional, seed=config.train.seed + 1)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self._stop_signal: int | None = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        tensors = {
+            **prefixed(self.model.state_dict(), "model."),
+            **prefixed(self.ema.model.state_dict(), "ema."),
+            "rng.torch": torch.get_rng_state(),
+            "rng.data": self.stream.state(),
+        }
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        optimizer_state, param_groups = optimizer_tensors(self.optimizer)
+        tensors.update(optimizer_state)
+        metadata = {
+            "step": str(self.step),
+            "skipped_steps": str(self.skipped_steps),
+            "optimizer_param_groups": param_groups,
+            "config": json.dumps(self.config.to_dict()),
+        }
+        path = checkpoint_path(self.run_dir, self.step)
+        save_checkpoint(path, tensors, metadata)
+        for old in list_checkpoints(self.run_dir)[: -self.config.train.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def restore(self, path: Path) -> None:
+        tensors, metadata = load_checkpoint(path)
+        load_weights(self.model, unprefixed(tensors, "model."), str(path))
+        load_weights(self.ema.model, unprefixed(tensors, "ema."), str(path))
+        load_optimizer(self.optimizer, tensors, metadata["optimizer_param_groups"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.stream.load_state(tensors["rng.data"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        self.step = int(metadata["step"])
+        self.skipped_steps = int(metadata.get("skipped_steps", 0))
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimiser step; None when it was skipped for a non-finite loss or gradient."""
+        self.model.train()
+        batch = self.stream.next_batch(self.device)
+        target = self.ema.model if getattr(self.config.objective, "target_network", "online") == "ema" else None
+        output = self.objective(self.model, batch, target_model=target)
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(output.loss))
+        grad_norm = float("nan")
+        if finite:
+            output.loss.backward()
+            max_norm = self.config.optim.grad_clip or math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+            finite = math.isfinite(grad_norm)
+        self.step += 1
+        if not finite:
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in output.parts.items())
+                last = list_checkpoints(self.run_dir)
+                raise TrainingError(
+                    f"non-finite loss or gradient for {self.nonfinite_in_a_row} steps in a row at step {self.step} "
+                    f"({parts}); last good checkpoint: {last[-1] if last else 'none'}"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        self.ema.update(self.model, self.step)
+        return {"loss": float(output.loss.detach()), **{k: float(v) for k, v in output.parts.items()}, "grad_norm": grad_norm}
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_toy(
+            self.ema.model,
+            self.config.objective.name,
+            self.dataset,
+            self.config.sample,
+            num=self.config.train.eval_samples,
+            num_classes=self.num_classes,
+            device=self.device,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg = self.config.train
+        prepare_run_dir(self.config, self.run_dir)
+        resumed_from = None
+        existing = list_checkpoints(self.run_dir)
+        if existing:
+            self.restore(existing[-1])
+            resumed_from = self.step
+        truncate_log(self.run_dir / TRAIN_LOG, self.step)
+        truncate_log(self.run_dir / EVAL_LOG, self.step)
+
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        last_saved = self.step if existing else None
+        progress = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not cfg.progress, desc="train")
+        window_start, window_steps = time.perf_counter(), 0
+        with self._signals_to_flag():
+            while self.step < cfg.steps and self._stop_signal is None:
+                logged = self.train_step()
+                window_steps += 1
+                progress.update(1)
+                if logged is not None and cfg.log_every and self.step % cfg.log_every == 0:
+                    rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+                    window_start, window_steps = time.perf_counter(), 0
+                    append_row(self.run_dir / TRAIN_LOG, {"step": self.step, **logged, "steps_per_sec": rate})
+                    progress.set_postfix(loss=f"{logged['loss']:.4f}", rate=f"{rate:.0f}/s")
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    metrics = self.evaluate()
+                    append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                    last_saved = self.step
+        progress.close()
+        interrupted = self._stop_signal is not None
+        if last_saved != self.step:
+            self.save()
+        if not interrupted and (not metrics or not cfg.eval_every or self.step % cfg.eval_every):
+            metrics = self.evaluate()
+            append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+        return TrainResult(
+            self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started
+        )
+
+    def _signals_to_flag(self):
+        """SIGINT/SIGTERM end the loop after the current step; the run then saves a checkpoint."""
+        trainer = self
+
+        class Handler:
+            def __enter__(self):
+                self.previous = {}
+                if threading.current_thread() is threading.main_thread():
+                    for sig in (signal.SIGINT, signal.SIGTERM):
+                        self.previous[sig] = signal.signal(sig, self.handle)
+
+            def handle(self, signum, frame):
+                trainer._stop_signal = signum
+
+            def __exit__(self, *exc):
+                for sig, handler in self.previous.items():
+                    signal.signal(sig, handler)
+
+        return Handler()
+
+
+def append_row(path: Path, row: dict[str, float]) -> None:
+    """Append to a CSV log, writing the header when the file is new."""
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (they belong to steps a resumed run will redo)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if int(row["step"]) <= step]
+    if len(kept) != len(rows):
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(kept)
+
+
+def train(config: Config, run_dir: str | Path) -> TrainResult:
+    """Train (or resume) the run in ``run_dir`` up to ``config.train.steps``."""
+    return Trainer(config, run_dir).run()

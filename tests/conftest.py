@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from dumo.data.batch import Batch
+from dumo.models import ModelConfig, build_model
+from dumo.models.output import ModelOutput
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class PointMassOracle(torch.nn.Module):
+    """The exact v and u for data concentrated at one point ``a``: both equal (x_t - a) / t.
+
+    Every path from a straight line x_t = t z + (1 - t) a, so the ODE trajectory through x_t
+    is that line and the average velocity over any [r, t] is z - a, whatever r is.
+    """
+
+    def __init__(self, point: torch.Tensor):
+        super().__init__()
+        self.point = point
+        self.calls: list[torch.Tensor] = []
+
+    def forward(self, x, t, r=None, labels=None):
+        self.calls.append(t.detach().clone())
+        value = (x - self.point) / t.reshape(-1, *([1] * (x.dim() - 1)))
+        return ModelOutput(v=value, u=value)
+
+
+def randomise_heads(model: torch.nn.Module) -> None:
+    """Heads start at zero (adaLN-zero); give them weights so gradients reach the trunk."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.abs().sum() == 0:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+
+
+def small_model(heads=("v", "u"), num_classes=0, time_inputs=1, dim=2):
+    model = build_model(ModelConfig(hidden_dim=32, depth=2), dim, heads, num_classes, time_inputs)
+    randomise_heads(model)
+    return model
+
+
+def batch_of(n=16, dim=2, labels=None):
+    return Batch(x=torch.randn(n, dim), labels=labels)

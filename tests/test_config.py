@@ -1,0 +1,120 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dumo.config import Config, apply_overrides, config_from_dict, load_config, parse_override, save_config
+from dumo.errors import ConfigError
+from dumo.models import build_model
+from dumo.objectives import OBJECTIVES
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    names = {p.relative_to(p.parents[1]).as_posix() for p in CONFIGS}
+    assert {"toy/moons-dumo.yaml", "toy/moons-meanflow.yaml", "toy/moons-fm.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds(path):
+    config = load_config(path)
+    objective = OBJECTIVES[config.objective.name][1]
+    model = build_model(config.model, 2, objective.heads, time_inputs=objective.time_inputs)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_toy_configs_share_network_data_and_budget():
+    loaded = [load_config(p) for p in CONFIGS if p.parent.name == "toy" and p.name.startswith("moons-")]
+    for other in loaded[1:]:
+        for section in ("data", "model", "optim", "train"):
+            assert getattr(other, section) == getattr(loaded[0], section), section
+        assert other.objective.time == loaded[0].objective.time
+
+
+def test_meanflow_toy_config_uses_rho_08():
+    assert load_config(Path(CONFIGS[0]).parent / "moons-meanflow.yaml").objective.rho == 0.8
+
+
+def test_defaults_are_the_papers():
+    c = Config()
+    assert (c.optim.lr, c.optim.betas, c.optim.weight_decay, c.train.ema_decay) == (1e-4, (0.9, 0.95), 0.0, 0.9999)
+    o = c.objective
+    assert (o.name, o.beta, o.epsilon, o.zeta, o.label_dropout) == ("dumo", 0.7, 0.005, 0.0, 0.1)
+    assert (o.derivative, o.target_network, o.dudt_clamp, o.adaptive_p) == ("finite_difference", "online", None, 0.0)
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"objective": {"bta": 0.5}}, "unknown config key 'objective.bta' (did you mean 'objective.beta'?)"),
+        ({"objective": {"beta": 1.5}}, "objective.beta must be in [0, 1]; got 1.5"),
+        ({"objective": {"name": "meanflow", "beta": 0.5}}, "unknown config key 'objective.beta'"),
+        ({"objective": {"name": "gan"}}, "config key 'objective.name' must be one of dumo, meanflow, fm; got 'gan'"),
+        ({"data": {"batch_size": -4}}, "data.batch_size must be > 0; got -4"),
+        ({"data": {"batch_size": "big"}}, "config key 'data.batch_size' must be an integer; got 'big' (str)"),
+        ({"train": {"steps": 1.5}}, "config key 'train.steps' must be an integer; got 1.5 (float)"),
+        ({"optim": {"lr": True}}, "config key 'optim.lr' must be a number; got True (bool)"),
+        ({"optim": {"betas": [0.9]}}, "config key 'optim.betas' must have 2 items; got 1"),
+        ({"trian": {}}, "unknown config section 'trian'"),
+        ({"data": {"name": "checkerboard", "conditional": True}}, "dataset 'checkerboard' has no class labels"),
+        ({"objective": {"time": {"theta1": 0}}}, "theta1 and objective.time.theta2 must be > 0"),
+        ({"sample": {"stochasticity": 2}}, "sample.stochasticity must be in [0, 1]; got 2.0"),
+    ],
+)
+def test_bad_configs_name_the_problem(raw, message):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(raw)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    save_config(Config(), path)
+    config = load_config(path, ["objective.beta=0.25", "train.steps=7", "optim.betas=[0.8, 0.99]", "train.device=cpu"])
+    assert (config.objective.beta, config.train.steps, config.optim.betas) == (0.25, 7, (0.8, 0.99))
+    assert load_config(path) == Config()  # round trip through YAML
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config(path, ["train.steps"])
+    with pytest.raises(ConfigError, match="'train.steps' is not a section"):
+        load_config(path, ["train.steps.x=1"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listing)
+
+
+scalars = st.one_of(st.integers(-1000, 1000), st.floats(allow_nan=False, allow_infinity=False), st.booleans())
+
+
+@given(st.lists(st.from_regex(r"[a-z_]{1,8}", fullmatch=True), min_size=1, max_size=4), scalars)
+def test_override_parsing_round_trips_values(keys, value):
+    path, parsed = parse_override(f"{'.'.join(keys)}={yaml.safe_dump(value).splitlines()[0]}")
+    assert path == keys
+    assert parsed == value
+    nested = apply_overrides({}, [f"{'.'.join(keys)}={yaml.safe_dump(value).splitlines()[0]}"])
+    node = nested
+    for key in keys[:-1]:
+        node = node[key]
+    assert node[keys[-1]] == value
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_beta_is_accepted_exactly_inside_its_range(beta):
+    if 0 <= beta <= 1:
+        assert config_from_dict({"objective": {"beta": beta}}).objective.beta == beta
+    else:
+        with pytest.raises(ConfigError):
+            config_from_dict({"objective": {"beta": beta}})

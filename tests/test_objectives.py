@@ -1,0 +1,299 @@
+"""Each mathematical claim of the objectives, checked against an independent computation."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import PointMassOracle, batch_of, small_model
+from dumo.data.batch import Batch
+from dumo.models.output import ModelOutput
+from dumo.objectives import DuMoConfig, DuMoObjective, FlowMatchingConfig, FlowMatchingObjective, MeanFlowConfig
+from dumo.objectives import MeanFlowObjective, TimeConfig
+from dumo.objectives.base import adaptive_weighting, central_difference_times, difference_quotient
+
+MIDDLE = TimeConfig(distribution="beta", theta1=20.0, theta2=20.0)  # t well inside (0, 1)
+
+
+def run(objective, model, batch, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return objective(model, batch, **kwargs)
+
+
+# -- the derivative du/dt ------------------------------------------------------------------------
+
+
+def test_finite_difference_matches_jvp_and_converges_at_second_order():
+    """Central difference vs torch.func.jvp on a small fp32 model (errors shrink ~4x per halving)."""
+    model = small_model().double()
+    batch = Batch(x=torch.randn(64, 2, dtype=torch.float64))
+    exact = run(DuMoObjective(DuMoConfig(derivative="jvp", time=MIDDLE)), model, batch).targets["du_dt"]
+    errors = []
+    for eps in (0.004, 0.002, 0.001):
+        approx = run(DuMoObjective(DuMoConfig(epsilon=eps, time=MIDDLE)), model, batch).targets["du_dt"]
+        errors.append(((approx - exact).norm() / exact.norm()).item())
+    assert errors[0] < 5e-2, errors  # stated tolerance: 5% at the default scale of epsilon
+    assert errors[1] < errors[0] / 3 and errors[2] < errors[1] / 3, errors
+
+
+def test_finite_difference_matches_jvp_in_float32_at_default_epsilon():
+    model = small_model()
+    batch = batch_of(64)
+    exact = run(DuMoObjective(DuMoConfig(derivative="jvp", time=MIDDLE)), model, batch).targets["du_dt"]
+    approx = run(DuMoObjective(DuMoConfig(time=MIDDLE)), model, batch).targets["du_dt"]
+    assert ((approx - exact).norm() / exact.norm()).item() < 5e-2
+
+
+class AnalyticFlowMap(torch.nn.Module):
+    """u(x, t) = sin(3t) * x and v(x, t) = cos(t) * x: du/dt along x_t is known in closed form."""
+
+    def forward(self, x, t, r=None, labels=None):
+        t = t.reshape(-1, 1).to(x.dtype)
+        return ModelOutput(v=torch.cos(t) * x, u=torch.sin(3 * t) * x)
+
+
+@pytest.mark.parametrize("derivative,tolerance", [("jvp", 1e-10), ("finite_difference", 1e-3)])
+def test_dumo_targets_on_an_analytic_model(derivative, tolerance):
+    x = torch.randn(32, 2, dtype=torch.float64)
+    objective = DuMoObjective(DuMoConfig(derivative=derivative, time=TimeConfig(distribution="uniform")))
+    torch.manual_seed(0)
+    out = objective(AnalyticFlowMap(), Batch(x=x))
+    torch.manual_seed(0)
+    z = torch.randn_like(x)  # the objective draws z first, then t
+    t = out.targets["t"].reshape(-1, 1).double()
+    x_t = t * z + (1 - t) * x
+    du_dt = 3 * torch.cos(3 * t) * x_t + torch.sin(3 * t) * (z - x)  # product rule along dx_t/dt = z - x
+    assert torch.allclose(out.targets["v"], z - x)
+    interior = ((t > 0.005) & (t < 0.995)).squeeze(1)  # the stencil is one-sided at the ends
+    assert torch.allclose(out.targets["du_dt"][interior], du_dt[interior], atol=tolerance, rtol=0)
+    assert torch.allclose(out.targets["u"][interior], (z - x - t * du_dt)[interior], atol=tolerance, rtol=0)
+
+
+def test_stencil_stays_inside_the_interval_and_is_exact_for_linear_functions():
+    t = torch.tensor([0.0, 0.002, 0.5, 0.998, 1.0])
+    low, high = central_difference_times(t, 0.005, 0.0, 1.0)
+    assert (low >= 0).all() and (high <= 1).all() and (high > low).all()
+    f = lambda s: 2.0 + 7.0 * s  # noqa: E731
+    quotient = difference_quotient(f(high)[:, None], f(low)[:, None], high, low)
+    assert torch.allclose(quotient, torch.full((5, 1), 7.0))
+    # a lower bound per row (MeanFlow's r) and a zero-width row give 0, not a division by zero
+    low, high = central_difference_times(torch.tensor([1.0]), 0.005, torch.tensor([1.0]), 1.0)
+    assert difference_quotient(torch.ones(1, 1), torch.zeros(1, 1), high, low).item() == 0.0
+
+
+# -- analytic targets: point-mass data --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
+def test_dumo_oracle_has_zero_loss_on_point_mass(derivative):
+    a = torch.tensor([[1.5, -0.5]])
+    x = a.expand(64, 2).clone()
+    objective = DuMoObjective(DuMoConfig(derivative=derivative, time=TimeConfig(distribution="uniform")))
+    torch.manual_seed(0)
+    out = objective(PointMassOracle(a), Batch(x=x))
+    torch.manual_seed(0)
+    z = torch.randn_like(x)
+    assert torch.allclose(out.targets["v"], z - a, atol=1e-5)
+    assert torch.allclose(out.targets["u"], z - a, atol=1e-4)
+    assert out.parts["loss_u"].item() < 1e-8 and out.parts["loss_v"].item() < 1e-8
+
+
+@pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
+def test_meanflow_oracle_has_zero_loss_on_point_mass(derivative):
+    a = torch.tensor([[-1.0, 2.0]])
+    x = a.expand(64, 2).clone()
+    objective = MeanFlowObjective(MeanFlowConfig(derivative=derivative, rho=0.25))
+    out = run(objective, PointMassOracle(a), Batch(x=x))
+    torch.manual_seed(0)
+    z = torch.randn_like(x)
+    assert torch.allclose(out.targets["u"], z - a, atol=1e-4)
+    assert out.loss.item() < 1e-8
+
+
+def test_dumo_targets_from_a_wrong_model_are_not_zero_loss():
+    """The zero-loss checks above can fail: a model off by a constant gets a positive loss."""
+    a = torch.tensor([[1.5, -0.5]])
+    oracle = PointMassOracle(a)
+
+    class Off(torch.nn.Module):
+        def forward(self, x, t, r=None, labels=None):
+            out = oracle(x, t)
+            return ModelOutput(v=out.v + 0.1, u=out.u - 0.1)
+
+    out = run(DuMoObjective(DuMoConfig()), Off(), Batch(x=a.expand(8, 2).clone()))
+    assert math.isclose(out.parts["loss_u"].item(), 0.01, rel_tol=1e-3)
+
+
+# -- gradients -----------------------------------------------------------------------------------
+
+
+def test_gradients_reach_both_heads_and_the_trunk_and_not_the_targets():
+    model = small_model()
+    out = run(DuMoObjective(DuMoConfig()), model, batch_of(32))
+    assert all(not value.requires_grad for value in out.targets.values())
+    out.loss.backward()
+    for part in ("heads.v", "heads.u", "backbone.blocks.0", "backbone.input", "backbone.time_embedding"):
+        grads = [p.grad for name, p in model.named_parameters() if name.startswith(part)]
+        assert grads and all(g is not None for g in grads), part
+        assert sum(g.abs().sum() for g in grads) > 0, part
+
+
+def test_each_head_is_trained_only_by_its_own_loss():
+    model = small_model()
+    out = run(DuMoObjective(DuMoConfig(beta=1.0)), model, batch_of(32))  # velocity loss only
+    out.loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.heads["u"].parameters())
+    assert sum(p.grad.abs().sum() for p in model.heads["v"].parameters()) > 0
+
+
+def test_loss_is_beta_weighted_sum_of_parts():
+    model = small_model()
+    out = run(DuMoObjective(DuMoConfig(beta=0.3)), model, batch_of(32))
+    expected = 0.3 * out.parts["loss_v"] + 0.7 * out.parts["loss_u"]
+    assert torch.allclose(out.loss.detach(), expected)
+
+
+def test_adaptive_weighting():
+    loss = torch.tensor([0.5, 2.0, 8.0], requires_grad=True)
+    assert torch.equal(adaptive_weighting(loss, 0.0, 1e-3), loss)
+    weighted = adaptive_weighting(loss, 1.0, 1e-3)
+    weighted.sum().backward()
+    assert torch.allclose(loss.grad, 1 / (loss.detach() + 1e-3))  # sg() in the denominator
+
+
+# -- labels and guidance ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", range(1, 9))
+def test_label_dropout_rate_for_every_batch_size(batch_size):
+    objective = DuMoObjective(DuMoConfig(label_dropout=0.1), num_classes=10)
+    labels = torch.arange(batch_size) % 10
+    dropped = total = 0
+    for _ in range(2000):
+        out, kept = objective.drop_labels(labels)
+        assert torch.equal(out == 10, ~kept)
+        assert torch.equal(out[kept], labels[kept])
+        dropped += int((~kept).sum())
+        total += batch_size
+    assert abs(dropped / total - 0.1) < 0.02  # never "all of a small batch"
+    assert objective.drop_labels(labels)[0] is not None
+    none = DuMoObjective(DuMoConfig(label_dropout=0.0), num_classes=10).drop_labels(labels)[1]
+    every = DuMoObjective(DuMoConfig(label_dropout=1.0), num_classes=10).drop_labels(labels)[1]
+    assert none.all() and not every.any()
+
+
+def labelled_batch(n=64, classes=3):
+    return batch_of(n, labels=torch.arange(n) % classes)
+
+
+def test_zero_guidance_leaves_targets_unchanged():
+    model = small_model(num_classes=3)
+    batch = labelled_batch()
+    out = run(DuMoObjective(DuMoConfig(zeta=0.0), num_classes=3), model, batch)
+    torch.manual_seed(0)
+    z = torch.randn_like(batch.x)
+    assert torch.equal(out.targets["v"], z - batch.x)
+
+
+def test_guided_velocity_target_matches_formula():
+    model = small_model(num_classes=3)
+    batch = labelled_batch()
+    cfg = DuMoConfig(zeta=0.5, label_dropout=0.3, guidance_t_min=0.2, guidance_t_max=0.8, time=TimeConfig("uniform"))
+    objective = DuMoObjective(cfg, num_classes=3)
+    out = run(objective, model, batch)
+    # Independent recomputation with the same random draws (z, t, dropout coins, in that order).
+    torch.manual_seed(0)
+    z = torch.randn_like(batch.x)
+    t = torch.rand(64)
+    kept = torch.rand(64) >= 0.3
+    labels = torch.where(kept, batch.labels, torch.full_like(batch.labels, 3))
+    x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
+    with torch.no_grad():
+        v_cond = model(x_t, t, labels=labels).v
+        v_uncond = model(x_t, t, labels=torch.full_like(labels, 3)).v
+    on = (kept & (t >= 0.2) & (t <= 0.8)).float()[:, None]
+    expected = (z - batch.x) + 0.5 * on * (v_cond - v_uncond)
+    assert torch.allclose(out.targets["t"], t)
+    assert torch.allclose(out.targets["v"], expected, atol=1e-6)
+    assert 0 < on.sum() < 64  # both kinds of rows were exercised
+
+
+def test_batched_and_separate_target_passes_agree():
+    model = small_model(num_classes=3)
+    batch = labelled_batch()
+    outs = [
+        run(DuMoObjective(DuMoConfig(zeta=0.5, batch_target_passes=b), num_classes=3), model, batch)
+        for b in (True, False)
+    ]
+    for key in ("v", "u", "du_dt"):
+        assert torch.allclose(outs[0].targets[key], outs[1].targets[key], atol=1e-5)
+
+
+def test_dudt_clamp_bounds_the_derivative():
+    model = small_model()
+    out = run(DuMoObjective(DuMoConfig(dudt_clamp=0.01)), model, batch_of(32))
+    assert out.targets["du_dt"].abs().max() <= 0.01 + 1e-7
+
+
+def test_ema_target_network_is_used_for_the_derivative():
+    model, other = small_model(), small_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    batch = batch_of(32)
+    own = run(DuMoObjective(DuMoConfig()), model, batch).targets["du_dt"]
+    with_target = run(DuMoObjective(DuMoConfig()), model, batch, target_model=other).targets["du_dt"]
+    direct = run(DuMoObjective(DuMoConfig()), other, batch).targets["du_dt"]
+    assert not torch.allclose(own, with_target)
+    assert torch.allclose(with_target, direct)
+
+
+# -- MeanFlow and Flow Matching -----------------------------------------------------------------
+
+
+def test_meanflow_time_pairs():
+    for rho in (0.0, 0.8, 1.0):
+        t, r = MeanFlowObjective(MeanFlowConfig(rho=rho)).sample_times(20_000, "cpu")
+        assert (r <= t).all() and (r >= 0).all() and (t <= 1).all()
+        assert abs((t == r).float().mean().item() - rho) < 0.02
+
+
+def test_meanflow_finite_difference_matches_jvp():
+    model = small_model(heads=("u",), time_inputs=2)
+    batch = batch_of(64)
+    cfg = dict(rho=0.0, time=MIDDLE)
+    exact = run(MeanFlowObjective(MeanFlowConfig(derivative="jvp", **cfg)), model, batch)
+    approx = run(MeanFlowObjective(MeanFlowConfig(derivative="finite_difference", **cfg)), model, batch)
+    rel = (approx.targets["du_dt"] - exact.targets["du_dt"]).norm() / exact.targets["du_dt"].norm()
+    assert rel.item() < 5e-2
+    assert torch.allclose(approx.loss, exact.loss, rtol=5e-2)
+
+
+def test_meanflow_with_rho_one_is_flow_matching_on_the_u_head():
+    model = small_model(heads=("u",), time_inputs=2)
+    batch = batch_of(32)
+    out = run(MeanFlowObjective(MeanFlowConfig(rho=1.0)), model, batch)
+    t = out.targets["t"]
+    with torch.no_grad():
+        u = model(out.targets["x_t"], t, r=t).u
+    assert torch.allclose(out.loss.detach(), (u - out.targets["v"]).square().mean(), rtol=1e-5)
+
+
+def test_meanflow_jvp_gradients_flow_to_the_model():
+    model = small_model(heads=("u",), time_inputs=2)
+    out = run(MeanFlowObjective(MeanFlowConfig(derivative="jvp", rho=0.5)), model, batch_of(32))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not out.targets["du_dt"].requires_grad
+
+
+def test_flow_matching_target_and_loss():
+    model = small_model(heads=("v",))
+    batch = batch_of(32)
+    out = run(FlowMatchingObjective(FlowMatchingConfig()), model, batch)
+    torch.manual_seed(0)
+    z = torch.randn_like(batch.x)
+    assert torch.allclose(out.targets["v"], z - batch.x)
+    with torch.no_grad():
+        v = model(out.targets["x_t"], out.targets["t"]).v
+    assert torch.allclose(out.loss.detach(), (v - (z - batch.x)).square().mean(), rtol=1e-5)

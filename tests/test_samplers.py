@@ -1,0 +1,100 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import PointMassOracle
+from dumo.samplers import check_times, flow_map_sample, meanflow_sample, ode_sample, sample, uniform_times
+
+POINT = torch.tensor([[0.7, -1.2]])
+
+
+def noise(n=16):
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["flow_map", "meanflow", "euler", "heun"])
+def test_one_step_of_an_oracle_returns_the_data_point(method):
+    out = sample(PointMassOracle(POINT), noise(), nfe=1, method=method)
+    assert torch.allclose(out, POINT.expand(16, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("stochasticity", [0.0, 0.5, 1.0])
+def test_k_step_flow_map_visits_the_configured_times_and_lands_on_the_point(stochasticity):
+    oracle = PointMassOracle(POINT)
+    times = [1.0, 0.6, 0.25]
+    out = flow_map_sample(oracle, noise(), times, stochasticity=stochasticity, generator=torch.Generator())
+    assert [c[0].item() for c in oracle.calls] == pytest.approx(times)
+    assert torch.allclose(out, POINT.expand(16, 2), atol=1e-5)
+
+
+def test_deterministic_flow_map_step_keeps_the_implied_noise():
+    # A constant flow map u = c is self-consistent: x_0 = x_1 - c from any time on the line.
+    # With stochasticity 0 the re-noised point stays on that line, so 2 steps equal 1 step;
+    # with fresh noise (stochasticity 1) they do not.
+    c = torch.tensor([0.3, -0.4])
+
+    class Constant(torch.nn.Module):
+        def forward(self, x, t, r=None, labels=None):
+            return type("Out", (), {"u": c.expand_as(x)})()
+
+    x1 = noise()
+    deterministic = flow_map_sample(Constant(), x1, [1.0, 0.5], stochasticity=0.0)
+    assert torch.allclose(deterministic, x1 - c, atol=1e-6)
+    fresh = flow_map_sample(Constant(), x1, [1.0, 0.5], stochasticity=1.0, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(fresh, x1 - c, atol=1e-2)
+
+
+def test_meanflow_sampler_time_grid():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pairs = []
+
+        def forward(self, x, t, r=None, labels=None):
+            self.pairs.append((t[0].item(), r[0].item()))
+            return PointMassOracle(POINT)(x, t)
+
+    model = Recorder()
+    out = meanflow_sample(model, noise(), [1.0, 0.5])
+    assert model.pairs == [(1.0, 0.5), (0.5, 0.0)]
+    assert torch.allclose(out, POINT.expand(16, 2), atol=1e-5)
+
+
+def test_euler_integrates_a_known_velocity_field():
+    # v(x, t) = x has the solution x(0) = x(1) * e^{-1}; Euler with n steps gives (1 - 1/n)^n.
+    class Linear(torch.nn.Module):
+        def forward(self, x, t, r=None, labels=None):
+            return type("Out", (), {"v": x})()
+
+    x1 = noise()
+    for steps in (1, 4, 64):
+        assert torch.allclose(ode_sample(Linear(), x1, steps, "euler"), x1 * (1 - 1 / steps) ** steps, atol=1e-5)
+    heun = ode_sample(Linear(), x1, 64, "heun")
+    assert torch.allclose(heun, x1 * torch.exp(torch.tensor(-1.0)), atol=1e-4)
+
+
+def test_uniform_times():
+    assert uniform_times(1) == [1.0]
+    assert uniform_times(2) == [1.0, 0.5]
+    assert uniform_times(4, t_start=0.8) == pytest.approx([0.8, 0.6, 0.4, 0.2])
+
+
+@pytest.mark.parametrize("bad", [[], [0.5, 0.5], [0.3, 0.6], [1.2], [0.0], [1.0, -0.1]])
+def test_invalid_times_are_refused(bad):
+    with pytest.raises(ValueError):
+        check_times(bad)
+
+
+@given(st.integers(min_value=1, max_value=64), st.floats(min_value=0.05, max_value=1.0))
+def test_uniform_schedules_are_valid(nfe, t_start):
+    times = uniform_times(nfe, t_start)
+    assert len(times) == nfe and times[0] == pytest.approx(t_start)
+    check_times(times)
+
+
+@given(st.lists(st.floats(min_value=1e-3, max_value=1.0), min_size=1, max_size=8, unique=True))
+def test_any_decreasing_schedule_samples_an_oracle_exactly(values):
+    times = sorted(values, reverse=True)
+    out = flow_map_sample(PointMassOracle(POINT), noise(4), times, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(out, POINT.expand(4, 2), atol=1e-4)
