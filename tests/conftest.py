@@ -33,7 +33,7 @@ def randomise_heads(model: torch.nn.Module) -> None:
     """Heads start at zero (adaLN-zero); give them weights so gradients reach the trunk."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.abs().sum() == 0:
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
 

@@ -110,12 +110,18 @@ def test_error_paths_are_one_line(tmp_path, configs_dir, trained_run):
     bad = tmp_path / "bad.yaml"
     bad.write_text("objective: [unclosed\n")
     one_line_error(dumo("train", bad, "--out", tmp_path / "a"), "not valid YAML")
-    one_line_error(dumo("sample", tmp_path / "missing", "--nfe", 1, "--num", 5, "--out", tmp_path / "x.npy"), "not found")
+    one_line_error(
+        dumo("sample", tmp_path / "missing", "--nfe", 1, "--num", 5, "--out", tmp_path / "x.npy"), "not found"
+    )
     one_line_error(dumo("sample", trained_run, "--nfe", 0, "--num", 5, "--out", tmp_path / "x.npy"), "--nfe")
     one_line_error(dumo("sample", trained_run, "--nfe", 1, "--num", 0, "--out", tmp_path / "x.npy"), "--num")
-    one_line_error(dumo("sample", trained_run, "--nfe", 1, "--num", 5, "--out", tmp_path / "no/x.npy"), "does not exist")
-    one_line_error(dumo("sample", trained_run, "--nfe", 2, "--num", 5, "--out", tmp_path / "x.npy", "--times", "0.5,0.9"),
-                   "decreasing")
+    one_line_error(
+        dumo("sample", trained_run, "--nfe", 1, "--num", 5, "--out", tmp_path / "no/x.npy"), "does not exist"
+    )
+    one_line_error(
+        dumo("sample", trained_run, "--nfe", 2, "--num", 5, "--out", tmp_path / "x.npy", "--times", "0.5,0.9"),
+        "decreasing",
+    )
     one_line_error(dumo("train", cfg, "--out", trained_run, *sets([*TINY, "objective.beta=0.2"])), "different run")
     one_line_error(dumo("frobnicate"), "invalid choice")
     assert dumo("--debug", "train", cfg, "--out", tmp_path / "a", "--set", "x.y=1").stderr.count("Traceback") == 1

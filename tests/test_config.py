@@ -76,6 +76,7 @@ def test_overrides(tmp_path):
     save_config(Config(), path)
     config = load_config(path, ["objective.beta=0.25", "train.steps=7", "optim.betas=[0.8, 0.99]", "train.device=cpu"])
     assert (config.objective.beta, config.train.steps, config.optim.betas) == (0.25, 7, (0.8, 0.99))
+    assert load_config(path, ["optim.lr=3e-4"]).optim.lr == 3e-4  # YAML 1.1 reads this as a string
     assert load_config(path) == Config()  # round trip through YAML
     with pytest.raises(ConfigError, match="must look like key=value"):
         load_config(path, ["train.steps"])

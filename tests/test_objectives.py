@@ -4,12 +4,19 @@ import math
 
 import pytest
 import torch
-
 from conftest import PointMassOracle, batch_of, small_model
+
 from dumo.data.batch import Batch
 from dumo.models.output import ModelOutput
-from dumo.objectives import DuMoConfig, DuMoObjective, FlowMatchingConfig, FlowMatchingObjective, MeanFlowConfig
-from dumo.objectives import MeanFlowObjective, TimeConfig
+from dumo.objectives import (
+    DuMoConfig,
+    DuMoObjective,
+    FlowMatchingConfig,
+    FlowMatchingObjective,
+    MeanFlowConfig,
+    MeanFlowObjective,
+    TimeConfig,
+)
 from dumo.objectives.base import adaptive_weighting, central_difference_times, difference_quotient
 
 MIDDLE = TimeConfig(distribution="beta", theta1=20.0, theta2=20.0)  # t well inside (0, 1)

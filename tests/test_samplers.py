@@ -1,9 +1,9 @@
 import pytest
 import torch
+from conftest import PointMassOracle
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import PointMassOracle
 from dumo.samplers import check_times, flow_map_sample, meanflow_sample, ode_sample, sample, uniform_times
 
 POINT = torch.tensor([[0.7, -1.2]])

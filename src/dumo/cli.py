@@ -117,7 +117,9 @@ def command_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_file(out, (".npy", ".png"))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
-    points = generate_from_run(run, args.nfe, args.num, args.seed, args.method, parse_times(args.times), args.class_label)
+    points = generate_from_run(
+        run, args.nfe, args.num, args.seed, args.method, parse_times(args.times), args.class_label
+    )
     points = run.dataset.unstandardise(points).numpy()
     if out.suffix.lower() == ".npy":
         np.save(out, points.astype(np.float64))
@@ -138,8 +140,15 @@ def command_eval(args: argparse.Namespace) -> int:
     for nfe in args.nfe:
         try:
             metrics = evaluate_toy(
-                run.model, run.objective_name, run.dataset, run.config.sample, (nfe,), args.num, args.seed,
-                run.num_classes, args.method,
+                run.model,
+                run.objective_name,
+                run.dataset,
+                run.config.sample,
+                (nfe,),
+                args.num,
+                args.seed,
+                run.num_classes,
+                args.method,
             )
         except ValueError as error:
             raise UsageError(str(error)) from None
@@ -230,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/toy/moons-dumo.yaml")
     train.add_argument("--out", required=True, help="run directory for config, logs and checkpoints")
     train.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.steps=500 --set objective.beta=0.5 (repeatable)",
     )
     train.set_defaults(handler=command_train)
@@ -247,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--times", help="k-step times t_0,...,t_{k-1} in (0, 1], decreasing, e.g. 1.0,0.4 (default: config schedule)"
     )
-    sample.add_argument("--class", dest="class_label", type=int, help="class to sample (default: balanced over classes)")
+    sample.add_argument(
+        "--class", dest="class_label", type=int, help="class to sample (default: balanced over classes)"
+    )
     sample.set_defaults(handler=command_sample)
 
     evaluate = commands.add_parser(
@@ -257,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Wasserstein-2, both on standardised coordinates.",
     )
     add_sampling_arguments(evaluate)
-    evaluate.add_argument("--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)")
+    evaluate.add_argument(
+        "--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)"
+    )
     evaluate.set_defaults(handler=command_eval)
 
     demo = commands.add_parser(

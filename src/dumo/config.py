@@ -88,7 +88,13 @@ class Config:
         return to_dict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "sample": SampleConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
 
 
 def config_from_dict(raw: Any) -> Config:
@@ -133,7 +139,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"cannot set '{text.partition('=')[0]}': '{'.'.join(keys[: i + 1])}' is not a section")
+                raise ConfigError(
+                    f"cannot set '{text.partition('=')[0]}': '{'.'.join(keys[: i + 1])}' is not a section"
+                )
             node = child
         node[keys[-1]] = value
     return raw

@@ -42,9 +42,9 @@ class MLPBackbone(nn.Module):
         self.data_dim = data_dim
         self.hidden_dim = hidden_dim
         self.input = nn.Linear(data_dim, hidden_dim)
-        self.time_embedding = TimestepEmbedding(hidden_dim)
+        self.time_embedding = TimestepEmbedding(hidden_dim, frequency_dim=64)
         # MeanFlow's second time enters as the interval t - r, embedded separately.
-        self.interval_embedding = TimestepEmbedding(hidden_dim) if time_inputs == 2 else None
+        self.interval_embedding = TimestepEmbedding(hidden_dim, frequency_dim=64) if time_inputs == 2 else None
         self.label_embedding = LabelEmbedding(num_classes, hidden_dim) if num_classes > 0 else None
         self.blocks = nn.ModuleList(ResidualBlock(hidden_dim) for _ in range(depth))
 

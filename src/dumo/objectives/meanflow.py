@@ -76,7 +76,9 @@ class MeanFlowObjective(Objective):
                     batched=cfg.batch_target_passes,
                 )
                 weight = expand_time(guidance_weight(kept, t, cfg.guidance_t_min, cfg.guidance_t_max), x)
-                v_target = v_target + cfg.zeta * weight * (at_least_fp32(conditional.u) - at_least_fp32(unconditional.u))
+                v_target = v_target + cfg.zeta * weight * (
+                    at_least_fp32(conditional.u) - at_least_fp32(unconditional.u)
+                )
 
         def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
             return model(x_in, t_in, r=r_in, labels=labels).u

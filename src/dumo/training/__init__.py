@@ -1,5 +1,5 @@
 """Training loop, EMA and checkpoints."""
 
-from dumo.training.trainer import TrainResult, Trainer, train
+from dumo.training.trainer import Trainer, TrainResult, train
 
 __all__ = ["TrainResult", "Trainer", "train"]

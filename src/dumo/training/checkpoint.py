@@ -75,7 +75,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as error:  # safetensors raises several types for torn or foreign files
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated, corrupt or another format): {error}"
@@ -83,7 +83,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is a safetensors file but not a dumo checkpoint (no '{FORMAT}' tag)")
     if metadata.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {metadata.get('version')}; expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has checkpoint format version {metadata.get('version')}; expected {FORMAT_VERSION}"
+        )
     return tensors, metadata
 
 
@@ -109,7 +111,9 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> No
             problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong_shape:
             k = wrong_shape[0]
-            problems.append(f"shape of {k}: {tuple(state[k].shape)} in checkpoint vs {tuple(expected[k].shape)} in model")
+            problems.append(
+                f"shape of {k}: {tuple(state[k].shape)} in checkpoint vs {tuple(expected[k].shape)} in model"
+            )
         raise CheckpointError(
             f"{source} does not match this model (another architecture or config?): {'; '.join(problems)}"
         )

@@ -39,7 +39,16 @@ EVAL_LOG = "eval_log.csv"
 #: keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = tuple(
     f"train.{k}"
-    for k in ("steps", "log_every", "eval_every", "eval_samples", "checkpoint_every", "keep_checkpoints", "device", "progress")
+    for k in (
+        "steps",
+        "log_every",
+        "eval_every",
+        "eval_samples",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "device",
+        "progress",
+    )
 )
 MAX_NONFINITE_STEPS = 5
 
@@ -103,7 +112,9 @@ class Trainer:
             weight_decay=config.optim.weight_decay,
             eps=config.optim.eps,
         )
-        self.stream = ToyStream(self.dataset, config.data.batch_size, config.data.conditional, seed=config.train.seed + 1)
+        self.stream = ToyStream(
+            self.dataset, config.data.batch_size, config.data.conditional, seed=config.train.seed + 1
+        )
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -177,7 +188,11 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.ema.update(self.model, self.step)
-        return {"loss": float(output.loss.detach()), **{k: float(v) for k, v in output.parts.items()}, "grad_norm": grad_norm}
+        return {
+            "loss": float(output.loss.detach()),
+            **{k: float(v) for k, v in output.parts.items()},
+            "grad_norm": grad_norm,
+        }
 
     def evaluate(self) -> dict[str, float]:
         return evaluate_toy(
@@ -231,9 +246,7 @@ class Trainer:
         if not interrupted and (not metrics or not cfg.eval_every or self.step % cfg.eval_every):
             metrics = self.evaluate()
             append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
-        return TrainResult(
-            self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started
-        )
+        return TrainResult(self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started)
 
     def _signals_to_flag(self):
         """SIGINT/SIGTERM end the loop after the current step; the run then saves a checkpoint."""
