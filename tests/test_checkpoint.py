@@ -76,9 +76,14 @@ def test_checkpoint_of_another_architecture_is_named(tmp_path):
 
 
 def test_keeps_the_configured_number_of_checkpoints(tmp_path):
-    cfg = config_from_dict({**TINY, "train": {**TINY["train"], "steps": 10, "checkpoint_every": 1, "keep_checkpoints": 2}})
+    cfg = config_from_dict(
+        {**TINY, "train": {**TINY["train"], "steps": 10, "checkpoint_every": 1, "keep_checkpoints": 2}}
+    )
     Trainer(cfg, tmp_path / "run").run()
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000009.safetensors", "step_00000010.safetensors"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [
+        "step_00000009.safetensors",
+        "step_00000010.safetensors",
+    ]
 
 
 def test_load_run_uses_ema_weights(tmp_path):

@@ -92,41 +92,6 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, configs_dir, nam
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
 
 
-def one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dumo: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-def test_error_paths_are_one_line(tmp_path, configs_dir, trained_run):
-    cfg = configs_dir / "toy/moons-dumo.yaml"
-    one_line_error(dumo("train", cfg, "--out", tmp_path / "a", "--set", "objective.bta=1"), "objective.bta")
-    one_line_error(dumo("train", cfg, "--out", tmp_path / "a", "--set", "objective.beta=1.5"), "objective.beta")
-    one_line_error(dumo("train", cfg, "--out", tmp_path / "a", "--set", "data.batch_size=-1"), "batch_size")
-    one_line_error(dumo("train", tmp_path / "none.yaml", "--out", tmp_path / "a"), "config file not found")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("objective: [unclosed\n")
-    one_line_error(dumo("train", bad, "--out", tmp_path / "a"), "not valid YAML")
-    one_line_error(
-        dumo("sample", tmp_path / "missing", "--nfe", 1, "--num", 5, "--out", tmp_path / "x.npy"), "not found"
-    )
-    one_line_error(dumo("sample", trained_run, "--nfe", 0, "--num", 5, "--out", tmp_path / "x.npy"), "--nfe")
-    one_line_error(dumo("sample", trained_run, "--nfe", 1, "--num", 0, "--out", tmp_path / "x.npy"), "--num")
-    one_line_error(
-        dumo("sample", trained_run, "--nfe", 1, "--num", 5, "--out", tmp_path / "no/x.npy"), "does not exist"
-    )
-    one_line_error(
-        dumo("sample", trained_run, "--nfe", 2, "--num", 5, "--out", tmp_path / "x.npy", "--times", "0.5,0.9"),
-        "decreasing",
-    )
-    one_line_error(dumo("train", cfg, "--out", trained_run, *sets([*TINY, "objective.beta=0.2"])), "different run")
-    one_line_error(dumo("frobnicate"), "invalid choice")
-    assert dumo("--debug", "train", cfg, "--out", tmp_path / "a", "--set", "x.y=1").stderr.count("Traceback") == 1
-
-
 def test_help_explains_every_command():
     for command in ("train", "sample", "eval", "demo"):
         result = dumo(command, "--help")

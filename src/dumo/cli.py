@@ -60,9 +60,16 @@ def parse_times(text: str | None) -> list[float] | None:
 def command_train(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.training import train
+    from dumo.training.trainer import CONFIG_FILE
 
-    config = load_config(args.config, args.set)
-    result = train(config, args.out)
+    out = Path(args.out)
+    if args.config is None:
+        if not args.resume:
+            raise UsageError("CONFIG is required unless --resume continues the run in --out")
+        if not (out / CONFIG_FILE).is_file():
+            raise UsageError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+    config = load_config(args.config or out / CONFIG_FILE, args.set)
+    result = train(config, out, overwrite=args.overwrite)
     print_result(result)
     return 0
 
@@ -156,6 +163,14 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export(args: argparse.Namespace) -> int:
+    from dumo.run import export_run
+
+    path = export_run(args.run_dir, args.out_dir)
+    print(f"exported EMA weights and config to {path.parent}")
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.evaluation import evaluate_toy, generate
@@ -233,11 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a model from a YAML config",
-        description="Train a model. If RUN_DIR already holds this run (same config, except train.steps and "
-        "logging cadence), training resumes from its latest checkpoint.",
+        description="Train a model. If --out already holds this run (same config, except train.steps and "
+        "logging cadence), training resumes from its latest checkpoint; a different run there is refused "
+        "unless --overwrite. SIGINT/SIGTERM save a checkpoint and stop.",
     )
-    train.add_argument("config", help="YAML config, e.g. configs/toy/moons-dumo.yaml")
+    train.add_argument("config", nargs="?", help="YAML config, e.g. configs/toy/moons-dumo.yaml")
     train.add_argument("--out", required=True, help="run directory for config, logs and checkpoints")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out with its own config.yaml (CONFIG optional)"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in --out even if it holds another run (deletes that run's checkpoints and logs)",
+    )
     train.add_argument(
         "--set",
         action="append",
@@ -275,6 +299,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)"
     )
     evaluate.set_defaults(handler=command_eval)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run's EMA weights (safetensors) and config for sharing",
+        description="Write OUT_DIR/model.safetensors (EMA weights of the latest checkpoint) and OUT_DIR/config.yaml. "
+        "'dumo sample OUT_DIR ...' and 'dumo eval OUT_DIR ...' work on the result.",
+    )
+    export.add_argument("run_dir", help="run directory written by 'dumo train'")
+    export.add_argument("out_dir", help="new (or empty) output directory")
+    export.set_defaults(handler=command_export)
 
     demo = commands.add_parser(
         "demo",

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from dumo.errors import CheckpointError
 
-FORMAT = "dumo-checkpoint"
+FORMAT = "dumo-checkpoint"  # full training state
+MODEL_FORMAT = "dumo-model"  # exported weights only (``dumo export``)
 FORMAT_VERSION = "1"
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.safetensors$")
@@ -62,13 +63,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
-def save_checkpoint(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+def save_checkpoint(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], kind: str = FORMAT) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, safetensors_bytes(tensors, metadata={"format": FORMAT, "version": FORMAT_VERSION, **metadata}))
+    atomic_write(path, safetensors_bytes(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata}))
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and metadata of a dumo checkpoint; :class:`CheckpointError` for anything else."""
+def load_checkpoint(path: Path, kind: str = FORMAT) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a dumo file of the given kind; :class:`CheckpointError` for anything else.
+
+    Only safetensors is read: nothing in the file can run code.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -80,8 +84,9 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated, corrupt or another format): {error}"
         ) from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a dumo checkpoint (no '{FORMAT}' tag)")
+    if metadata.get("format") != kind:
+        found = metadata.get("format", "no format tag")
+        raise CheckpointError(f"{path} is a safetensors file but not a {kind} file ({found})")
     if metadata.get("version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format version {metadata.get('version')}; expected {FORMAT_VERSION}"

@@ -21,6 +21,7 @@ from dumo.evaluation import evaluate_toy
 from dumo.models import build_model
 from dumo.objectives import build_objective
 from dumo.training.checkpoint import (
+    CHECKPOINT_DIR,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
@@ -50,7 +51,6 @@ RESUMABLE_KEYS = tuple(
         "progress",
     )
 )
-MAX_NONFINITE_STEPS = 5
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,10 +65,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def prepare_run_dir(config: Config, run_dir: Path) -> None:
-    """Create ``run_dir`` or check that it holds this same run; then record the config."""
+def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
+    """Create ``run_dir`` or check that it holds this same run; then record the config.
+
+    With ``overwrite`` a different run there is deleted first (only the files dumo wrote).
+    """
     config_file = run_dir / CONFIG_FILE
-    if config_file.is_file():
+    if overwrite:
+        clear_run(run_dir)
+    elif config_file.is_file():
         previous = load_config(config_file)
         differences = config_differences(previous, config, ignore=RESUMABLE_KEYS)
         if differences:
@@ -78,6 +83,28 @@ def prepare_run_dir(config: Config, run_dir: Path) -> None:
         raise RunDirError(f"{run_dir} exists and is not an empty directory or a dumo run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, config_file)
+
+
+def remove_torn_writes(run_dir: Path) -> None:
+    """Delete temporary files left by a checkpoint write that was killed before its rename."""
+    folder = run_dir / CHECKPOINT_DIR
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp"):
+            path.unlink()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete the files dumo wrote in ``run_dir`` (config, logs, checkpoints); leave anything else."""
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG):
+        (run_dir / name).unlink(missing_ok=True)
+    folder = run_dir / CHECKPOINT_DIR
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.endswith((".safetensors", ".tmp")):
+                path.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 @dataclass
@@ -177,7 +204,7 @@ class Trainer:
         if not finite:
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+            if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
                 parts = ", ".join(f"{k}={float(v):.4g}" for k, v in output.parts.items())
                 last = list_checkpoints(self.run_dir)
                 raise TrainingError(
@@ -207,10 +234,11 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def run(self) -> TrainResult:
+    def run(self, overwrite: bool = False) -> TrainResult:
         cfg = self.config.train
-        prepare_run_dir(self.config, self.run_dir)
+        prepare_run_dir(self.config, self.run_dir, overwrite)
         resumed_from = None
+        remove_torn_writes(self.run_dir)
         existing = list_checkpoints(self.run_dir)
         if existing:
             self.restore(existing[-1])
@@ -293,6 +321,6 @@ def truncate_log(path: Path, step: int) -> None:
             writer.writerows(kept)
 
 
-def train(config: Config, run_dir: str | Path) -> TrainResult:
+def train(config: Config, run_dir: str | Path, overwrite: bool = False) -> TrainResult:
     """Train (or resume) the run in ``run_dir`` up to ``config.train.steps``."""
-    return Trainer(config, run_dir).run()
+    return Trainer(config, run_dir).run(overwrite)
