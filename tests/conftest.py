@@ -39,7 +39,7 @@ def randomise_heads(model: torch.nn.Module) -> None:
 
 
 def small_model(heads=("v", "u"), num_classes=0, time_inputs=1, dim=2):
-    model = build_model(ModelConfig(hidden_dim=32, depth=2), dim, heads, num_classes, time_inputs)
+    model = build_model(ModelConfig(hidden_dim=32, depth=2), (dim,), heads, num_classes, time_inputs)
     randomise_heads(model)
     return model
 

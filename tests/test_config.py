@@ -22,7 +22,7 @@ def test_configs_are_shipped():
 def test_every_shipped_config_loads_and_builds(path):
     config = load_config(path)
     objective = OBJECTIVES[config.objective.name][1]
-    model = build_model(config.model, 2, objective.heads, time_inputs=objective.time_inputs)
+    model = build_model(config.model, (2,), objective.heads, time_inputs=objective.time_inputs)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

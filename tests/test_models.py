@@ -5,8 +5,8 @@ from dumo.models import ModelConfig, build_model, count_parameters
 
 def test_dual_head_shares_the_backbone_and_adds_one_head():
     cfg = ModelConfig(hidden_dim=64, depth=3)
-    single = build_model(cfg, 2, ("v",))
-    dual = build_model(cfg, 2, ("v", "u"))
+    single = build_model(cfg, (2,), ("v",))
+    dual = build_model(cfg, (2,), ("v", "u"))
     head = count_parameters(dual.heads["u"])
     assert count_parameters(dual) == count_parameters(single) + head
     assert count_parameters(dual.backbone) == count_parameters(single.backbone)

@@ -66,7 +66,7 @@ def load_run(
     dataset = build_dataset(config.data)
     classes = num_classes(config.data)
     objective = objective_class(config.objective.name)
-    model = build_model(config.model, dataset.dim, objective.heads, classes, objective.time_inputs)
+    model = build_model(config.model, dataset.shape, objective.heads, classes, objective.time_inputs)
     load_weights(model, unprefixed(tensors, weights), str(checkpoint))
     model.to(torch.device(device)).eval().requires_grad_(False)
     return LoadedRun(config, model, dataset, classes, int(metadata["step"]), Path(checkpoint))

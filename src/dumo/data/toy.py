@@ -25,6 +25,7 @@ class ToyDataset(ABC):
 
     name: str = ""
     dim: int = 2
+    shape: tuple[int, ...] = (2,)
     num_classes: int = 0
 
     @abstractmethod

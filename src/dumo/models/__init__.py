@@ -1,41 +1,77 @@
-"""Networks: backbones plus one or two output heads (v, u)."""
+"""Networks: a backbone plus one or two output heads (v, u).
+
+``model.name`` picks the backbone: ``mlp`` for 2-D data, or a DiT name such as ``DiT-XL/2``
+(sizes S, B, L, XL; patch 1, 2 or 4) for images and latents.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
+from dumo.models.dit import DIT_SIZES, DiTBackbone, DiTHead, parse_dit_name
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
 from dumo.models.output import ModelOutput
 from dumo.schema import require
 
+MODEL_NAMES = ("mlp", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (1, 2, 4)))
+
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp"] = "mlp"
-    hidden_dim: int = 256
-    depth: int = 4
+    name: str = "mlp"  # mlp, or DiT-{S,B,L,XL}/{1,2,4}
+    hidden_dim: int = 256  # mlp only
+    depth: int = 4  # mlp only
 
     def validate(self, prefix: str) -> None:
+        require(self.name in MODEL_NAMES, f"{prefix}.name must be mlp or a DiT name like DiT-B/2; got {self.name!r}")
         require(self.hidden_dim > 0, f"{prefix}.hidden_dim must be > 0; got {self.hidden_dim}")
         require(self.depth >= 0, f"{prefix}.depth must be >= 0; got {self.depth}")
 
 
 def build_model(
-    config: ModelConfig, data_dim: int, heads: tuple[str, ...], num_classes: int = 0, time_inputs: int = 1
+    config: ModelConfig,
+    data_shape: Sequence[int],
+    heads: tuple[str, ...],
+    num_classes: int = 0,
+    time_inputs: int = 1,
 ) -> FlowModel:
-    """The network for ``config`` with the heads (and time inputs) an objective needs."""
+    """The network for ``config`` on data of ``data_shape`` ((D,) vectors or (C, H, W) images)
+    with the heads (and time inputs) an objective needs."""
+    data_shape = tuple(data_shape)
+    dit = parse_dit_name(config.name)
+    if dit is not None:
+        if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+            raise ValueError(f"{config.name} needs square (C, H, W) data; got shape {data_shape}")
+        size, patch = dit
+        channels, resolution = data_shape[0], data_shape[1]
+        backbone = DiTBackbone(resolution, channels, size, patch, num_classes, time_inputs)
+        return FlowModel(
+            backbone,
+            DiTHead,
+            heads,
+            hidden_dim=size.hidden_dim,
+            patch_size=patch,
+            out_channels=channels,
+            grid=backbone.grid,
+        )
+    if len(data_shape) != 1:
+        raise ValueError(f"the mlp network needs vector data (D,); got shape {data_shape}")
     backbone = MLPBackbone(
-        data_dim, hidden_dim=config.hidden_dim, depth=config.depth, num_classes=num_classes, time_inputs=time_inputs
+        data_shape[0],
+        hidden_dim=config.hidden_dim,
+        depth=config.depth,
+        num_classes=num_classes,
+        time_inputs=time_inputs,
     )
-    return FlowModel(backbone, OutputHead, heads, hidden_dim=config.hidden_dim, out_dim=data_dim)
+    return FlowModel(backbone, OutputHead, heads, hidden_dim=config.hidden_dim, out_dim=data_shape[0])
 
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["FlowModel", "ModelConfig", "ModelOutput", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "FlowModel", "ModelConfig", "ModelOutput", "build_model", "count_parameters"]

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dumo.data.batch import Batch
 from dumo.models.output import ModelOutput
@@ -217,7 +218,10 @@ def time_derivative_jvp(function, x_t: Tensor, t: Tensor, dx_dt: Tensor, *extra_
     """d/dt of ``function(x_t, t, *extra)`` along dx/dt = ``dx_dt``, with forward-mode AD.
 
     Extra primals (MeanFlow's r) get a zero tangent. Returns (value, derivative).
+    Forward-mode AD has no fused attention kernel (the flash kernel raises under it), so
+    attention falls back to the math kernel here, and only here.
     """
     primals = (x_t, t, *extra_primals)
     tangents = (dx_dt, torch.ones_like(t), *(torch.zeros_like(p) for p in extra_primals))
-    return torch.func.jvp(function, primals, tangents)
+    with sdpa_kernel([SDPBackend.MATH]):
+        return torch.func.jvp(function, primals, tangents)

@@ -129,7 +129,7 @@ class Trainer:
         self.num_classes = num_classes(config.data)
         self.objective = build_objective(config.objective, self.num_classes)
         self.model = build_model(
-            config.model, self.dataset.dim, self.objective.heads, self.num_classes, self.objective.time_inputs
+            config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
         ).to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.optimizer = torch.optim.AdamW(

@@ -1,0 +1,169 @@
+"""Diffusion Transformer (DiT) backbone with adaLN-zero blocks, and its patch output head.
+
+Sizes follow DiT (S, B, L, XL) with patch sizes 1, 2 or 4, named like ``DiT-XL/2``. For DuMo the
+u-head is a second copy of the final layer (adaLN modulation + linear): about 3M parameters on
+DiT-XL/2. Attention uses ``scaled_dot_product_attention``, so the no-grad passes of the
+finite-difference target get PyTorch's fused kernels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dumo.models.embeddings import LabelEmbedding, TimestepEmbedding, modulate
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    hidden_dim: int
+    depth: int
+    num_heads: int
+
+
+DIT_SIZES = {
+    "S": DiTSize(384, 12, 6),
+    "B": DiTSize(768, 12, 12),
+    "L": DiTSize(1024, 24, 16),
+    "XL": DiTSize(1152, 28, 16),
+}
+DIT_NAME = re.compile(r"^DiT-(S|B|L|XL)/([124])$")
+
+
+def parse_dit_name(name: str) -> tuple[DiTSize, int] | None:
+    """``"DiT-XL/2"`` -> (size, patch size); None when ``name`` is not a DiT name."""
+    match = DIT_NAME.match(name)
+    return (DIT_SIZES[match.group(1)], int(match.group(2))) if match else None
+
+
+def sincos_position_embedding(dim: int, grid: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding, shape (grid * grid, dim)."""
+    coords = torch.arange(grid, dtype=torch.float64)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(values: Tensor) -> Tensor:
+        angles = values.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([encode(ys), encode(xs)], dim=1).float()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class DiTBlock(nn.Module):
+    """Attention and MLP, each behind adaLN (shift, scale) and a zero-initialised gate."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiTBackbone(nn.Module):
+    """Patchify, add positions, run the blocks; returns token features and the conditioning."""
+
+    def __init__(
+        self,
+        input_size: int,
+        in_channels: int,
+        size: DiTSize,
+        patch_size: int,
+        num_classes: int = 0,
+        time_inputs: int = 1,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by the patch size {patch_size}")
+        dim = size.hidden_dim
+        self.patch_size = patch_size
+        self.grid = input_size // patch_size
+        self.patch_embedding = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("position", sincos_position_embedding(dim, self.grid)[None], persistent=False)
+        self.time_embedding = TimestepEmbedding(dim)
+        self.interval_embedding = TimestepEmbedding(dim) if time_inputs == 2 else None
+        self.label_embedding = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(DiTBlock(dim, size.num_heads, mlp_ratio) for _ in range(size.depth))
+        self.initialise()
+
+    def initialise(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        weight = self.patch_embedding.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for embedding in (self.time_embedding, self.interval_embedding):
+            if embedding is not None:
+                nn.init.normal_(embedding.mlp[0].weight, std=0.02)
+                nn.init.normal_(embedding.mlp[2].weight, std=0.02)
+        if self.label_embedding is not None:
+            nn.init.normal_(self.label_embedding.table.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+
+    def forward(
+        self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        cond = self.time_embedding(t)
+        if self.interval_embedding is not None:
+            cond = cond + self.interval_embedding(t - (t if r is None else r))
+        if self.label_embedding is not None:
+            cond = cond + self.label_embedding(labels, x.shape[0], x.device)
+        tokens = self.patch_embedding(x).flatten(2).transpose(1, 2) + self.position.to(x.dtype)
+        for block in self.blocks:
+            tokens = block(tokens, cond)
+        return tokens, cond
+
+
+class DiTHead(nn.Module):
+    """DiT's final layer (adaLN + linear to patch pixels, zero-initialised) and unpatchify."""
+
+    def __init__(self, hidden_dim: int, patch_size: int, out_channels: int, grid: int):
+        super().__init__()
+        self.patch_size, self.out_channels, self.grid = patch_size, out_channels, grid
+        self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
+        self.linear = nn.Linear(hidden_dim, patch_size * patch_size * out_channels)
+        for layer in (self.modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, tokens: Tensor, cond: Tensor) -> Tensor:
+        shift, scale = self.modulation(cond)[:, None].chunk(2, dim=-1)
+        patches = self.linear(modulate(self.norm(tokens), shift, scale))
+        p, c, g = self.patch_size, self.out_channels, self.grid
+        patches = patches.reshape(-1, g, g, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", patches).reshape(-1, c, g * p, g * p)
+
+
+__all__ = ["DIT_SIZES", "DiTBackbone", "DiTHead", "DiTSize", "parse_dit_name", "sincos_position_embedding"]

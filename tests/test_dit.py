@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dumo.data.batch import Batch
+from dumo.models import ModelConfig, build_model, count_parameters
+from dumo.models.dit import DIT_SIZES, parse_dit_name
+from dumo.objectives import DuMoConfig, DuMoObjective, MeanFlowConfig, MeanFlowObjective, TimeConfig
+
+
+def meta_model(name, heads, num_classes=1000, shape=(4, 32, 32), time_inputs=1):
+    with torch.device("meta"):
+        return build_model(ModelConfig(name=name), shape, heads, num_classes, time_inputs)
+
+
+def test_dit_xl2_parameter_counts_without_allocating():
+    single = meta_model("DiT-XL/2", ("v",))
+    dual = meta_model("DiT-XL/2", ("v", "u"))
+    assert all(p.is_meta for p in dual.parameters())
+    n_single, n_dual = count_parameters(single), count_parameters(dual)
+    assert abs(n_single - 675e6) / 675e6 < 0.01, n_single  # DiT-XL/2 is published as 675M
+    extra = n_dual - n_single
+    assert 2.5e6 < extra < 3.2e6 and extra / n_single < 0.005, extra  # "about 3M, < 0.5%"
+
+
+@pytest.mark.parametrize("size", sorted(DIT_SIZES))
+@pytest.mark.parametrize("patch", [1, 2, 4])
+def test_every_dit_name_builds(size, patch):
+    name = f"DiT-{size}/{patch}"
+    assert parse_dit_name(name) == (DIT_SIZES[size], patch)
+    model = meta_model(name, ("v", "u"), shape=(4, 32, 32))
+    assert count_parameters(model.heads["u"]) == count_parameters(model.heads["v"])
+
+
+def tiny_dit(heads=("v", "u"), num_classes=3, time_inputs=1):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="DiT-S/2"), (1, 8, 8), heads, num_classes, time_inputs)
+    # DiT-S is wide for a test; cut it to two blocks and give the zero-initialised layers weights
+    model.backbone.blocks = model.backbone.blocks[:2]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model
+
+
+def test_dual_head_dit_outputs_images():
+    model = tiny_dit()
+    out = model(torch.randn(2, 1, 8, 8), torch.rand(2), labels=torch.tensor([0, 3]))
+    assert out.v.shape == out.u.shape == (2, 1, 8, 8)
+    assert not torch.allclose(out.v, out.u)
+
+
+def test_finite_difference_target_uses_fused_attention(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    model = tiny_dit()
+    batch = Batch(x=torch.randn(4, 1, 8, 8), labels=torch.tensor([0, 1, 2, 0]))
+    DuMoObjective(DuMoConfig(zeta=0.5), num_classes=3)(model, batch)
+    assert calls.count(True) == 2 and calls.count(False) == 2  # 2 blocks: the grad pass, one batched no-grad pass
+
+
+def test_jvp_through_attention_needs_and_gets_the_math_kernel():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(NotImplementedError):  # the CPU flash kernel has no forward-mode AD
+        torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, a, a), (q,), (torch.ones_like(q),))
+    model = tiny_dit().double()
+    batch = Batch(x=torch.randn(4, 1, 8, 8, dtype=torch.float64), labels=torch.tensor([0, 1, 2, 0]))
+    middle = TimeConfig(theta1=20.0, theta2=20.0)
+    torch.manual_seed(1)
+    exact = DuMoObjective(DuMoConfig(derivative="jvp", time=middle), 3)(model, batch).targets["du_dt"]
+    torch.manual_seed(1)
+    approx = DuMoObjective(DuMoConfig(epsilon=0.001, time=middle), 3)(model, batch).targets["du_dt"]
+    assert ((approx - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def test_meanflow_on_dit_uses_the_second_time():
+    model = tiny_dit(heads=("u",), time_inputs=2)
+    batch = Batch(x=torch.randn(4, 1, 8, 8), labels=torch.tensor([0, 1, 2, 0]))
+    out = MeanFlowObjective(MeanFlowConfig(rho=0.5), num_classes=3)(model, batch)
+    out.loss.backward()
+    assert model.backbone.interval_embedding.mlp[0].weight.grad.abs().sum() > 0
