@@ -33,7 +33,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
         load_checkpoint(path)
     foreign = tmp_path / "foreign.safetensors"
     save_file({"weight": torch.zeros(2)}, str(foreign))
-    with pytest.raises(CheckpointError, match="not a dumo checkpoint"):
+    with pytest.raises(CheckpointError, match="not a dumo-checkpoint file"):
         load_checkpoint(foreign)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nothing.safetensors")

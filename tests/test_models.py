@@ -16,13 +16,13 @@ def test_dual_head_shares_the_backbone_and_adds_one_head():
 
 
 def test_heads_start_at_zero_and_diverge_after_training_signal():
-    model = build_model(ModelConfig(hidden_dim=32, depth=1), 2, ("v", "u"))
+    model = build_model(ModelConfig(hidden_dim=32, depth=1), (2,), ("v", "u"))
     out = model(torch.randn(4, 2), torch.rand(4))
     assert torch.count_nonzero(out.v) == 0 and torch.count_nonzero(out.u) == 0
 
 
 def test_meanflow_network_reads_the_second_time():
-    model = build_model(ModelConfig(hidden_dim=32, depth=1), 2, ("u",), time_inputs=2)
+    model = build_model(ModelConfig(hidden_dim=32, depth=1), (2,), ("u",), time_inputs=2)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -31,7 +31,7 @@ def test_meanflow_network_reads_the_second_time():
 
 
 def test_null_class_is_the_unconditional_call():
-    model = build_model(ModelConfig(hidden_dim=32, depth=1), 2, ("v",), num_classes=3)
+    model = build_model(ModelConfig(hidden_dim=32, depth=1), (2,), ("v",), num_classes=3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -42,7 +42,7 @@ def test_null_class_is_the_unconditional_call():
 
 
 def test_time_embedding_is_fp32_under_autocast():
-    model = build_model(ModelConfig(hidden_dim=32, depth=1), 2, ("v",))
+    model = build_model(ModelConfig(hidden_dim=32, depth=1), (2,), ("v",))
     features = []
     model.backbone.time_embedding.mlp.register_forward_pre_hook(lambda m, args: features.append(args[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):

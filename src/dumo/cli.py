@@ -110,43 +110,59 @@ def generate_from_run(run, nfe: int, num: int, seed: int, method: str, times, cl
         labels = balanced_labels(num, run.num_classes)
     try:
         points = generate(
-            run.model, run.objective_name, (num, run.dataset.dim), nfe, run.config.sample, seed, labels, method, times
+            run.model,
+            run.objective_name,
+            (num, *run.dataset.shape),
+            nfe,
+            run.config.sample,
+            seed,
+            labels,
+            method,
+            times,
         )
     except ValueError as error:  # bad schedule or sampler choice
         raise UsageError(str(error)) from None
-    return points
+    return labels, points
 
 
 def command_sample(args: argparse.Namespace) -> int:
-    from dumo.plotting import scatter_over_density
+    from dumo.data import ImageDataset
+    from dumo.plotting import image_grid, scatter_over_density
     from dumo.run import load_run
 
     out = Path(args.out)
-    check_output_file(out, (".npy", ".png"))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
-    points = generate_from_run(
+    images = isinstance(run.dataset, ImageDataset)
+    check_output_file(out, (".npz", ".png") if images else (".npy", ".png"))
+    labels, points = generate_from_run(
         run, args.nfe, args.num, args.seed, args.method, parse_times(args.times), args.class_label
     )
-    points = run.dataset.unstandardise(points).numpy()
-    if out.suffix.lower() == ".npy":
-        np.save(out, points.astype(np.float64))
-    else:
+    data = run.dataset.unstandardise(points).numpy()
+    title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
+    if out.suffix.lower() == ".png" and images:
+        image_grid(data, None if labels is None else labels.numpy(), out, title=title)
+    elif out.suffix.lower() == ".png":
         reference, _ = run.dataset.sample(50_000)
-        title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
-        scatter_over_density([(title, points)], reference.numpy(), out)
+        scatter_over_density([(title, data)], reference.numpy(), out)
+    elif images:
+        label_array = np.full(args.num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
+        np.savez(out, images=data.astype(np.float32), labels=label_array)
+    else:
+        np.save(out, data.astype(np.float64))
     print(f"wrote {args.num} samples ({args.nfe} NFE, step {run.step}) to {out}")
     return 0
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from dumo.evaluation import evaluate_toy
+    from dumo.evaluation import evaluate
     from dumo.run import load_run
 
     run = load_run(args.run_dir, args.checkpoint, args.weights)
     print(f"{args.run_dir}: {run.objective_name}, step {run.step}, {args.num} samples, seed {args.seed}")
+    names = {"mmd": "MMD", "sw": "SW", "fd": "domain FD", "fidelity": "class fidelity"}
     for nfe in args.nfe:
         try:
-            metrics = evaluate_toy(
+            metrics = evaluate(
                 run.model,
                 run.objective_name,
                 run.dataset,
@@ -159,7 +175,8 @@ def command_eval(args: argparse.Namespace) -> int:
             )
         except ValueError as error:
             raise UsageError(str(error)) from None
-        print(f"  {nfe:3d} NFE  MMD {metrics[f'mmd_{nfe}nfe']:.5f}  SW {metrics[f'sw_{nfe}nfe']:.5f}")
+        shown = "  ".join(f"{names[k.split('_')[0]]} {v:.5f}" for k, v in metrics.items())
+        print(f"  {nfe:3d} NFE  {shown}")
     return 0
 
 
@@ -275,11 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="draw samples from a trained run",
         description="Draw samples with the run's EMA weights. For 2-D data: FILE.npy holds an (N, 2) array in "
-        "the dataset's own coordinates; FILE.png shows the samples over the data density.",
+        "the dataset's own coordinates; FILE.png shows the samples over the data density. For images: FILE.npz "
+        "holds 'images' (N, C, H, W) float32 in [0, 1] and 'labels' (N,) int64 (-1: unconditional); FILE.png is a "
+        "labelled grid.",
     )
     add_sampling_arguments(sample)
     sample.add_argument("--nfe", type=positive("--nfe"), required=True, help="network evaluations per sample")
-    sample.add_argument("--out", required=True, help="output file: .npy or .png (its directory must exist)")
+    sample.add_argument(
+        "--out", required=True, help="output file: .npy (2-D) / .npz (images) or .png; its directory must exist"
+    )
     sample.add_argument(
         "--times", help="k-step times t_0,...,t_{k-1} in (0, 1], decreasing, e.g. 1.0,0.4 (default: config schedule)"
     )
@@ -290,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
-        help="score a trained run (MMD, sliced Wasserstein)",
-        description="Score samples of a run against fresh data: MMD (multi-bandwidth RBF) and sliced "
-        "Wasserstein-2, both on standardised coordinates.",
+        help="score a trained run (2-D: MMD, sliced Wasserstein; images: domain FD, class fidelity)",
+        description="Score samples of a run against the data. 2-D: MMD (multi-bandwidth RBF) and sliced "
+        "Wasserstein-2 on standardised coordinates. Images: Frechet distance in the features of a small "
+        "classifier trained once on the dataset (cached), and for class-conditional runs the classifier's "
+        "accuracy on the requested classes.",
     )
     add_sampling_arguments(evaluate)
     evaluate.add_argument(

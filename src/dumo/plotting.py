@@ -47,3 +47,28 @@ def scatter_over_density(
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def image_grid(
+    images: np.ndarray, labels: np.ndarray | None, path: str | Path, title: str | None = None, columns: int = 10
+) -> None:
+    """Images (N, C, H, W) in [0, 1] on a grid, each captioned with its class when labels are given."""
+    count = len(images)
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.2 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:count]):
+        image = np.transpose(images[i], (1, 2, 0))
+        if image.shape[2] == 1:
+            ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(np.clip(image, 0, 1), interpolation="nearest")
+        if labels is not None:
+            ax.set_title(str(int(labels[i])), fontsize=7, pad=2)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dumo.config import Config, load_config, save_config
-from dumo.data import ToyDataset, build_dataset, num_classes
+from dumo.data import Dataset, build_dataset, conditioning_classes
 from dumo.errors import RunDirError
 from dumo.models import build_model
 from dumo.objectives import objective_class
@@ -30,7 +30,7 @@ EXPORTED_WEIGHTS = "model.safetensors"
 class LoadedRun:
     config: Config
     model: nn.Module
-    dataset: ToyDataset
+    dataset: Dataset
     num_classes: int
     step: int
     checkpoint: Path
@@ -64,7 +64,7 @@ def load_run(
         tensors, metadata = load_checkpoint(Path(checkpoint))
         weights = f"{weights}."
     dataset = build_dataset(config.data)
-    classes = num_classes(config.data)
+    classes = conditioning_classes(dataset, config.data)
     objective = objective_class(config.objective.name)
     model = build_model(config.model, dataset.shape, objective.heads, classes, objective.time_inputs)
     load_weights(model, unprefixed(tensors, weights), str(checkpoint))

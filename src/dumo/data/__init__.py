@@ -1,4 +1,7 @@
-"""Datasets and the configs that select them."""
+"""Datasets and the configs that select them.
+
+2-D toys are generated on the fly; image datasets are read once from local files into memory.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +9,84 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dumo.data.batch import Batch
+from dumo.data.images import (
+    DataError,
+    ImageDataset,
+    ImageStream,
+    load_cifar10,
+    load_digits_dataset,
+    load_fashion_mnist,
+    load_image_folder,
+    load_mnist_json,
+)
 from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
+
+IMAGE_DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "image_folder")
+Dataset = ToyDataset | ImageDataset
 
 
 @dataclass
 class DataConfig:
-    name: Literal["moons", "8gaussians", "checkerboard"] = "moons"
+    name: Literal[
+        "moons", "8gaussians", "checkerboard", "digits", "fashion_mnist", "mnist", "cifar10", "image_folder"
+    ] = "moons"
     batch_size: int = 256
     conditional: bool = False  # train with class labels (needed for guidance, zeta > 0)
+    path: str | None = None  # file-based datasets: where the files are (default: the usual install location)
+    resolution: int | None = None  # image_folder: centre-crop to this size (ADM preprocessing)
+    hflip: bool = False  # random horizontal flips (images)
 
     def validate(self, prefix: str) -> None:
         require(self.batch_size > 0, f"{prefix}.batch_size must be > 0; got {self.batch_size}")
-        if self.conditional:
+        require(self.resolution is None or self.resolution > 0, f"{prefix}.resolution must be > 0 or null")
+        if self.conditional and self.name in TOY_DATASETS:
             require(
-                build_dataset(self).num_classes > 0,
+                TOY_DATASETS[self.name].num_classes > 0,
                 f"{prefix}.conditional: dataset '{self.name}' has no class labels",
             )
 
+    @property
+    def is_image(self) -> bool:
+        return self.name in IMAGE_DATASETS
 
-def build_dataset(config: DataConfig) -> ToyDataset:
-    return TOY_DATASETS[config.name]()
+
+def build_dataset(config: DataConfig) -> Dataset:
+    """The dataset named in ``config`` (image datasets are read from disk here)."""
+    if config.name in TOY_DATASETS:
+        return TOY_DATASETS[config.name]()
+    if config.name == "digits":
+        return load_digits_dataset()
+    if config.name == "fashion_mnist":
+        return load_fashion_mnist(config.path)
+    if config.name == "mnist":
+        return load_mnist_json(config.path)
+    if config.name == "cifar10":
+        return load_cifar10(config.path)
+    return load_image_folder(config.path, config.resolution)
 
 
-def num_classes(config: DataConfig) -> int:
+def build_stream(dataset: Dataset, config: DataConfig, seed: int) -> ToyStream | ImageStream:
+    if isinstance(dataset, ImageDataset):
+        return ImageStream(dataset, config.batch_size, config.conditional, seed, config.hflip)
+    return ToyStream(dataset, config.batch_size, config.conditional, seed)
+
+
+def conditioning_classes(dataset: Dataset, config: DataConfig) -> int:
     """Classes the model is conditioned on (0 = unconditional)."""
-    return build_dataset(config).num_classes if config.conditional else 0
+    return dataset.num_classes if config.conditional else 0
 
 
-__all__ = ["Batch", "DataConfig", "ToyDataset", "ToyStream", "build_dataset", "num_classes"]
+__all__ = [
+    "Batch",
+    "DataConfig",
+    "DataError",
+    "Dataset",
+    "ImageDataset",
+    "ImageStream",
+    "ToyDataset",
+    "ToyStream",
+    "build_dataset",
+    "build_stream",
+    "conditioning_classes",
+]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from dumo.models.dit import DIT_SIZES, DiTBackbone, DiTHead, parse_dit_name
+from dumo.models.dit import DIT_SIZES, DiTBackbone, DiTHead, DiTSize, parse_dit_name
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
 from dumo.models.output import ModelOutput
@@ -23,13 +23,32 @@ MODEL_NAMES = ("mlp", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in
 @dataclass
 class ModelConfig:
     name: str = "mlp"  # mlp, or DiT-{S,B,L,XL}/{1,2,4}
-    hidden_dim: int = 256  # mlp only
-    depth: int = 4  # mlp only
+    hidden_dim: int | None = None  # width; null = the size's own (mlp: 256)
+    depth: int | None = None  # blocks; null = the size's own (mlp: 4)
+    num_heads: int | None = None  # DiT attention heads; null = the size's own
 
     def validate(self, prefix: str) -> None:
         require(self.name in MODEL_NAMES, f"{prefix}.name must be mlp or a DiT name like DiT-B/2; got {self.name!r}")
-        require(self.hidden_dim > 0, f"{prefix}.hidden_dim must be > 0; got {self.hidden_dim}")
-        require(self.depth >= 0, f"{prefix}.depth must be >= 0; got {self.depth}")
+        require(self.hidden_dim is None or self.hidden_dim > 0, f"{prefix}.hidden_dim must be > 0")
+        require(self.depth is None or self.depth >= 0, f"{prefix}.depth must be >= 0")
+        require(self.num_heads is None or self.num_heads > 0, f"{prefix}.num_heads must be > 0")
+        if self.name == "mlp":
+            require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
+        else:
+            size = self.dit_size()
+            require(
+                size.hidden_dim % size.num_heads == 0 and size.hidden_dim % 4 == 0,
+                f"{prefix}.hidden_dim ({size.hidden_dim}) must be divisible by 4 and by num_heads ({size.num_heads})",
+            )
+
+    def dit_size(self) -> DiTSize:
+        """The DiT size after the hidden_dim / depth / num_heads overrides."""
+        size, _ = parse_dit_name(self.name)
+        return DiTSize(
+            self.hidden_dim or size.hidden_dim,
+            size.depth if self.depth is None else self.depth,
+            self.num_heads or size.num_heads,
+        )
 
 
 def build_model(
@@ -46,7 +65,7 @@ def build_model(
     if dit is not None:
         if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
             raise ValueError(f"{config.name} needs square (C, H, W) data; got shape {data_shape}")
-        size, patch = dit
+        size, patch = config.dit_size(), dit[1]
         channels, resolution = data_shape[0], data_shape[1]
         backbone = DiTBackbone(resolution, channels, size, patch, num_classes, time_inputs)
         return FlowModel(
