@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,12 +23,16 @@ def test_configs_are_shipped():
 def test_every_shipped_config_loads_and_builds(path):
     config = load_config(path)
     objective = OBJECTIVES[config.objective.name][1]
-    model = build_model(config.model, (2,), objective.heads, time_inputs=objective.time_inputs)
+    classes = config.data.expected_classes() if config.data.conditional else 0
+    with torch.device("meta"):  # no weights are allocated, so paper-sized configs are cheap
+        model = build_model(config.model, config.data.expected_shape(), objective.heads, classes, objective.time_inputs)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def test_toy_configs_share_network_data_and_budget():
-    loaded = [load_config(p) for p in CONFIGS if p.parent.name == "toy" and p.name.startswith("moons-")]
+@pytest.mark.parametrize("family", ["toy", "digits"])
+def test_comparison_configs_share_network_data_and_budget(family):
+    loaded = [load_config(p) for p in CONFIGS if p.parent.name == family]
+    assert len(loaded) == 3
     for other in loaded[1:]:
         for section in ("data", "model", "optim", "train"):
             assert getattr(other, section) == getattr(loaded[0], section), section
@@ -35,7 +40,7 @@ def test_toy_configs_share_network_data_and_budget():
 
 
 def test_meanflow_toy_config_uses_rho_08():
-    assert load_config(Path(CONFIGS[0]).parent / "moons-meanflow.yaml").objective.rho == 0.8
+    assert load_config(Path(__file__).parents[1] / "configs/toy/moons-meanflow.yaml").objective.rho == 0.8
 
 
 def test_defaults_are_the_papers():

@@ -23,6 +23,7 @@ from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
 
 IMAGE_DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "image_folder")
+IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 Dataset = ToyDataset | ImageDataset
 
 
@@ -49,6 +50,20 @@ class DataConfig:
     @property
     def is_image(self) -> bool:
         return self.name in IMAGE_DATASETS
+
+    def expected_shape(self) -> tuple[int, ...] | None:
+        """The shape of one sample, known without reading the data (None for an uncropped image folder)."""
+        if self.name in TOY_DATASETS:
+            return TOY_DATASETS[self.name].shape
+        if self.name == "image_folder":
+            return (3, self.resolution, self.resolution) if self.resolution else None
+        return IMAGE_SHAPES[self.name]
+
+    def expected_classes(self) -> int | None:
+        """Number of classes, known without reading the data (None for an image folder)."""
+        if self.name in TOY_DATASETS:
+            return TOY_DATASETS[self.name].num_classes
+        return None if self.name == "image_folder" else 10
 
 
 def build_dataset(config: DataConfig) -> Dataset:
