@@ -97,3 +97,25 @@ def test_help_explains_every_command():
         result = dumo(command, "--help")
         assert result.returncode == 0 and "usage: dumo" in result.stdout
     assert "--nfe" in dumo("sample", "--help").stdout
+
+
+def test_info_counts_parameters_without_weights(configs_dir):
+    result = dumo(
+        "info",
+        configs_dir / "digits/dumo.yaml",
+        "--set",
+        "model.name=DiT-XL/2",
+        "--set",
+        "model.hidden_dim=null",
+        "--set",
+        "model.depth=null",
+        "--set",
+        "model.num_heads=null",
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    total = int(lines[1].split()[1].replace(",", ""))
+    heads = [int(line.split()[1].replace(",", "")) for line in lines if "-head:" in line]
+    backbone = int(next(line for line in lines if "backbone:" in line).split()[1].replace(",", ""))
+    assert total == backbone + sum(heads) and len(heads) == 2
+    assert "effective settings:" in result.stdout and "beta: 0.7" in result.stdout

@@ -86,3 +86,21 @@ def test_meanflow_on_dit_uses_the_second_time():
     out = MeanFlowObjective(MeanFlowConfig(rho=0.5), num_classes=3)(model, batch)
     out.loss.backward()
     assert model.backbone.interval_embedding.mlp[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fp32_passes", [True, False])
+def test_finite_difference_under_bf16_autocast(fp32_passes):
+    model = tiny_dit()
+    batch = Batch(x=torch.randn(16, 1, 8, 8), labels=torch.arange(16) % 3)
+    cfg = DuMoConfig(time=TimeConfig(theta1=20.0, theta2=20.0), fp32_target_passes=fp32_passes)
+    torch.manual_seed(0)
+    reference = DuMoObjective(cfg, 3)(model, batch).targets["du_dt"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        out = DuMoObjective(cfg, 3)(model, batch)
+    assert out.targets["du_dt"].dtype == torch.float32 and out.loss.dtype == torch.float32
+    error = ((out.targets["du_dt"] - reference).norm() / reference.norm()).item()
+    if fp32_passes:
+        assert error < 1e-5
+    else:
+        assert error > 1e-2  # what the default avoids: bf16 rounding magnified by 1 / (2 epsilon)

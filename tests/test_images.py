@@ -182,3 +182,22 @@ def test_eval_images_prints_domain_metrics(digits_run):
     result = dumo("eval", digits_run, "--nfe", 1, "--num", 100)
     assert result.returncode == 0, result.stderr
     assert "domain FD" in result.stdout and "class fidelity" in result.stdout
+
+
+def bf16_or_compiled(tmp_path, **train):
+    cfg = {**TINY_DIGITS, "train": {**TINY_DIGITS["train"], "steps": 3, "checkpoint_every": 0, **train}}
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run")
+    logged = [trainer.train_step() for _ in range(3)]
+    assert all(entry is not None and np.isfinite(entry["loss"]) for entry in logged)
+    return trainer
+
+
+def test_bf16_autocast_training_steps(tmp_path):
+    trainer = bf16_or_compiled(tmp_path, precision="bf16")
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # autocast, not a cast of weights
+
+
+@pytest.mark.slow
+def test_compiled_training_steps(tmp_path):
+    trainer = bf16_or_compiled(tmp_path, compile=True)
+    assert trainer.step_model is not trainer.model

@@ -180,6 +180,33 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_info(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from dumo.config import load_config
+    from dumo.models import build_model, count_parameters
+    from dumo.objectives import objective_class
+
+    config = load_config(args.config, args.set)
+    objective = objective_class(config.objective.name)
+    shape = config.data.expected_shape()
+    classes = config.data.expected_classes() if config.data.conditional else 0
+    if shape is None or classes is None:
+        raise UsageError("an image folder's shape and classes are known only from its files: set data.resolution")
+    with torch.device("meta"):  # counts parameters without allocating them
+        model = build_model(config.model, shape, objective.heads, classes, objective.time_inputs)
+    total = count_parameters(model)
+    print(f"model {config.model.name}, data {config.data.name} {shape} ({classes} classes), {objective.__name__}")
+    print(f"  parameters: {total:,} total ({total / 1e6:.2f}M)")
+    print(f"    backbone: {count_parameters(model.backbone):,}")
+    for name, head in model.heads.items():
+        print(f"    {name}-head:   {count_parameters(head):,}")
+    print("effective settings:")
+    print("  " + yaml.safe_dump(config.to_dict(), sort_keys=False).replace("\n", "\n  ").rstrip())
+    return 0
+
+
 def command_export(args: argparse.Namespace) -> int:
     from dumo.run import export_run
 
@@ -322,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)"
     )
     evaluate.set_defaults(handler=command_eval)
+
+    info = commands.add_parser(
+        "info",
+        help="parameter counts (total, backbone, each head) and effective settings of a config",
+        description="Build the config's network on the meta device (no weights allocated) and print its parameter "
+        "counts and the effective configuration after defaults and overrides.",
+    )
+    info.add_argument("config", help="YAML config")
+    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    info.set_defaults(handler=command_info)
 
     export = commands.add_parser(
         "export",

@@ -51,6 +51,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     progress: bool = True  # progress bar on the terminal
     max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
+    compile: bool = False  # torch.compile the network for the training step
 
     def validate(self, prefix: str) -> None:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from dumo.models.embeddings import modulate
@@ -49,4 +50,9 @@ class FlowModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
         features, cond = self.backbone(x, t, r=r, labels=labels)
-        return ModelOutput(**{name: head(features, cond) for name, head in self.heads.items()})
+        # The heads run in fp32 even under bf16 autocast: the finite-difference target divides the
+        # difference of two head outputs by 2e ~ 0.01, which would magnify bf16 rounding ~100x.
+        # They are a small share of the compute (one linear layer per head).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            features, cond = features.float(), cond.float()
+            return ModelOutput(**{name: head(features, cond) for name, head in self.heads.items()})

@@ -25,6 +25,7 @@ from dumo.objectives.base import (
     adaptive_weighting,
     at_least_fp32,
     central_difference_times,
+    derivative_precision,
     difference_quotient,
     forward_many,
     guidance_weight,
@@ -74,7 +75,8 @@ class DuMoObjective(Objective):
                 requests.append(ModelInput(self.path.sample(x, z, t_low), t_low, labels=labels))
             if guided:
                 requests.append(ModelInput(x_t, t, labels=self.null_labels(labels)))
-            outputs = forward_many(target_model, requests, batched=cfg.batch_target_passes)
+            with derivative_precision(cfg, x):
+                outputs = forward_many(target_model, requests, batched=cfg.batch_target_passes)
 
             v_target = at_least_fp32(path_velocity)
             if guided:

@@ -24,6 +24,7 @@ from dumo.objectives.base import (
     adaptive_weighting,
     at_least_fp32,
     central_difference_times,
+    derivative_precision,
     difference_quotient,
     forward_many,
     guidance_weight,
@@ -124,12 +125,13 @@ class MeanFlowObjective(Objective):
         # The stencil stays in [r, 1]; rows with t = r get width 0 and derivative 0, which the
         # factor (t - r) ignores anyway.
         t_low, t_high = central_difference_times(t, cfg.epsilon, r, 1.0)
-        high, low = forward_many(
-            target_model,
-            [
-                ModelInput(x_t + expand_time(t_high - t, x_t) * tangent, t_high, r=r, labels=labels),
-                ModelInput(x_t + expand_time(t_low - t, x_t) * tangent, t_low, r=r, labels=labels),
-            ],
-            batched=cfg.batch_target_passes,
-        )
+        with derivative_precision(cfg, x_t):
+            high, low = forward_many(
+                target_model,
+                [
+                    ModelInput(x_t + expand_time(t_high - t, x_t) * tangent, t_high, r=r, labels=labels),
+                    ModelInput(x_t + expand_time(t_low - t, x_t) * tangent, t_low, r=r, labels=labels),
+                ],
+                batched=cfg.batch_target_passes,
+            )
         return difference_quotient(high.u, low.u, t_high, t_low)

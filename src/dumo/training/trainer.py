@@ -132,6 +132,8 @@ class Trainer:
             config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
         ).to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
+        # The objective calls the compiled module; weights, EMA and checkpoints use the plain one.
+        self.step_model = torch.compile(self.model) if config.train.compile else self.model
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.optim.lr,
@@ -189,7 +191,8 @@ class Trainer:
         self.model.train()
         batch = self.stream.next_batch(self.device)
         target = self.ema.model if getattr(self.config.objective, "target_network", "online") == "ema" else None
-        output = self.objective(self.model, batch, target_model=target)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.precision == "bf16"):
+            output = self.objective(self.step_model, batch, target_model=target)
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(output.loss))
         grad_norm = float("nan")
