@@ -15,9 +15,10 @@ from dumo.models.dit import DIT_SIZES, DiTBackbone, DiTHead, DiTSize, parse_dit_
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
 from dumo.models.output import ModelOutput
+from dumo.models.unet import UNetBackbone, UNetHead
 from dumo.schema import require
 
-MODEL_NAMES = ("mlp", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (1, 2, 4)))
+MODEL_NAMES = ("mlp", "unet", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (1, 2, 4)))
 
 
 @dataclass
@@ -26,13 +27,23 @@ class ModelConfig:
     hidden_dim: int | None = None  # width; null = the size's own (mlp: 256)
     depth: int | None = None  # blocks; null = the size's own (mlp: 4)
     num_heads: int | None = None  # DiT attention heads; null = the size's own
+    channels: int = 128  # unet: base width
+    channel_mult: tuple[int, ...] = (2, 2, 2)  # unet: width multiplier per resolution level
+    num_res_blocks: int = 4  # unet: residual blocks per level
+    attention_resolutions: tuple[int, ...] = (16,)  # unet: resolutions with self-attention
+    dropout: float = 0.1  # unet
 
     def validate(self, prefix: str) -> None:
-        require(self.name in MODEL_NAMES, f"{prefix}.name must be mlp or a DiT name like DiT-B/2; got {self.name!r}")
+        require(
+            self.name in MODEL_NAMES, f"{prefix}.name must be mlp, unet or a DiT name like DiT-B/2; got {self.name!r}"
+        )
+        require(self.channels > 0 and all(m > 0 for m in self.channel_mult), f"{prefix}.channels must be > 0")
+        require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks must be >= 1")
+        require(0 <= self.dropout < 1, f"{prefix}.dropout must be in [0, 1)")
         require(self.hidden_dim is None or self.hidden_dim > 0, f"{prefix}.hidden_dim must be > 0")
         require(self.depth is None or self.depth >= 0, f"{prefix}.depth must be >= 0")
         require(self.num_heads is None or self.num_heads > 0, f"{prefix}.num_heads must be > 0")
-        if self.name == "mlp":
+        if self.name in ("mlp", "unet"):
             require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
         else:
             size = self.dit_size()
@@ -76,6 +87,28 @@ def build_model(
             patch_size=patch,
             out_channels=channels,
             grid=backbone.grid,
+        )
+    if config.name == "unet":
+        if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+            raise ValueError(f"the unet needs square (C, H, W) data; got shape {data_shape}")
+        backbone = UNetBackbone(
+            data_shape[1],
+            data_shape[0],
+            config.channels,
+            config.channel_mult,
+            config.num_res_blocks,
+            config.attention_resolutions,
+            config.dropout,
+            num_classes,
+            time_inputs,
+        )
+        return FlowModel(
+            backbone,
+            UNetHead,
+            heads,
+            channels=backbone.output_channels,
+            cond_dim=4 * config.channels,
+            out_channels=data_shape[0],
         )
     if len(data_shape) != 1:
         raise ValueError(f"the mlp network needs vector data (D,); got shape {data_shape}")

@@ -11,6 +11,11 @@ from dumo.models.output import ModelOutput
 HEAD_NAMES = ("v", "u")
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32, or as it is when it is already fp32 or wider (fp64 in tests)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class OutputHead(nn.Module):
     """adaLN final layer: normalise, modulate by the conditioning, project (zero-initialised)."""
 
@@ -54,5 +59,5 @@ class FlowModel(nn.Module):
         # difference of two head outputs by 2e ~ 0.01, which would magnify bf16 rounding ~100x.
         # They are a small share of the compute (one linear layer per head).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            features, cond = features.float(), cond.float()
+            features, cond = at_least_fp32(features), at_least_fp32(cond)
             return ModelOutput(**{name: head(features, cond) for name, head in self.heads.items()})

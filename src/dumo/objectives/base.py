@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dumo.data.batch import Batch
+from dumo.models.heads import at_least_fp32
 from dumo.models.output import ModelOutput
 from dumo.paths import PATHS, AffinePath, expand_time
 from dumo.schema import require
@@ -148,11 +149,6 @@ class Objective(ABC):
 
     def null_labels(self, labels: Tensor) -> Tensor:
         return torch.full_like(labels, self.null_label)
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """``x`` in fp32, or as it is when it is already fp32 or wider (fp64 in tests)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def squared_error(prediction: Tensor, target: Tensor) -> Tensor:
