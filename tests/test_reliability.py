@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dumo.config import load_config
 from dumo.errors import TrainingError
@@ -180,6 +181,7 @@ def existing_run(tmp_path_factory):
     return run
 
 
+DATA = ["--set", "model.name=DiT-S/2", "--set", "model.hidden_dim=32", "--set", "model.num_heads=2", "--set"]
 BAD_INPUTS = [
     # (name, arguments with {run} and {tmp} placeholders, fragment of the one-line message)
     (
@@ -207,6 +209,21 @@ BAD_INPUTS = [
     ("bad times", ["sample", "{run}", "--nfe", "2", "--out", "{tmp}/x.npy", "--times", "0.5,0.9"], "decreasing"),
     ("class of unconditional", ["sample", "{run}", "--nfe", "1", "--out", "{tmp}/x.npy", "--class", "1"], "uncondit"),
     ("export onto data", ["export", "{run}", "{run}"], "is not empty"),
+    (
+        "missing dataset",
+        ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=fashion_mnist", "--set", "data.path={tmp}/nothing"],
+        "apt-get install dataset-fashion-mnist",
+    ),
+    (
+        "empty dataset",
+        ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=image_folder", "--set", "data.path={tmp}/empty"],
+        "no images",
+    ),
+    (
+        "mixed image sizes",
+        ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=image_folder", "--set", "data.path={tmp}/mixed"],
+        "images of mixed sizes",
+    ),
 ]
 
 
@@ -214,6 +231,9 @@ BAD_INPUTS = [
 def test_bad_input_gives_one_line_and_leaves_runs_untouched(name, arguments, fragment, existing_run, tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {steps: [1, 2\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
     before = digest(existing_run)
     args = [str(a).format(run=existing_run, tmp=tmp_path) for a in arguments]
     result = dumo(*args)
@@ -249,3 +269,22 @@ def test_resume_flag_uses_the_runs_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "resumed from step 4" in result.stdout and "finished at step 6" in result.stdout
     assert os.path.exists(run / "checkpoints" / "step_00000006.safetensors")
+
+
+def test_image_run_resumes_bit_identically(tmp_path):
+    digits = [
+        "data.name=digits",
+        "data.conditional=true",
+        "data.batch_size=500",  # crosses epoch boundaries of the 1,797 images
+        "model.name=DiT-S/2",
+        "model.hidden_dim=32",
+        "model.depth=1",
+        "model.num_heads=2",
+        "objective.zeta=0.5",
+        "train.eval_samples=50",
+        "train.checkpoint_every=0",
+    ]
+    Trainer(config(8, *digits), tmp_path / "straight").run()
+    Trainer(config(5, *digits), tmp_path / "split").run()
+    Trainer(config(8, *digits), tmp_path / "split").run()
+    assert_identical(tmp_path / "straight", tmp_path / "split")
