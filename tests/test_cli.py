@@ -119,3 +119,10 @@ def test_info_counts_parameters_without_weights(configs_dir):
     backbone = int(next(line for line in lines if "backbone:" in line).split()[1].replace(",", ""))
     assert total == backbone + sum(heads) and len(heads) == 2
     assert "effective settings:" in result.stdout and "beta: 0.7" in result.stdout
+
+
+def test_trajectories_for_2d_runs(trained_run, tmp_path):
+    out = tmp_path / "t.png"
+    result = dumo("trajectories", trained_run, "--out", out, "--num", 50, "--nfe", 1, 2)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -201,3 +201,10 @@ def test_bf16_autocast_training_steps(tmp_path):
 def test_compiled_training_steps(tmp_path):
     trainer = bf16_or_compiled(tmp_path, compile=True)
     assert trainer.step_model is not trainer.model
+
+
+def test_trajectory_picture(digits_run, tmp_path):
+    out = tmp_path / "t.png"
+    result = dumo("trajectories", digits_run, "--out", out, "--num", 3, "--nfe", 1, 2)
+    assert result.returncode == 0, result.stderr
+    assert "u-head, v-head Euler" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"

@@ -207,6 +207,48 @@ def command_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_trajectories(args: argparse.Namespace) -> int:
+    import torch
+
+    from dumo.data import ImageDataset
+    from dumo.evaluation import balanced_labels, generate, sampler_for
+    from dumo.plotting import image_grid, scatter_over_density
+    from dumo.run import load_run
+
+    out = Path(args.out)
+    check_output_file(out, (".png",))
+    run = load_run(args.run_dir, args.checkpoint, args.weights)
+    heads = [("u-head", sampler_for(run.objective_name))] if "u" in run.model.heads else []
+    if "v" in run.model.heads:
+        heads.append(("v-head Euler", "euler"))
+    labels = balanced_labels(args.num, run.num_classes)
+    columns = {}  # (head, nfe) -> samples in the data's own space
+    for name, method in heads:
+        for nfe in args.nfe:
+            x = generate(
+                run.model,
+                run.objective_name,
+                (args.num, *run.dataset.shape),
+                nfe,
+                run.config.sample,
+                args.seed,
+                labels,
+                method,
+            )
+            columns[name, nfe] = run.dataset.unstandardise(x).numpy()
+    title = f"{run.objective_name}, step {run.step}: columns NFE {', '.join(map(str, args.nfe))}"
+    if isinstance(run.dataset, ImageDataset):
+        # one row per sample: the u-head columns, then the v-head columns
+        grid = [columns[key][i] for i in range(args.num) for key in columns]
+        image_grid(torch.as_tensor(np.stack(grid)).numpy(), None, out, title=title, columns=len(columns))
+    else:
+        reference, _ = run.dataset.sample(50_000)
+        panels = [(f"{name}, {nfe} NFE", points) for (name, nfe), points in columns.items()]
+        scatter_over_density(panels, reference.numpy(), out, columns=len(args.nfe), title=title)
+    print(f"wrote trajectories ({', '.join(name for name, _ in heads)}) to {out}")
+    return 0
+
+
 def command_export(args: argparse.Namespace) -> int:
     from dumo.run import export_run
 
@@ -349,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)"
     )
     evaluate.set_defaults(handler=command_eval)
+
+    trajectories = commands.add_parser(
+        "trajectories",
+        help="picture of samples against NFE, from the u-head and the v-head ODE",
+        description="Draw the same noise with 1, 2, 4, 8, ... NFE. Images: one row per sample, one column per "
+        "(head, NFE). 2-D data: one scatter panel per (head, NFE).",
+    )
+    add_sampling_arguments(trajectories)
+    trajectories.set_defaults(num=8)
+    trajectories.add_argument("--nfe", type=positive("--nfe"), nargs="+", default=[1, 2, 4, 8, 16])
+    trajectories.add_argument("--out", required=True, help="output .png (its directory must exist)")
+    trajectories.set_defaults(handler=command_trajectories)
 
     info = commands.add_parser(
         "info",
