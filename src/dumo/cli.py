@@ -180,6 +180,22 @@ def command_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_encode(args: argparse.Namespace) -> int:
+    from dumo.data import DataConfig, ImageDataset, build_dataset
+    from dumo.data.latents import LatentCodec, encode_dataset, load_autoencoder
+
+    out = Path(args.out)
+    check_output_file(out, (".safetensors",))
+    config = DataConfig(name=args.data, path=args.data_path, resolution=args.resolution)
+    dataset = build_dataset(config)
+    if not isinstance(dataset, ImageDataset) or args.data == "latents":
+        raise UsageError(f"--data {args.data} is not an image dataset")
+    codec = LatentCodec(load_autoencoder(args.kind, args.autoencoder), args.kind)
+    count = encode_dataset(dataset, codec, out, args.autoencoder, flip=not args.no_flip, batch_size=args.batch_size)
+    print(f"encoded {len(dataset)} images ({count} latents with flips) of {args.data} with {args.kind} to {out}")
+    return 0
+
+
 def command_info(args: argparse.Namespace) -> int:
     import torch
     import yaml
@@ -193,7 +209,10 @@ def command_info(args: argparse.Namespace) -> int:
     shape = config.data.expected_shape()
     classes = config.data.expected_classes() if config.data.conditional else 0
     if shape is None or classes is None:
-        raise UsageError("an image folder's shape and classes are known only from its files: set data.resolution")
+        raise UsageError(
+            "the data's shape or classes are known only from its files: set data.resolution (image folders) "
+            "or data.latent_shape and data.num_classes (latents)"
+        )
     with torch.device("meta"):  # counts parameters without allocating them
         model = build_model(config.model, shape, objective.heads, classes, objective.time_inputs)
     total = count_parameters(model)
@@ -404,6 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     trajectories.add_argument("--out", required=True, help="output .png (its directory must exist)")
     trajectories.set_defaults(handler=command_trajectories)
 
+    encode = commands.add_parser(
+        "encode",
+        help="encode an image dataset once into latents (SD-VAE or DC-AE from a local folder)",
+        description="Encode every image (and its horizontal mirror, unless --no-flip) with diffusers' AutoencoderKL "
+        "(sd-vae) or AutoencoderDC (dc-ae), loaded from a local folder (nothing is downloaded). The file stores "
+        "latents already multiplied by the autoencoder's scaling factor; train on it with data.name=latents, "
+        "data.path=FILE.",
+    )
+    encode.add_argument(
+        "--data", required=True, choices=("digits", "fashion_mnist", "mnist", "cifar10", "image_folder")
+    )
+    encode.add_argument("--data-path", help="where the dataset's files are (default: its usual location)")
+    encode.add_argument("--resolution", type=positive("--resolution"), help="image_folder: centre-crop size (ADM)")
+    encode.add_argument("--kind", required=True, choices=("sd-vae", "dc-ae"), help="autoencoder family")
+    encode.add_argument("--autoencoder", required=True, help="local diffusers folder (config.json + weights)")
+    encode.add_argument("--out", required=True, help="output .safetensors file")
+    encode.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped copies")
+    encode.add_argument("--batch-size", type=positive("--batch-size"), default=64)
+    encode.set_defaults(handler=command_encode)
+
     info = commands.add_parser(
         "info",
         help="parameter counts (total, backbone, each head) and effective settings of a config",
@@ -454,3 +493,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dumo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0

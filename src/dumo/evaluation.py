@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dumo.config import SampleConfig
-from dumo.data import Dataset, ImageDataset, ToyDataset
+from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, ToyDataset
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
 from dumo.samplers import check_times, sample
@@ -115,6 +115,8 @@ def evaluate_images(
     """Domain Fréchet distance (features of a small classifier trained on ``dataset``) of ``num``
     samples at each NFE and, for class-conditional models, class fidelity: the classifier's
     accuracy on the labels the samples were asked for."""
+    if isinstance(dataset, LatentDataset):
+        raise DataError("domain metrics need pixel data; score latent runs on decoded samples (dumo sample .npz)")
     classifier = train_classifier(dataset.images, dataset.labels, dataset.num_classes)
     reference = dataset.images[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))]
     real_features, _ = classifier.embed(reference[:num])

@@ -19,10 +19,11 @@ from dumo.data.images import (
     load_image_folder,
     load_mnist_json,
 )
+from dumo.data.latents import LatentDataset
 from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
 
-IMAGE_DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "image_folder")
+IMAGE_DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "image_folder", "latents")
 IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 Dataset = ToyDataset | ImageDataset
 
@@ -30,13 +31,16 @@ Dataset = ToyDataset | ImageDataset
 @dataclass
 class DataConfig:
     name: Literal[
-        "moons", "8gaussians", "checkerboard", "digits", "fashion_mnist", "mnist", "cifar10", "image_folder"
+        "moons", "8gaussians", "checkerboard", "digits", "fashion_mnist", "mnist", "cifar10", "image_folder", "latents"
     ] = "moons"
     batch_size: int = 256
     conditional: bool = False  # train with class labels (needed for guidance, zeta > 0)
     path: str | None = None  # file-based datasets: where the files are (default: the usual install location)
     resolution: int | None = None  # image_folder: centre-crop to this size (ADM preprocessing)
     hflip: bool = False  # random horizontal flips (images)
+    latent_shape: tuple[int, ...] | None = None  # latents: expected (C, H, W), checked against the file
+    num_classes: int | None = None  # latents: expected number of classes, checked against the file
+    autoencoder_path: str | None = None  # latents: decoder folder (default: the one recorded by dumo encode)
 
     def validate(self, prefix: str) -> None:
         require(self.batch_size > 0, f"{prefix}.batch_size must be > 0; got {self.batch_size}")
@@ -57,12 +61,16 @@ class DataConfig:
             return TOY_DATASETS[self.name].shape
         if self.name == "image_folder":
             return (3, self.resolution, self.resolution) if self.resolution else None
+        if self.name == "latents":
+            return self.latent_shape
         return IMAGE_SHAPES[self.name]
 
     def expected_classes(self) -> int | None:
         """Number of classes, known without reading the data (None for an image folder)."""
         if self.name in TOY_DATASETS:
             return TOY_DATASETS[self.name].num_classes
+        if self.name == "latents":
+            return self.num_classes
         return None if self.name == "image_folder" else 10
 
 
@@ -78,6 +86,15 @@ def build_dataset(config: DataConfig) -> Dataset:
         return load_mnist_json(config.path)
     if config.name == "cifar10":
         return load_cifar10(config.path)
+    if config.name == "latents":
+        if config.path is None:
+            raise DataError("the latents dataset needs data.path: a file written by 'dumo encode'")
+        dataset = LatentDataset(config.path, config.autoencoder_path)
+        if config.latent_shape is not None and tuple(config.latent_shape) != dataset.shape:
+            raise DataError(
+                f"{config.path} holds latents of shape {dataset.shape}, not data.latent_shape {config.latent_shape}"
+            )
+        return dataset
     return load_image_folder(config.path, config.resolution)
 
 
@@ -99,6 +116,7 @@ __all__ = [
     "Dataset",
     "ImageDataset",
     "ImageStream",
+    "LatentDataset",
     "ToyDataset",
     "ToyStream",
     "build_dataset",

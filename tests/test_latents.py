@@ -1,0 +1,124 @@
+"""Latent data with small, randomly initialised autoencoders built from a config (never downloaded)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from diffusers import AutoencoderDC, AutoencoderKL  # noqa: E402
+
+from dumo.config import config_from_dict  # noqa: E402
+from dumo.data import DataError, LatentDataset, build_dataset  # noqa: E402
+from dumo.data.latents import LatentCodec, load_autoencoder  # noqa: E402
+from dumo.training import Trainer  # noqa: E402
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=8,
+    )
+
+
+def dumo(*args):
+    return subprocess.run([sys.executable, "-m", "dumo", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(folder / "sd-vae")
+    out = folder / "digits-latents.safetensors"
+    result = dumo("encode", "--data", "digits", "--kind", "sd-vae", "--autoencoder", folder / "sd-vae", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "encoded 1797 images (3594 latents with flips)" in result.stdout
+    return folder, out
+
+
+def test_latents_are_scaled_and_flipped(encoded):
+    folder, out = encoded
+    dataset = LatentDataset(out)
+    assert dataset.shape == (4, 4, 4) and len(dataset) == 2 * 1797 and dataset.num_classes == 10
+    vae = load_autoencoder("sd-vae", folder / "sd-vae")
+    digits = build_dataset(config_from_dict({"data": {"name": "digits"}}).data)
+    x = digits.images[:3].expand(-1, 3, -1, -1) * 2 - 1
+    expected = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(dataset.images[:3], expected, atol=1e-5)  # the first batch: originals first
+    mirrored = vae.encode(x.flip(-1)).latent_dist.mean * vae.config.scaling_factor
+    assert torch.allclose(dataset.images[64:67], mirrored, atol=1e-5)  # then the batch's mirrors
+
+
+def test_decode_inverts_the_scaling(encoded):
+    folder, out = encoded
+    codec = LatentCodec(load_autoencoder("sd-vae", folder / "sd-vae"), "sd-vae")
+    z = torch.randn(2, 4, 4, 4)
+    direct = ((codec.autoencoder.decode(z / codec.scale).sample + 1) / 2).clamp(0, 1)
+    assert torch.allclose(codec.decode(z), direct, atol=1e-6)
+
+
+def test_train_and_sample_in_latent_space(encoded, tmp_path):
+    _, out = encoded
+    config = config_from_dict(
+        {
+            "data": {
+                "name": "latents",
+                "path": str(out),
+                "conditional": True,
+                "batch_size": 16,
+                "latent_shape": [4, 4, 4],
+            },
+            "model": {"name": "DiT-S/2", "hidden_dim": 32, "depth": 1, "num_heads": 2},
+            "objective": {"name": "dumo", "zeta": 0.5},
+            "train": {"steps": 3, "progress": False, "checkpoint_every": 0},
+        }
+    )
+    Trainer(config, tmp_path / "run").run()
+    npz = tmp_path / "s.npz"
+    result = dumo("sample", tmp_path / "run", "--nfe", 1, "--num", 4, "--out", npz)
+    assert result.returncode == 0, result.stderr
+    images = np.load(npz)["images"]
+    assert images.shape == (4, 3, 8, 8) and images.min() >= 0 and images.max() <= 1  # decoded to pixels
+
+
+def test_wrong_latent_shape_and_missing_autoencoder(encoded, tmp_path):
+    _, out = encoded
+    bad = config_from_dict({"data": {"name": "latents", "path": str(out), "latent_shape": [4, 8, 8]}}).data
+    with pytest.raises(DataError, match="not data.latent_shape"):
+        build_dataset(bad)
+    with pytest.raises(DataError, match="no autoencoder at"):
+        load_autoencoder("sd-vae", tmp_path)
+
+
+def test_dc_ae_codec_round_trip(tmp_path):
+    torch.manual_seed(0)
+    dc = AutoencoderDC(
+        in_channels=3,
+        latent_channels=8,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"),
+        encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()),
+        scaling_factor=0.4,
+    )
+    dc.save_pretrained(tmp_path / "dc")
+    codec = LatentCodec(load_autoencoder("dc-ae", tmp_path / "dc"), "dc-ae")
+    images = torch.rand(2, 3, 16, 16)
+    latents = codec.encode(images)
+    assert torch.allclose(latents, codec.autoencoder.encode(images * 2 - 1).latent * 0.4, atol=1e-5)
+    assert codec.decode(latents).shape == (2, 3, 16, 16)
