@@ -85,7 +85,7 @@ def test_meanflow_on_dit_uses_the_second_time():
     batch = Batch(x=torch.randn(4, 1, 8, 8), labels=torch.tensor([0, 1, 2, 0]))
     out = MeanFlowObjective(MeanFlowConfig(rho=0.5), num_classes=3)(model, batch)
     out.loss.backward()
-    assert model.backbone.interval_embedding.mlp[0].weight.grad.abs().sum() > 0
+    assert model.backbone.conditioning.interval.mlp[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("fp32_passes", [True, False])

@@ -44,7 +44,7 @@ def test_null_class_is_the_unconditional_call():
 def test_time_embedding_is_fp32_under_autocast():
     model = build_model(ModelConfig(hidden_dim=32, depth=1), (2,), ("v",))
     features = []
-    model.backbone.time_embedding.mlp.register_forward_pre_hook(lambda m, args: features.append(args[0].dtype))
+    model.backbone.conditioning.time.mlp.register_forward_pre_hook(lambda m, args: features.append(args[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(3, 2), torch.rand(3))
     assert features == [torch.float32]

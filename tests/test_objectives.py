@@ -139,7 +139,7 @@ def test_gradients_reach_both_heads_and_the_trunk_and_not_the_targets():
     out = run(DuMoObjective(DuMoConfig()), model, batch_of(32))
     assert all(not value.requires_grad for value in out.targets.values())
     out.loss.backward()
-    for part in ("heads.v", "heads.u", "backbone.blocks.0", "backbone.input", "backbone.time_embedding"):
+    for part in ("heads.v", "heads.u", "backbone.blocks.0", "backbone.input", "backbone.conditioning.time"):
         grads = [p.grad for name, p in model.named_parameters() if name.startswith(part)]
         assert grads and all(g is not None for g in grads), part
         assert sum(g.abs().sum() for g in grads) > 0, part

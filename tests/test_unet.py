@@ -53,4 +53,4 @@ def test_meanflow_on_unet():
         model, Batch(torch.randn(4, 1, 8, 8), torch.arange(4))
     )
     out.loss.backward()
-    assert model.backbone.interval_embedding.mlp[0].weight.grad.abs().sum() > 0
+    assert model.backbone.conditioning.interval.mlp[0].weight.grad.abs().sum() > 0

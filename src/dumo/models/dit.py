@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dumo.models.embeddings import LabelEmbedding, TimestepEmbedding, modulate
+from dumo.models.embeddings import Conditioning, modulate
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,7 @@ class DiTBackbone(nn.Module):
         self.grid = input_size // patch_size
         self.patch_embedding = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer("position", sincos_position_embedding(dim, self.grid)[None], persistent=False)
-        self.time_embedding = TimestepEmbedding(dim)
-        self.interval_embedding = TimestepEmbedding(dim) if time_inputs == 2 else None
-        self.label_embedding = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
+        self.conditioning = Conditioning(dim, num_classes, time_inputs)
         self.blocks = nn.ModuleList(DiTBlock(dim, size.num_heads, mlp_ratio) for _ in range(size.depth))
         self.initialise()
 
@@ -121,12 +119,12 @@ class DiTBackbone(nn.Module):
         weight = self.patch_embedding.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.zeros_(self.patch_embedding.bias)
-        for embedding in (self.time_embedding, self.interval_embedding):
+        for embedding in (self.conditioning.time, self.conditioning.interval):
             if embedding is not None:
                 nn.init.normal_(embedding.mlp[0].weight, std=0.02)
                 nn.init.normal_(embedding.mlp[2].weight, std=0.02)
-        if self.label_embedding is not None:
-            nn.init.normal_(self.label_embedding.table.weight, std=0.02)
+        if self.conditioning.label is not None:
+            nn.init.normal_(self.conditioning.label.table.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.modulation[-1].weight)
             nn.init.zeros_(block.modulation[-1].bias)
@@ -134,11 +132,7 @@ class DiTBackbone(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        cond = self.time_embedding(t)
-        if self.interval_embedding is not None:
-            cond = cond + self.interval_embedding(t - (t if r is None else r))
-        if self.label_embedding is not None:
-            cond = cond + self.label_embedding(labels, x.shape[0], x.device)
+        cond = self.conditioning(t, r, labels, x.shape[0])
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2) + self.position.to(x.dtype)
         for block in self.blocks:
             tokens = block(tokens, cond)

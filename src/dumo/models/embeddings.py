@@ -50,6 +50,25 @@ class LabelEmbedding(nn.Module):
         return self.table(labels)
 
 
+class Conditioning(nn.Module):
+    """The vector every block is modulated by: embeddings of t, of MeanFlow's interval t - r
+    (when the network takes a second time) and of the class label (when class-conditional), summed."""
+
+    def __init__(self, dim: int, num_classes: int = 0, time_inputs: int = 1, frequency_dim: int = 256):
+        super().__init__()
+        self.time = TimestepEmbedding(dim, frequency_dim)
+        self.interval = TimestepEmbedding(dim, frequency_dim) if time_inputs == 2 else None
+        self.label = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
+
+    def forward(self, t: Tensor, r: Tensor | None, labels: Tensor | None, batch_size: int) -> Tensor:
+        cond = self.time(t)
+        if self.interval is not None:
+            cond = cond + self.interval(t - (t if r is None else r))
+        if self.label is not None:
+            cond = cond + self.label(labels, batch_size, t.device)
+        return cond
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: normalised features shifted and scaled by the conditioning."""
     return x * (1 + scale) + shift

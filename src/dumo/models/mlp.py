@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dumo.models.embeddings import LabelEmbedding, TimestepEmbedding, modulate
+from dumo.models.embeddings import Conditioning, modulate
 
 
 class ResidualBlock(nn.Module):
@@ -42,20 +42,13 @@ class MLPBackbone(nn.Module):
         self.data_dim = data_dim
         self.hidden_dim = hidden_dim
         self.input = nn.Linear(data_dim, hidden_dim)
-        self.time_embedding = TimestepEmbedding(hidden_dim, frequency_dim=64)
-        # MeanFlow's second time enters as the interval t - r, embedded separately.
-        self.interval_embedding = TimestepEmbedding(hidden_dim, frequency_dim=64) if time_inputs == 2 else None
-        self.label_embedding = LabelEmbedding(num_classes, hidden_dim) if num_classes > 0 else None
+        self.conditioning = Conditioning(hidden_dim, num_classes, time_inputs, frequency_dim=64)
         self.blocks = nn.ModuleList(ResidualBlock(hidden_dim) for _ in range(depth))
 
     def forward(
         self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        cond = self.time_embedding(t)
-        if self.interval_embedding is not None:
-            cond = cond + self.interval_embedding(t - (t if r is None else r))
-        if self.label_embedding is not None:
-            cond = cond + self.label_embedding(labels, x.shape[0], x.device)
+        cond = self.conditioning(t, r, labels, x.shape[0])
         h = self.input(x)
         for block in self.blocks:
             h = block(h, cond)

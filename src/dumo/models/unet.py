@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dumo.models.embeddings import LabelEmbedding, TimestepEmbedding
+from dumo.models.embeddings import Conditioning
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -86,9 +86,7 @@ class UNetBackbone(nn.Module):
         super().__init__()
         cond_dim = 4 * channels
         self.out_channels = channels
-        self.time_embedding = TimestepEmbedding(cond_dim)
-        self.interval_embedding = TimestepEmbedding(cond_dim) if time_inputs == 2 else None
-        self.label_embedding = LabelEmbedding(num_classes, cond_dim) if num_classes > 0 else None
+        self.conditioning = Conditioning(cond_dim, num_classes, time_inputs)
         self.input = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         widths = [channels * m for m in channel_mult]
@@ -126,12 +124,7 @@ class UNetBackbone(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        cond = self.time_embedding(t)
-        if self.interval_embedding is not None:
-            cond = cond + self.interval_embedding(t - (t if r is None else r))
-        if self.label_embedding is not None:
-            cond = cond + self.label_embedding(labels, x.shape[0], x.device)
-        cond = F.silu(cond)
+        cond = F.silu(self.conditioning(t, r, labels, x.shape[0]))
         h = self.input(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample):
