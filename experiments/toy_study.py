@@ -39,7 +39,7 @@ def run_one(job: dict) -> dict:
     """Train one setting and seed, then score 1-NFE (and 2-NFE) samples of the EMA weights."""
     torch.set_num_threads(1)  # the workers share the cores
     from dumo.config import load_config
-    from dumo.evaluation import evaluate_toy, generate
+    from dumo.evaluation import evaluate, generate
     from dumo.training import Trainer
 
     key = "rho" if job["config"] == "moons-meanflow" else "beta"
@@ -58,7 +58,7 @@ def run_one(job: dict) -> dict:
         trainer.run()
         seconds = time.perf_counter() - started
         model, dataset = trainer.ema.model, trainer.dataset
-        metrics = evaluate_toy(model, config.objective.name, dataset, config.sample, (1, 2), NUM_SAMPLES)
+        metrics = evaluate(model, config.objective.name, dataset, config.sample, (1, 2), NUM_SAMPLES)
         points = generate(model, config.objective.name, (NUM_SAMPLES, 2), 1, config.sample)
     result = {**job, **metrics, "seconds": seconds, "samples": dataset.unstandardise(points).tolist()}
     Path(job["path"]).write_text(json.dumps(result))

@@ -278,7 +278,7 @@ def command_export(args: argparse.Namespace) -> int:
 
 def command_demo(args: argparse.Namespace) -> int:
     from dumo.config import load_config
-    from dumo.evaluation import evaluate_toy, generate
+    from dumo.evaluation import evaluate, generate
     from dumo.plotting import scatter_over_density
     from dumo.training import Trainer
 
@@ -300,12 +300,12 @@ def command_demo(args: argparse.Namespace) -> int:
     print(f"trained {result.step} steps in {trained:.1f} s ({result.step / trained:.0f} steps/s)")
 
     num = 2000
-    metrics = evaluate_toy(trainer.ema.model, "dumo", trainer.dataset, config.sample, (1, 2), num)
+    metrics = evaluate(trainer.ema.model, "dumo", trainer.dataset, config.sample, (1, 2), num)
     panels = []
     for nfe in (1, 2):
         points = generate(trainer.ema.model, "dumo", (num, 2), nfe, config.sample)
         panels.append((f"DuMo u-head, {nfe} NFE (MMD {metrics[f'mmd_{nfe}nfe']:.4f})", points))
-    v_head = evaluate_toy(trainer.ema.model, "dumo", trainer.dataset, config.sample, (32,), num, method="euler")
+    v_head = evaluate(trainer.ema.model, "dumo", trainer.dataset, config.sample, (32,), num, method="euler")
     points = generate(trainer.ema.model, "dumo", (num, 2), 32, config.sample, method="euler")
     panels.append((f"same model, v-head Euler 32 NFE (MMD {v_head['mmd_32nfe']:.4f})", points))
     reference, _ = trainer.dataset.sample(50_000)

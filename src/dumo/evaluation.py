@@ -75,60 +75,34 @@ def reference_points(dataset: ToyDataset, num: int) -> Tensor:
     return dataset.standardise(points)
 
 
-def evaluate_toy(
-    model: nn.Module,
-    objective_name: str,
-    dataset: ToyDataset,
-    config: SampleConfig,
-    nfes: Sequence[int] = (1, 2),
-    num: int = 2000,
-    seed: int = 0,
-    num_classes: int = 0,
-    method: str = "auto",
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """MMD and sliced Wasserstein (standardised coordinates) of ``num`` samples at each NFE."""
+def toy_scorer(dataset: ToyDataset, num: int):
+    """MMD and sliced Wasserstein against fresh data, on standardised coordinates."""
     reference = reference_points(dataset, num)
-    labels = balanced_labels(num, num_classes, device)
-    results = {}
-    for nfe in nfes:
-        points = generate(
-            model, objective_name, (num, *dataset.shape), nfe, config, seed, labels, method, device=device
-        ).cpu()
-        results[f"mmd_{nfe}nfe"] = mmd(points, reference)
-        results[f"sw_{nfe}nfe"] = sliced_wasserstein(points, reference)
-    return results
+
+    def score(x: Tensor, labels: Tensor | None) -> dict[str, float]:
+        points = x.cpu()
+        return {"mmd": mmd(points, reference), "sw": sliced_wasserstein(points, reference)}
+
+    return score
 
 
-def evaluate_images(
-    model: nn.Module,
-    objective_name: str,
-    dataset: ImageDataset,
-    config: SampleConfig,
-    nfes: Sequence[int] = (1, 2),
-    num: int = 2000,
-    seed: int = 0,
-    num_classes: int = 0,
-    method: str = "auto",
-    device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Domain Fréchet distance (features of a small classifier trained on ``dataset``) of ``num``
-    samples at each NFE and, for class-conditional models, class fidelity: the classifier's
-    accuracy on the labels the samples were asked for."""
+def image_scorer(dataset: ImageDataset, num: int):
+    """Domain Fréchet distance in the features of a small classifier trained on ``dataset`` and, for
+    class-conditional samples, class fidelity: the classifier's accuracy on the requested labels."""
     if isinstance(dataset, LatentDataset):
         raise DataError("domain metrics need pixel data; score latent runs on decoded samples (dumo sample .npz)")
     classifier = train_classifier(dataset.images, dataset.labels, dataset.num_classes)
-    reference = dataset.images[torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))]
-    real_features, _ = classifier.embed(reference[:num])
-    labels = balanced_labels(num, num_classes, device)
-    results = {}
-    for nfe in nfes:
-        x = generate(model, objective_name, (num, *dataset.shape), nfe, config, seed, labels, method, device=device)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))
+    real_features, _ = classifier.embed(dataset.images[order[:num]])
+
+    def score(x: Tensor, labels: Tensor | None) -> dict[str, float]:
         features, logits = classifier.embed(dataset.unstandardise(x).cpu())
-        results[f"fd_{nfe}nfe"] = frechet_distance(features, real_features)
+        scores = {"fd": frechet_distance(features, real_features)}
         if labels is not None:
-            results[f"fidelity_{nfe}nfe"] = float((logits.argmax(1) == labels.cpu()).float().mean())
-    return results
+            scores["fidelity"] = float((logits.argmax(1) == labels.cpu()).float().mean())
+        return scores
+
+    return score
 
 
 def evaluate(
@@ -143,6 +117,12 @@ def evaluate(
     method: str = "auto",
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """The dataset's own metrics: MMD and sliced Wasserstein for 2-D data, domain FD for images."""
-    scorer = evaluate_toy if isinstance(dataset, ToyDataset) else evaluate_images
-    return scorer(model, objective_name, dataset, config, nfes, num, seed, num_classes, method, device)
+    """The dataset's own metrics of ``num`` samples at each NFE, keyed like ``mmd_1nfe``:
+    MMD and sliced Wasserstein for 2-D data, domain FD and class fidelity for images."""
+    score = toy_scorer(dataset, num) if isinstance(dataset, ToyDataset) else image_scorer(dataset, num)
+    labels = balanced_labels(num, num_classes, device)
+    results = {}
+    for nfe in nfes:
+        x = generate(model, objective_name, (num, *dataset.shape), nfe, config, seed, labels, method, device=device)
+        results.update({f"{name}_{nfe}nfe": value for name, value in score(x, labels).items()})
+    return results
