@@ -51,12 +51,14 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     progress: bool = True  # progress bar on the terminal
     max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
+    max_minutes: float | None = None  # wall-clock budget of this invocation; stops (with a checkpoint) when spent
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
     compile: bool = False  # torch.compile the network for the training step
 
     def validate(self, prefix: str) -> None:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")
         require(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps must be >= 1")
+        require(self.max_minutes is None or self.max_minutes > 0, f"{prefix}.max_minutes must be > 0 or null")
         require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay must be in [0, 1); got {self.ema_decay}")
         for key in ("log_every", "eval_every", "checkpoint_every"):
             require(getattr(self, key) >= 0, f"{prefix}.{key} must be >= 0; got {getattr(self, key)}")

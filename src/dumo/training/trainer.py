@@ -49,6 +49,9 @@ RESUMABLE_KEYS = tuple(
         "keep_checkpoints",
         "device",
         "progress",
+        "max_nonfinite_steps",
+        "max_minutes",
+        "compile",
     )
 )
 
@@ -259,7 +262,7 @@ class Trainer:
         progress = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not cfg.progress, desc="train")
         window_start, window_steps = time.perf_counter(), 0
         with self._signals_to_flag():
-            while self.step < cfg.steps and self._stop_signal is None:
+            while self.step < cfg.steps and self._stop_signal is None and not self._out_of_time(started):
                 logged = self.train_step()
                 window_steps += 1
                 progress.update(1)
@@ -282,6 +285,10 @@ class Trainer:
             metrics = self.evaluate()
             append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
         return TrainResult(self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started)
+
+    def _out_of_time(self, started: float) -> bool:
+        budget = self.config.train.max_minutes
+        return budget is not None and time.perf_counter() - started >= 60 * budget
 
     def _signals_to_flag(self):
         """SIGINT/SIGTERM end the loop after the current step; the run then saves a checkpoint."""
