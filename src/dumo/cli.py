@@ -7,6 +7,7 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -59,6 +60,7 @@ def parse_times(text: str | None) -> list[float] | None:
 
 def command_train(args: argparse.Namespace) -> int:
     from dumo.config import load_config
+    from dumo.distributed import shutdown
     from dumo.training import train
     from dumo.training.trainer import CONFIG_FILE
 
@@ -69,8 +71,12 @@ def command_train(args: argparse.Namespace) -> int:
         if not (out / CONFIG_FILE).is_file():
             raise UsageError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
     config = load_config(args.config or out / CONFIG_FILE, args.set)
-    result = train(config, out, overwrite=args.overwrite)
-    print_result(result)
+    try:
+        result = train(config, out, overwrite=args.overwrite)
+    finally:
+        shutdown()  # leave the process group torchrun set up, if any
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print_result(result)
     return 0
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     progress: bool = True  # progress bar on the terminal
     max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
+    grad_accumulation: int = 1  # shards per rank per step: the per-rank batch is split this many times
     max_minutes: float | None = None  # wall-clock budget of this invocation; stops (with a checkpoint) when spent
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
     compile: bool = False  # torch.compile the network for the training step
@@ -59,6 +60,7 @@ class TrainConfig:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")
         require(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps must be >= 1")
         require(self.max_minutes is None or self.max_minutes > 0, f"{prefix}.max_minutes must be > 0 or null")
+        require(self.grad_accumulation >= 1, f"{prefix}.grad_accumulation must be >= 1")
         require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay must be in [0, 1); got {self.ema_decay}")
         for key in ("log_every", "eval_every", "checkpoint_every"):
             require(getattr(self, key) >= 0, f"{prefix}.{key} must be >= 0; got {getattr(self, key)}")

@@ -13,3 +13,7 @@ class Batch:
 
     x: Tensor
     labels: Tensor | None = None
+
+    def slice(self, start: int, stop: int) -> Batch:
+        """Rows ``start:stop`` (a shard of a global batch)."""
+        return Batch(self.x[start:stop], None if self.labels is None else self.labels[start:stop])

@@ -60,6 +60,10 @@ class MeanFlowObjective(Objective):
 
     def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
         cfg = self.config
+        # One forward-mode pass through ``model`` can give u and du/dt together only when theta^- is
+        # ``model`` itself; a separate target (EMA, or the unwrapped module under DDP, whose forward
+        # cannot run inside torch.func.jvp) gets its own no-grad derivative pass.
+        single_pass_jvp = cfg.derivative == "jvp" and cfg.target_network == "online" and target_model is None
         target_model = model if target_model is None else target_model
         x = batch.x
         z = torch.randn_like(x)
@@ -85,7 +89,7 @@ class MeanFlowObjective(Objective):
             return model(x_in, t_in, r=r_in, labels=labels).u
 
         tangent = v_target.to(x.dtype)
-        if cfg.derivative == "jvp" and cfg.target_network == "online":
+        if single_pass_jvp:
             # One forward-mode pass gives u (with gradients) and du/dt (treated as sg).
             u, du_dt = time_derivative_jvp(average_velocity, x_t, t, tangent, r)
             du_dt = at_least_fp32(du_dt.detach())

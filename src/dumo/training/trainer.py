@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -12,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from dumo.config import Config, config_differences, load_config, save_config
 from dumo.data import LatentDataset, build_dataset, build_stream, conditioning_classes
+from dumo.distributed import from_environment, shard_randomness, shard_seed
 from dumo.errors import ConfigError, RunDirError, TrainingError
 from dumo.evaluation import evaluate
 from dumo.models import build_model
@@ -56,9 +60,9 @@ RESUMABLE_KEYS = tuple(
 )
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -126,7 +130,14 @@ class Trainer:
     def __init__(self, config: Config, run_dir: str | Path):
         self.config = config
         self.run_dir = Path(run_dir)
-        self.device = resolve_device(config.train.device)
+        self.dist = from_environment()
+        self.device = resolve_device(config.train.device, self.dist.local_rank)
+        self.shards = self.dist.world_size * config.train.grad_accumulation
+        if config.data.batch_size % self.shards:
+            raise ConfigError(
+                f"data.batch_size {config.data.batch_size} (the global batch) must be divisible by "
+                f"{self.dist.world_size} ranks x train.grad_accumulation {config.train.grad_accumulation}"
+            )
         torch.manual_seed(config.train.seed)
         self.dataset = build_dataset(config.data)
         self.num_classes = conditioning_classes(self.dataset, config.data)
@@ -135,8 +146,22 @@ class Trainer:
             config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
         ).to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
-        # The objective calls the compiled module; weights, EMA and checkpoints use the plain one.
-        self.step_model = torch.compile(self.model) if config.train.compile else self.model
+        # The objective calls the DDP-wrapped (and/or compiled) module, so that gradients are averaged
+        # over ranks whatever the objective does (its exact-JVP pass included); weights, EMA and
+        # checkpoints use the plain module.
+        self.step_model = self.model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.train.compile:
+            self.step_model = torch.compile(self.step_model)
+        # theta^- for the no-grad target passes. Under DDP they use the unwrapped module: they need
+        # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp.
+        self.target_model: nn.Module | None = None
+        if config.objective.name != "fm" and config.objective.target_network == "ema":
+            self.target_model = self.ema.model
+        elif self.dist.enabled:
+            self.target_model = torch.compile(self.model) if config.train.compile else self.model
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.optim.lr,
@@ -191,39 +216,52 @@ class Trainer:
 
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step; None when it was skipped for a non-finite loss or gradient."""
+        cfg = self.config.train
         self.model.train()
-        batch = self.stream.next_batch(self.device)
-        target = self.ema.model if getattr(self.config.objective, "target_network", "online") == "ema" else None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.train.precision == "bf16"):
-            output = self.objective(self.step_model, batch, target_model=target)
+        batch = self.stream.next_batch(self.device)  # the global batch; this rank keeps its shards
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(output.loss))
-        grad_norm = float("nan")
-        if finite:
-            output.loss.backward()
-            max_norm = self.config.optim.grad_clip or math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-            finite = math.isfinite(grad_norm)
+        rows = batch.x.shape[0] // self.shards
+        parts: dict[str, float] = {}
+        for j in range(cfg.grad_accumulation):
+            shard = self.dist.rank * cfg.grad_accumulation + j
+            piece = batch.slice(shard * rows, (shard + 1) * rows)
+            last = j == cfg.grad_accumulation - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_model.no_sync()
+            with sync, self._randomness(shard):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    output = self.objective(self.step_model, piece, target_model=self.target_model)
+                # A non-finite loss is still backpropagated: its NaN gradients reach every rank through
+                # the all-reduce, so all ranks see the same gradient norm and skip the step together.
+                (output.loss / cfg.grad_accumulation).backward()
+            for name, value in {"loss": output.loss, **output.parts}.items():
+                parts[name] = parts.get(name, 0.0) + float(value.detach()) / cfg.grad_accumulation
+        max_norm = self.config.optim.grad_clip or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.step += 1
-        if not finite:
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.config.train.max_nonfinite_steps:
-                parts = ", ".join(f"{k}={float(v):.4g}" for k, v in output.parts.items())
-                last = list_checkpoints(self.run_dir)
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in parts.items() if k != "loss")
+                last_good = list_checkpoints(self.run_dir)
                 raise TrainingError(
                     f"non-finite loss or gradient for {self.nonfinite_in_a_row} steps in a row at step {self.step} "
-                    f"({parts}); last good checkpoint: {last[-1] if last else 'none'}"
+                    f"({shown}); last good checkpoint: {last_good[-1] if last_good else 'none'}"
                 )
             return None
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.ema.update(self.model, self.step)
-        return {
-            "loss": float(output.loss.detach()),
-            **{k: float(v) for k, v in output.parts.items()},
-            "grad_norm": grad_norm,
-        }
+        averaged = self.dist.mean(list(parts.values()), self.device)
+        return {**dict(zip(parts, averaged)), "grad_norm": grad_norm}
+
+    def _randomness(self, shard: int):
+        """Noise and times of a shard: from the global RNG in a plain single-process run, else from
+        a seed of (step, shard), so that any split of the global batch computes the same step."""
+        if self.shards == 1:
+            return contextlib.nullcontext()
+        return shard_randomness(shard_seed(self.config.train.seed, self.step, shard), self.device)
 
     def evaluate(self) -> dict[str, float]:
         """Sample quality of the EMA weights (2-D data: MMD and sliced Wasserstein; images: domain FD).
@@ -246,45 +284,68 @@ class Trainer:
 
     def run(self, overwrite: bool = False) -> TrainResult:
         cfg = self.config.train
-        prepare_run_dir(self.config, self.run_dir, overwrite)
+        main = self.dist.is_main
+        if main:
+            prepare_run_dir(self.config, self.run_dir, overwrite)
+            remove_torn_writes(self.run_dir)
+        self.dist.barrier()
         resumed_from = None
-        remove_torn_writes(self.run_dir)
         existing = list_checkpoints(self.run_dir)
         if existing:
             self.restore(existing[-1])
             resumed_from = self.step
-        truncate_log(self.run_dir / TRAIN_LOG, self.step)
-        truncate_log(self.run_dir / EVAL_LOG, self.step)
+        if main:
+            truncate_log(self.run_dir / TRAIN_LOG, self.step)
+            truncate_log(self.run_dir / EVAL_LOG, self.step)
 
         started = time.perf_counter()
         metrics: dict[str, float] = {}
         last_saved = self.step if existing else None
-        progress = tqdm(total=cfg.steps, initial=min(self.step, cfg.steps), disable=not cfg.progress, desc="train")
+        progress = tqdm(
+            total=cfg.steps, initial=min(self.step, cfg.steps), disable=not (cfg.progress and main), desc="train"
+        )
         window_start, window_steps = time.perf_counter(), 0
         with self._signals_to_flag():
-            while self.step < cfg.steps and self._stop_signal is None and not self._out_of_time(started):
+            while self.step < cfg.steps and not self._should_stop(started):
                 logged = self.train_step()
                 window_steps += 1
                 progress.update(1)
-                if logged is not None and cfg.log_every and self.step % cfg.log_every == 0:
+                if logged is not None and main and cfg.log_every and self.step % cfg.log_every == 0:
                     rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
                     window_start, window_steps = time.perf_counter(), 0
                     append_row(self.run_dir / TRAIN_LOG, {"step": self.step, **logged, "steps_per_sec": rate})
                     progress.set_postfix(loss=f"{logged['loss']:.4f}", rate=f"{rate:.0f}/s")
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    metrics = self.evaluate()
-                    append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+                    metrics = self._evaluate_and_log()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save()
+                    self._save_everywhere()
                     last_saved = self.step
         progress.close()
-        interrupted = self._stop_signal is not None
+        interrupted = self.step < cfg.steps
         if last_saved != self.step:
-            self.save()
+            self._save_everywhere()
         if not interrupted and (not metrics or not cfg.eval_every or self.step % cfg.eval_every):
-            metrics = self.evaluate()
-            append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+            metrics = self._evaluate_and_log()
         return TrainResult(self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started)
+
+    def _save_everywhere(self) -> None:
+        """Rank 0 writes (every rank holds the same state); the others wait for the file."""
+        if self.dist.is_main:
+            self.save()
+        self.dist.barrier()
+
+    def _evaluate_and_log(self) -> dict[str, float]:
+        metrics = {}
+        if self.dist.is_main:
+            metrics = self.evaluate()
+            if metrics:
+                append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+        self.dist.barrier()
+        return metrics
+
+    def _should_stop(self, started: float) -> bool:
+        """A signal or the time budget on any rank stops every rank after the same step."""
+        return self.dist.any(self._stop_signal is not None or self._out_of_time(started), self.device)
 
     def _out_of_time(self, started: float) -> bool:
         budget = self.config.train.max_minutes

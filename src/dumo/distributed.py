@@ -1,0 +1,80 @@
+"""Data-parallel training under ``torchrun`` (DDP); a single process needs no process group.
+
+Every rank draws the same global batch from an identically seeded stream and keeps its slice;
+each slice ("shard") gets its own noise and times from a seed of (run seed, step, shard index).
+So 2 ranks x 1 shard, 1 rank x 2 accumulated shards and 2 ranks x 2 shards at half the size all
+compute the same global step, and tests can compare them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, values: list[float], device: torch.device) -> list[float]:
+        """The average over ranks of each value (identity in a single process)."""
+        if not self.enabled:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return (tensor / self.world_size).tolist()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when ``flag`` is true on at least one."""
+        if not self.enabled:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+
+def from_environment() -> Distributed:
+    """Join the process group that torchrun describes in the environment, if there is one."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shard_seed(seed: int, step: int, shard: int) -> int:
+    """A seed for one shard of one step, the same whichever rank computes it."""
+    return (seed * 1_000_003 + step) * 4_099 + shard
+
+
+@contextlib.contextmanager
+def shard_randomness(seed: int, device: torch.device):
+    """Run the block with the global RNGs seeded to ``seed``, restoring them afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
