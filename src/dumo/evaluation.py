@@ -22,11 +22,6 @@ def sampler_for(objective_name: str, method: str = "auto") -> str:
     return DEFAULT_SAMPLER[objective_name] if method == "auto" else method
 
 
-def sampler_heads(method: str) -> str:
-    """The head a sampler reads."""
-    return "v" if method in ("euler", "heun") else "u"
-
-
 def schedule(nfe: int, config: SampleConfig) -> list[float]:
     """k-step times ``t_start * (1 - i/k)^power`` for i = 0..k-1."""
     return check_times([config.t_start * (1 - i / nfe) ** config.schedule_power for i in range(nfe)])

@@ -39,10 +39,6 @@ def _time(value: float, like: Tensor) -> Tensor:
     return torch.full((like.shape[0],), value, dtype=torch.float32, device=like.device)
 
 
-def _broadcast(value: Tensor | float, like: Tensor) -> Tensor:
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device)
-
-
 @torch.no_grad()
 def flow_map_sample(
     model: nn.Module,

@@ -23,7 +23,6 @@ from dumo.data.latents import LatentDataset
 from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
 
-IMAGE_DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "image_folder", "latents")
 IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 Dataset = ToyDataset | ImageDataset
 
@@ -50,10 +49,6 @@ class DataConfig:
                 TOY_DATASETS[self.name].num_classes > 0,
                 f"{prefix}.conditional: dataset '{self.name}' has no class labels",
             )
-
-    @property
-    def is_image(self) -> bool:
-        return self.name in IMAGE_DATASETS
 
     def expected_shape(self) -> tuple[int, ...] | None:
         """The shape of one sample, known without reading the data (None for an uncropped image folder)."""

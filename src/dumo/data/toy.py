@@ -24,7 +24,6 @@ class ToyDataset(ABC):
     """A 2-D distribution with optional class labels (the moon, the mixture component)."""
 
     name: str = ""
-    dim: int = 2
     shape: tuple[int, ...] = (2,)
     num_classes: int = 0
 
