@@ -46,3 +46,15 @@ def small_model(heads=("v", "u"), num_classes=0, time_inputs=1, dim=2):
 
 def batch_of(n=16, dim=2, labels=None):
     return Batch(x=torch.randn(n, dim), labels=labels)
+
+
+def jvp_vs_difference_error(model, batch, num_classes=3, epsilon=0.001):
+    """Relative error of DuMo's finite-difference du/dt against the exact JVP, same draws, t near 0.5."""
+    from dumo.objectives import DuMoConfig, DuMoObjective, TimeConfig
+
+    middle = TimeConfig(theta1=20.0, theta2=20.0)
+    torch.manual_seed(1)
+    exact = DuMoObjective(DuMoConfig(derivative="jvp", time=middle), num_classes)(model, batch).targets["du_dt"]
+    torch.manual_seed(1)
+    approx = DuMoObjective(DuMoConfig(epsilon=epsilon, time=middle), num_classes)(model, batch).targets["du_dt"]
+    return ((approx - exact).norm() / exact.norm()).item()
