@@ -9,6 +9,7 @@ compute the same global step, and tests can compare them directly.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from dataclasses import dataclass
 
@@ -76,5 +77,14 @@ def shard_randomness(seed: int, device: torch.device):
 
 
 def shutdown() -> None:
+    """Leave the process group: free what still uses it, wait for every rank, then destroy it.
+
+    A DDP wrapper that is unreachable but not yet collected (autograd and ``torch.func`` graphs
+    form reference cycles) keeps the C++ process group, and its worker threads, alive until
+    interpreter exit; a gloo thread that wakes during finalisation then aborts the process.
+    Collecting first lets ``destroy_process_group`` actually stop those threads.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()

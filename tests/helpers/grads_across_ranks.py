@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dumo.config import load_config
+from dumo.distributed import shutdown
 from dumo.training import Trainer
 
 config_path, bypass, *overrides = sys.argv[1:]
@@ -24,4 +25,5 @@ gathered = [torch.zeros_like(grads) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, grads)
 if dist.get_rank() == 0:
     print(f"max gradient difference across ranks: {(gathered[0] - gathered[1]).abs().max().item():.3e}")
-dist.destroy_process_group()
+del trainer  # the DDP wrapper holds the process group
+shutdown()
