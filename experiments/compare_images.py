@@ -1,8 +1,9 @@
-"""DuMo, MeanFlow and Flow Matching on scikit-learn's digits with the same network and wall-clock budget.
+"""DuMo, MeanFlow and Flow Matching on a small image dataset with the same network and wall-clock budget.
 
-    .venv/bin/python experiments/compare_digits.py --minutes 4
+    .venv/bin/python experiments/compare_images.py --dataset digits --minutes 4
+    .venv/bin/python experiments/compare_images.py --dataset fashion_mnist --minutes 15
 
-Trains configs/digits/{dumo,meanflow,fm}.yaml one after the other, each for --minutes of wall
+Trains configs/DATASET/{dumo,meanflow,fm}.yaml one after the other, each for --minutes of wall
 clock (the step count is whatever fits), then scores the EMA weights: domain Fréchet distance and
 class fidelity at 1 and 2 NFE (Flow Matching at 1 and 50 Euler steps). Writes table.md and one
 sample grid per method to --out.
@@ -15,15 +16,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TITLES = {"digits": "Digits", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 METHODS = (("DuMo", "dumo", (1, 2)), ("MeanFlow", "meanflow", (1, 2)), ("Flow Matching", "fm", (1, 50)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("digits", "mnist", "fashion_mnist"), default="digits")
     parser.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget per method")
     parser.add_argument("--num", type=int, default=1000, help="samples per evaluation")
-    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "digits")
+    parser.add_argument("--out", type=Path, help="default: experiments/results/DATASET")
     args = parser.parse_args()
+    args.out = args.out or ROOT / "experiments" / "results" / args.dataset
 
     import torch
 
@@ -36,7 +40,7 @@ def main() -> None:
     rows = []
     for label, name, nfes in METHODS:
         overrides = ["train.steps=10000000", f"train.max_minutes={args.minutes}", "train.progress=false"]
-        config = load_config(ROOT / "configs" / "digits" / f"{name}.yaml", overrides)
+        config = load_config(ROOT / "configs" / args.dataset / f"{name}.yaml", overrides)
         run_dir = args.out / name
         started = time.perf_counter()
         trainer = Trainer(config, run_dir)
@@ -55,10 +59,10 @@ def main() -> None:
         )
         print(label, result.step, "steps", {k: round(v, 4) for k, v in metrics.items()}, flush=True)
     lines = [
-        "Digits, the same small DiT for every method (configs/digits), "
+        f"{TITLES[args.dataset]}, the same small DiT for every method (configs/{args.dataset}), "
         f"{args.minutes} min of training each on {torch.get_num_threads()} CPU threads; "
         f"EMA weights, {args.num} samples. "
-        "Domain FD: Fréchet distance in a small digits classifier's features (lower is better); class fidelity: "
+        "Domain FD: Fréchet distance in a small classifier's features (lower is better); class fidelity: "
         "its accuracy on the requested classes (higher is better).",
         "",
         "| method | steps | NFE | domain FD | class fidelity |",
