@@ -38,7 +38,7 @@ def sets(overrides):
 
 def weights(run_dir):
     tensors, metadata = load_checkpoint(list_checkpoints(run_dir)[-1])
-    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}, metadata["step"]
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema.", "optimizer."))}, metadata["step"]
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
@@ -70,6 +70,40 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, name):
     assert worst < 1e-5, worst  # stated tolerance: float32 reduction order only
     moved = max((one[k] - load_checkpoint(list_checkpoints(tmp_path / "one")[0])[0][k]).abs().max().item() for k in one)
     assert moved >= 0  # sanity: tensors are real numbers
+
+
+def train_single_process(path, out, overrides):
+    command = [sys.executable, "-m", "dumo", "train", path, "--out", out, *sets(overrides)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("config", ["moons-dumo", "moons-fm"])
+def test_fsdp_matches_one_process_and_resumes_from_its_own_checkpoint(tmp_path, config):
+    """FSDP2 for 3 steps, then resumed under FSDP2 to 6, equals 6 steps in one process."""
+    path = ROOT / "configs" / "toy" / f"{config}.yaml"
+    fsdp = [*TINY, "train.parallel=fsdp"]
+    first = torchrun("-m", "dumo", "train", path, "--out", tmp_path / "fsdp", *sets([*fsdp, "train.steps=3"]))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert weights(tmp_path / "fsdp")[1] == "3"
+    second = torchrun("-m", "dumo", "train", path, "--out", tmp_path / "fsdp", *sets(fsdp))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from step 3" in second.stdout
+    train_single_process(path, tmp_path / "one", [*TINY, "train.grad_accumulation=2"])
+    sharded, step_sharded = weights(tmp_path / "fsdp")
+    one, step_one = weights(tmp_path / "one")
+    assert step_sharded == step_one == "6"
+    assert sharded.keys() == one.keys()  # the same checkpoint format, optimiser state included
+    worst = max((sharded[k].float() - one[k].float()).abs().max().item() for k in one)
+    assert worst < 1e-5, worst  # stated tolerance: float32 reduction order only
+
+
+def test_fsdp_refuses_exact_jvp_in_one_line(tmp_path):
+    path = ROOT / "configs" / "toy" / "moons-meanflow.yaml"
+    overrides = [*TINY, "train.parallel=fsdp", "objective.derivative=jvp"]
+    result = torchrun("-m", "dumo", "train", path, "--out", tmp_path / "run", *sets(overrides))
+    assert result.returncode != 0
+    assert "train.parallel=fsdp needs objective.derivative=finite_difference" in result.stderr
 
 
 def test_exact_jvp_keeps_gradients_synchronised_and_the_trap_does_not(tmp_path):

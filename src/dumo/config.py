@@ -55,6 +55,7 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget of this invocation; stops (with a checkpoint) when spent
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
     compile: bool = False  # torch.compile the network for the training step
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
 
     def validate(self, prefix: str) -> None:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")

@@ -103,7 +103,12 @@ def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load a state dict, naming mismatching keys or shapes in one line instead of a long report."""
+    """Load a full state dict, naming mismatching keys or shapes in one line instead of a long report.
+
+    ``module`` may be sharded with FSDP (every rank passes the same full ``state``).
+    """
+    from dumo.training.parallel import load_full_model_state
+
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -122,20 +127,20 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> No
         raise CheckpointError(
             f"{source} does not match this model (another architecture or config?): {'; '.join(problems)}"
         )
-    module.load_state_dict(state)
+    load_full_model_state(module, state)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], str]:
-    """Optimiser state as flat tensors plus its param_groups as JSON."""
-    state = optimizer.state_dict()
+def optimizer_tensors(state_dict: dict) -> tuple[dict[str, Tensor], str]:
+    """An ``optimizer.state_dict()`` as flat tensors plus its param_groups as JSON."""
     tensors = {}
-    for index, entries in state["state"].items():
+    for index, entries in state_dict["state"].items():
         for name, value in entries.items():
             tensors[f"optimizer.state.{index}.{name}"] = torch.as_tensor(value)
-    return tensors, json.dumps(state["param_groups"])
+    return tensors, json.dumps(state_dict["param_groups"])
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], param_groups_json: str) -> None:
+def optimizer_state_dict(tensors: dict[str, Tensor], param_groups_json: str) -> dict:
+    """The inverse of :func:`optimizer_tensors`."""
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in unprefixed(tensors, "optimizer.state.").items():
         index, name = key.split(".", 1)
@@ -144,4 +149,4 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor],
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}

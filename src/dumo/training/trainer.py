@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from dumo.config import Config, config_differences, load_config, save_config
@@ -29,14 +28,22 @@ from dumo.training.checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
-    load_optimizer,
     load_weights,
+    optimizer_state_dict,
     optimizer_tensors,
     prefixed,
     save_checkpoint,
     unprefixed,
 )
 from dumo.training.ema import EMA
+from dumo.training.parallel import (
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    load_full_optimizer_state,
+    set_gradient_sync,
+    wrap_for_training,
+)
 
 CONFIG_FILE = "config.yaml"
 TRAIN_LOG = "train_log.csv"
@@ -56,6 +63,7 @@ RESUMABLE_KEYS = tuple(
         "max_nonfinite_steps",
         "max_minutes",
         "compile",
+        "parallel",
     )
 )
 
@@ -142,25 +150,28 @@ class Trainer:
         self.dataset = build_dataset(config.data)
         self.num_classes = conditioning_classes(self.dataset, config.data)
         self.objective = build_objective(config.objective, self.num_classes)
-        self.model = build_model(
-            config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
-        ).to(self.device)
+        self.model = self.build_plain_model().to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
-        # The objective calls the DDP-wrapped (and/or compiled) module, so that gradients are averaged
-        # over ranks whatever the objective does (its exact-JVP pass included); weights, EMA and
-        # checkpoints use the plain module.
-        self.step_model = self.model
-        if self.dist.enabled:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_model = DistributedDataParallel(self.model, device_ids=device_ids)
-        if config.train.compile:
-            self.step_model = torch.compile(self.step_model)
+        self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
+        if self.sharded and getattr(config.objective, "derivative", None) == "jvp":
+            raise ConfigError(
+                "train.parallel=fsdp needs objective.derivative=finite_difference: "
+                "forward-mode AD (jvp) cannot run through FSDP's parameter gathering"
+            )
+        # The objective calls the DDP-wrapped or FSDP-sharded (and/or compiled) module, so that
+        # gradients are reduced over ranks whatever the objective does (its exact-JVP pass
+        # included). Under FSDP the EMA copy is sharded the same way, so its update stays local.
+        self.parallel_model = wrap_for_training(self.model, self.dist, config.train.parallel, self.device)
+        if self.sharded:
+            wrap_for_training(self.ema.model, self.dist, "fsdp", self.device)
+        self.step_model = torch.compile(self.parallel_model) if config.train.compile else self.parallel_model
         # theta^- for the no-grad target passes. Under DDP they use the unwrapped module: they need
-        # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp.
+        # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp. Under FSDP
+        # the sharded module itself serves (every rank runs the same passes).
         self.target_model: nn.Module | None = None
         if config.objective.name != "fm" and config.objective.target_network == "ema":
             self.target_model = self.ema.model
-        elif self.dist.enabled:
+        elif self.dist.enabled and not self.sharded:
             self.target_model = torch.compile(self.model) if config.train.compile else self.model
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -177,17 +188,29 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def build_plain_model(self) -> nn.Module:
+        """A freshly initialised, unwrapped network of this run's architecture."""
+        return build_model(
+            self.config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
+        )
+
+    def save(self) -> Path | None:
+        """Write a checkpoint from rank 0. Under FSDP every rank must call it (gathering is collective)."""
+        model_state = full_model_state(self.model)
+        ema_state = full_model_state(self.ema.model)
+        optimizer_state = full_optimizer_state(self.model, self.optimizer)
+        if not self.dist.is_main:
+            return None
         tensors = {
-            **prefixed(self.model.state_dict(), "model."),
-            **prefixed(self.ema.model.state_dict(), "ema."),
+            **prefixed(model_state, "model."),
+            **prefixed(ema_state, "ema."),
             "rng.torch": torch.get_rng_state(),
             "rng.data": self.stream.state(),
         }
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        optimizer_state, param_groups = optimizer_tensors(self.optimizer)
-        tensors.update(optimizer_state)
+        optimizer_flat, param_groups = optimizer_tensors(optimizer_state)
+        tensors.update(optimizer_flat)
         metadata = {
             "step": str(self.step),
             "skipped_steps": str(self.skipped_steps),
@@ -204,7 +227,8 @@ class Trainer:
         tensors, metadata = load_checkpoint(path)
         load_weights(self.model, unprefixed(tensors, "model."), str(path))
         load_weights(self.ema.model, unprefixed(tensors, "ema."), str(path))
-        load_optimizer(self.optimizer, tensors, metadata["optimizer_param_groups"])
+        optimizer_state = optimizer_state_dict(tensors, metadata["optimizer_param_groups"])
+        load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
         torch.set_rng_state(tensors["rng.torch"])
         self.stream.load_state(tensors["rng.data"])
         if "rng.cuda" in tensors and self.device.type == "cuda":
@@ -226,8 +250,7 @@ class Trainer:
             shard = self.dist.rank * cfg.grad_accumulation + j
             piece = batch.slice(shard * rows, (shard + 1) * rows)
             last = j == cfg.grad_accumulation - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_model.no_sync()
-            with sync, self._randomness(shard):
+            with set_gradient_sync(self.parallel_model, last), self._randomness(shard):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     output = self.objective(self.step_model, piece, target_model=self.target_model)
                 # A non-finite loss is still backpropagated: its NaN gradients reach every rank through
@@ -236,7 +259,7 @@ class Trainer:
             for name, value in {"loss": output.loss, **output.parts}.items():
                 parts[name] = parts.get(name, 0.0) + float(value.detach()) / cfg.grad_accumulation
         max_norm = self.config.optim.grad_clip or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
         self.step += 1
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -263,7 +286,21 @@ class Trainer:
             return contextlib.nullcontext()
         return shard_randomness(shard_seed(self.config.train.seed, self.step, shard), self.device)
 
-    def evaluate(self) -> dict[str, float]:
+    def sampling_model(self) -> nn.Module | None:
+        """The EMA weights as a plain module on rank 0, None on the other ranks.
+
+        Under FSDP the EMA copy is sharded, so every rank must call this (gathering is collective).
+        """
+        if not self.sharded:
+            return self.ema.model if self.dist.is_main else None
+        state = full_model_state(self.ema.model)
+        if not self.dist.is_main:
+            return None
+        model = self.build_plain_model()
+        model.load_state_dict(state)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Sample quality of the EMA weights (2-D data: MMD and sliced Wasserstein; images: domain FD).
 
         Latent runs are not scored in the loop: that needs the decoder and an image metric.
@@ -271,7 +308,7 @@ class Trainer:
         if isinstance(self.dataset, LatentDataset):
             return {}
         return evaluate(
-            self.ema.model,
+            model if model is not None else self.ema.model,
             self.config.objective.name,
             self.dataset,
             self.config.sample,
@@ -329,15 +366,17 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started)
 
     def _save_everywhere(self) -> None:
-        """Rank 0 writes (every rank holds the same state); the others wait for the file."""
-        if self.dist.is_main:
-            self.save()
+        """Rank 0 writes (under FSDP after every rank helped gather the state); the others wait."""
+        self.save()
         self.dist.barrier()
 
     def _evaluate_and_log(self) -> dict[str, float]:
         metrics = {}
+        if isinstance(self.dataset, LatentDataset):
+            return metrics
+        model = self.sampling_model()
         if self.dist.is_main:
-            metrics = self.evaluate()
+            metrics = self.evaluate(model)
             if metrics:
                 append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
         self.dist.barrier()
