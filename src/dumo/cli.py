@@ -101,10 +101,13 @@ def positive(name: str):
     return parse
 
 
-def generate_from_run(run, nfe: int, num: int, seed: int, method: str, times, class_label: int | None):
+def generate_from_run(
+    run, nfe: int, num: int, seed: int, method: str, times, class_label: int | None, batch_size: int, dist
+):
+    """Samples of ``run`` in its model space; under torchrun split over ranks and gathered on each."""
     import torch
 
-    from dumo.evaluation import balanced_labels, generate
+    from dumo.evaluation import balanced_labels, generate_many
 
     if class_label is not None:
         if run.num_classes == 0:
@@ -115,75 +118,193 @@ def generate_from_run(run, nfe: int, num: int, seed: int, method: str, times, cl
     else:
         labels = balanced_labels(num, run.num_classes)
     try:
-        points = generate(
+        points = generate_many(
             run.model,
             run.objective_name,
             (num, *run.dataset.shape),
             nfe,
             run.config.sample,
             seed,
-            labels,
+            None if labels is None else labels.to(run.device),
             method,
             times,
+            device=run.device,
+            batch_size=batch_size,
+            dist=dist,
         )
     except ValueError as error:  # bad schedule or sampler choice
         raise UsageError(str(error)) from None
-    return labels, points
+    return labels, points.cpu()
+
+
+def sampling_session(args: argparse.Namespace):
+    """Join torchrun's process group if there is one, and load the run on this rank's device."""
+    from dumo.distributed import from_environment
+    from dumo.run import load_run
+    from dumo.training.trainer import resolve_device
+
+    dist = from_environment()
+    device = resolve_device(args.device, dist.local_rank)
+    return dist, load_run(args.run_dir, args.checkpoint, args.weights, device=str(device))
 
 
 def command_sample(args: argparse.Namespace) -> int:
     from dumo.data import ImageDataset
+    from dumo.distributed import shutdown
     from dumo.plotting import image_grid, scatter_over_density
-    from dumo.run import load_run
 
     out = Path(args.out)
-    run = load_run(args.run_dir, args.checkpoint, args.weights)
-    images = isinstance(run.dataset, ImageDataset)
-    check_output_file(out, (".npz", ".png") if images else (".npy", ".png"))
-    labels, points = generate_from_run(
-        run, args.nfe, args.num, args.seed, args.method, parse_times(args.times), args.class_label
-    )
-    data = run.dataset.unstandardise(points).numpy()
-    title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
-    if out.suffix.lower() == ".png" and images:
-        image_grid(data, None if labels is None else labels.numpy(), out, title=title)
-    elif out.suffix.lower() == ".png":
-        reference, _ = run.dataset.sample(50_000)
-        scatter_over_density([(title, data)], reference.numpy(), out)
-    elif images:
-        label_array = np.full(args.num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
-        np.savez(out, images=data.astype(np.float32), labels=label_array)
-    else:
-        np.save(out, data.astype(np.float64))
-    print(f"wrote {args.num} samples ({args.nfe} NFE, step {run.step}) to {out}")
-    return 0
+    dist, run = sampling_session(args)
+    try:
+        images = isinstance(run.dataset, ImageDataset)
+        check_output_file(out, (".npz", ".png") if images else (".npy", ".png"))
+        labels, points = generate_from_run(
+            run,
+            args.nfe,
+            args.num,
+            args.seed,
+            args.method,
+            parse_times(args.times),
+            args.class_label,
+            args.batch_size,
+            dist,
+        )
+        if not dist.is_main:
+            return 0
+        data = run.dataset.unstandardise(points).numpy()
+        title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
+        if out.suffix.lower() == ".png" and images:
+            image_grid(data, None if labels is None else labels.numpy(), out, title=title)
+        elif out.suffix.lower() == ".png":
+            reference, _ = run.dataset.sample(50_000)
+            scatter_over_density([(title, data)], reference.numpy(), out)
+        elif images:
+            label_array = np.full(args.num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
+            np.savez(out, images=data.astype(np.float32), labels=label_array)
+        else:
+            np.save(out, data.astype(np.float64))
+        ranks = f" on {dist.world_size} processes" if dist.enabled else ""
+        print(f"wrote {args.num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
+        return 0
+    finally:
+        shutdown()
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from dumo.evaluation import evaluate
-    from dumo.run import load_run
+    from dumo.data import LatentDataset, ToyDataset
+    from dumo.distributed import shutdown
+    from dumo.evaluation import image_scorer, toy_scorer
 
-    run = load_run(args.run_dir, args.checkpoint, args.weights)
-    print(f"{args.run_dir}: {run.objective_name}, step {run.step}, {args.num} samples, seed {args.seed}")
-    names = {"mmd": "MMD", "sw": "SW", "fd": "domain FD", "fidelity": "class fidelity"}
-    for nfe in args.nfe:
-        try:
-            metrics = evaluate(
-                run.model,
-                run.objective_name,
-                run.dataset,
-                run.config.sample,
-                (nfe,),
-                args.num,
-                args.seed,
-                run.num_classes,
-                args.method,
+    dist, run = sampling_session(args)
+    try:
+        latent = isinstance(run.dataset, LatentDataset)
+        if latent and args.inception is None:
+            raise UsageError("a latent-space run is scored with Inception metrics: give --inception (and --ref)")
+        score, inception, reference = None, None, None
+        if dist.is_main:
+            if not latent:
+                scorer = toy_scorer if isinstance(run.dataset, ToyDataset) else image_scorer
+                score = scorer(run.dataset, args.num)
+            if args.inception is not None:
+                inception, reference = inception_reference(args, run)
+            shown = f"{run.objective_name}, step {run.step}, {args.num} samples, seed {args.seed}"
+            print(f"{args.run_dir}: {shown}" + (f", {dist.world_size} processes" if dist.enabled else ""))
+        names = {"mmd": "MMD", "sw": "SW", "fd": "domain FD", "fidelity": "class fidelity"}
+        for nfe in args.nfe:
+            labels, points = generate_from_run(
+                run, nfe, args.num, args.seed, args.method, None, None, args.batch_size, dist
             )
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        shown = "  ".join(f"{names[k.split('_')[0]]} {v:.5f}" for k, v in metrics.items())
-        print(f"  {nfe:3d} NFE  {shown}")
+            if not dist.is_main:
+                continue
+            metrics = {} if score is None else score(points, labels)
+            shown = "  ".join(f"{names[k]} {v:.5f}" for k, v in metrics.items())
+            if inception is not None:
+                from dumo.metrics.inception import Statistics, frechet_inception_distance, inception_score
+
+                features, logits = inception(run.dataset.unstandardise(points))
+                fid = frechet_inception_distance(Statistics.of(features), reference)
+                is_mean, is_std = inception_score(logits)
+                shown = f"{shown}  FID {fid:.3f}  IS {is_mean:.3f} ± {is_std:.3f}".strip()
+            print(f"  {nfe:3d} NFE  {shown}")
+        return 0
+    finally:
+        shutdown()
+
+
+def inception_reference(args: argparse.Namespace, run):
+    """The Inception network and the reference statistics: --ref, or the run's own training images."""
+    from dumo.data import LatentDataset
+    from dumo.metrics.inception import InceptionNetwork, Statistics
+
+    inception = InceptionNetwork(args.inception, run.device)
+    if args.ref is not None:
+        return inception, Statistics.load(args.ref)
+    if isinstance(run.dataset, LatentDataset):
+        raise UsageError("--ref is required for a latent-space run (make it with 'dumo fid-stats' on the images)")
+    return inception, Statistics.of(inception(dataset_images(run.dataset, args.num))[0])
+
+
+def dataset_images(dataset, num: int):
+    """``num`` training images in [0, 1] (a fixed random subset when the dataset is larger)."""
+    import torch
+
+    from dumo.evaluation import REFERENCE_SEED
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))
+    return dataset.images[order[:num]]
+
+
+def command_fid_stats(args: argparse.Namespace) -> int:
+    from dumo.metrics.inception import InceptionNetwork, Statistics
+    from dumo.training.trainer import resolve_device
+
+    out = Path(args.out)
+    check_output_file(out, (".npz",))
+    images = read_images(args.source, args.num)
+    inception = InceptionNetwork(args.inception, resolve_device(args.device))
+    Statistics.of(inception(images)[0]).save(out)
+    print(f"wrote Inception statistics of {len(images)} images from {args.source} to {out}")
     return 0
+
+
+def command_fid(args: argparse.Namespace) -> int:
+    from dumo.metrics.inception import InceptionNetwork, Statistics, frechet_inception_distance, inception_score
+    from dumo.training.trainer import resolve_device
+
+    images = read_images(args.samples, None)
+    reference = Statistics.load(args.ref)
+    inception = InceptionNetwork(args.inception, resolve_device(args.device))
+    features, logits = inception(images)
+    fid = frechet_inception_distance(Statistics.of(features), reference)
+    is_mean, is_std = inception_score(logits)
+    print(f"{args.samples}: {len(images)} images  FID {fid:.3f}  IS {is_mean:.3f} ± {is_std:.3f}")
+    return 0
+
+
+def read_images(source: str, num: int | None):
+    """Images in [0, 1] from a samples .npz ('images' array) or from the dataset of a config or run."""
+    import torch
+
+    from dumo.config import load_config
+    from dumo.data import ImageDataset, LatentDataset, build_dataset
+    from dumo.training.trainer import CONFIG_FILE
+
+    path = Path(source)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UsageError(f"samples file not found: {path}")
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data:
+                raise UsageError(f"{path} has no 'images' array (write one with 'dumo sample ... --out FILE.npz')")
+            images = torch.from_numpy(data["images"].astype(np.float32))
+        return images if num is None else images[:num]
+    config_file = path / CONFIG_FILE if path.is_dir() else path
+    if not config_file.is_file():
+        raise UsageError(f"{source} is neither a samples .npz, a config file nor a run directory")
+    dataset = build_dataset(load_config(config_file).data)
+    if not isinstance(dataset, ImageDataset) or isinstance(dataset, LatentDataset):
+        raise UsageError(f"{source}: reference statistics need an image dataset (for latents: the image folder)")
+    return dataset_images(dataset, num or len(dataset))
 
 
 def command_encode(args: argparse.Namespace) -> int:
@@ -351,6 +472,30 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw trained weights"
     )
+    parser.add_argument(
+        "--batch-size",
+        type=positive("--batch-size"),
+        default=256,
+        help="samples per network call (default 256); the samples depend on it and the seed, not on the "
+        "number of torchrun processes",
+    )
+    add_device_argument(parser)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: this rank's GPU if there is one, else cpu), cpu, cuda:0, ..."
+    )
+
+
+def add_inception_arguments(parser: argparse.ArgumentParser, ref_help: str) -> None:
+    parser.add_argument(
+        "--inception",
+        metavar="WEIGHTS",
+        help="Inception-v3 weights for FID/IS (torch-fidelity's weights-inception-2015-12-05-6726825d.pth or "
+        ".safetensors; read without executing code, never downloaded)",
+    )
+    parser.add_argument("--ref", metavar="STATS.npz", help=ref_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,7 +566,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)"
     )
+    add_inception_arguments(
+        evaluate, "reference statistics from 'dumo fid-stats' (default: --num of the run's own training images)"
+    )
     evaluate.set_defaults(handler=command_eval)
+
+    fid_stats = commands.add_parser(
+        "fid-stats",
+        help="Inception reference statistics (mu, sigma) of a dataset or of a samples .npz",
+        description="Write STATS.npz with 'mu' (2048,) and 'sigma' (2048, 2048) of Inception-v3 pool features "
+        "(torch-fidelity's network), the layout pytorch-fid and torch-fidelity read.",
+    )
+    fid_stats.add_argument("source", help="a config file or run directory (its image dataset), or a samples .npz")
+    fid_stats.add_argument("--inception", metavar="WEIGHTS", required=True, help="local Inception-v3 weights")
+    fid_stats.add_argument("--out", required=True, help="output .npz")
+    fid_stats.add_argument("--num", type=positive("--num"), help="images to use (default: all)")
+    add_device_argument(fid_stats)
+    fid_stats.set_defaults(handler=command_fid_stats)
+
+    fid = commands.add_parser(
+        "fid",
+        help="FID and Inception Score of a samples .npz against reference statistics",
+        description="Score 'images' of a .npz written by 'dumo sample' (e.g. 50,000 of them, drawn under torchrun) "
+        "against STATS.npz from 'dumo fid-stats'.",
+    )
+    fid.add_argument("samples", help="samples .npz with an 'images' array (N, C, H, W) in [0, 1]")
+    fid.add_argument("--ref", required=True, metavar="STATS.npz", help="reference statistics")
+    fid.add_argument("--inception", metavar="WEIGHTS", required=True, help="local Inception-v3 weights")
+    add_device_argument(fid)
+    fid.set_defaults(handler=command_fid)
 
     trajectories = commands.add_parser(
         "trajectories",

@@ -43,6 +43,14 @@ class Distributed:
         dist.all_reduce(tensor)
         return (tensor / self.world_size).tolist()
 
+    def gather_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (same shape on all), stacked in rank order on every rank."""
+        if not self.enabled:
+            return tensor.unsqueeze(0)
+        gathered = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.stack(gathered)
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on at least one."""
         if not self.enabled:

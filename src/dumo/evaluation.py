@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from dumo.config import SampleConfig
 from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, ToyDataset
+from dumo.distributed import Distributed
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
 from dumo.samplers import check_times, sample
@@ -63,6 +65,59 @@ def generate(
         stochasticity=config.stochasticity,
         generator=generator,
     )
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of samples [chunk * B, (chunk + 1) * B): chunk 0 uses ``seed`` itself."""
+    return seed if chunk == 0 else (seed * 1_000_003 + chunk) % 2**63
+
+
+def generate_many(
+    model: nn.Module,
+    objective_name: str,
+    shape: Sequence[int],
+    nfe: int,
+    config: SampleConfig,
+    seed: int = 0,
+    labels: Tensor | None = None,
+    method: str = "auto",
+    times: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    dist: Distributed | None = None,
+) -> Tensor:
+    """``shape[0]`` samples drawn ``batch_size`` at a time, split over the ranks of ``dist``.
+
+    Chunk c (samples c*B to c*B + B - 1) always gets the noise of ``chunk_seed(seed, c)``, and
+    rank r draws chunks r, r + W, r + 2W, ...; the chunks are gathered on every rank in order.
+    So the samples depend on the seed and batch size, not on the number of processes. With no
+    batch size all samples are one chunk (what :func:`generate` draws).
+    """
+    num, *sample_shape = shape
+    dist = dist or Distributed()
+    batch = batch_size or num
+    chunks = math.ceil(num / batch)
+    mine = list(range(dist.rank, chunks, dist.world_size))
+    per_rank = math.ceil(chunks / dist.world_size)
+    local = torch.zeros((per_rank, batch, *sample_shape), device=device)
+    for slot, chunk in enumerate(mine):
+        start, stop = chunk * batch, min((chunk + 1) * batch, num)
+        part = None if labels is None else labels[start:stop]
+        local[slot, : stop - start] = generate(
+            model,
+            objective_name,
+            (stop - start, *sample_shape),
+            nfe,
+            config,
+            chunk_seed(seed, chunk),
+            part,
+            method,
+            times,
+            device,
+        )
+    gathered = dist.gather_all(local)  # (world, per_rank, batch, ...): rank r's slot s is chunk s*W + r
+    ordered = gathered.transpose(0, 1).reshape(-1, *sample_shape)
+    return ordered[:num]
 
 
 def reference_points(dataset: ToyDataset, num: int) -> Tensor:

@@ -39,6 +39,10 @@ class LoadedRun:
     def objective_name(self) -> str:
         return self.config.objective.name
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
 
 def load_run(
     run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema", device: str = "cpu"
