@@ -459,7 +459,13 @@ def command_demo(args: argparse.Namespace) -> int:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run directory written by 'dumo train'")
-    parser.add_argument("--num", type=positive("--num"), default=2000, help="number of samples (default 2000)")
+    parser.add_argument(
+        "-n",
+        "--num",
+        type=positive("--num"),
+        default=2000,
+        help="number of samples (default 2000); under torchrun write -n N (torchrun takes --num for --numa-binding)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument(
         "--method",
