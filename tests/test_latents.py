@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,21 @@ def test_dc_ae_codec_round_trip(tmp_path):
     latents = codec.encode(images)
     assert torch.allclose(latents, codec.autoencoder.encode(images * 2 - 1).latent * 0.4, atol=1e-5)
     assert codec.decode(latents).shape == (2, 3, 16, 16)
+
+
+def test_random_latents_for_timing_runs(tmp_path):
+    from dumo.config import load_config
+    from dumo.data import build_dataset
+    from dumo.errors import ConfigError
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "bench" / "dit-s2-dumo.yaml")
+    first, second = build_dataset(config.data), build_dataset(config.data)
+    assert first.shape == (4, 32, 32) and first.num_classes == 1000
+    assert torch.equal(first.images, second.images)  # the same seed: every bench config times the same data
+    assert abs(first.images.std().item() - 1) < 0.01
+    with pytest.raises(DataError, match="random_latents have no decoder"):
+        first.unstandardise(first.images[:1])
+    with pytest.raises(ConfigError, match="random_latents needs latent_shape and num_classes"):
+        load_config(
+            Path(__file__).resolve().parents[1] / "configs" / "bench" / "dit-s2-dumo.yaml", ["data.latent_shape=null"]
+        )

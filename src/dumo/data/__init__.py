@@ -19,7 +19,7 @@ from dumo.data.images import (
     load_image_folder,
     load_mnist_json,
 )
-from dumo.data.latents import LatentDataset
+from dumo.data.latents import LatentDataset, RandomLatentDataset
 from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
 
@@ -30,7 +30,16 @@ Dataset = ToyDataset | ImageDataset
 @dataclass
 class DataConfig:
     name: Literal[
-        "moons", "8gaussians", "checkerboard", "digits", "fashion_mnist", "mnist", "cifar10", "image_folder", "latents"
+        "moons",
+        "8gaussians",
+        "checkerboard",
+        "digits",
+        "fashion_mnist",
+        "mnist",
+        "cifar10",
+        "image_folder",
+        "latents",
+        "random_latents",
     ] = "moons"
     batch_size: int = 256
     conditional: bool = False  # train with class labels (needed for guidance, zeta > 0)
@@ -39,10 +48,16 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips (images)
     latent_shape: tuple[int, ...] | None = None  # latents: expected (C, H, W), checked against the file
     num_classes: int | None = None  # latents: expected number of classes, checked against the file
+    # (random_latents, data for timing runs: both required; the tensors come from a fixed seed)
     autoencoder_path: str | None = None  # latents: decoder folder (default: the one recorded by dumo encode)
 
     def validate(self, prefix: str) -> None:
         require(self.batch_size > 0, f"{prefix}.batch_size must be > 0; got {self.batch_size}")
+        if self.name == "random_latents":
+            require(
+                self.latent_shape is not None and self.num_classes is not None,
+                f"{prefix}: random_latents needs latent_shape and num_classes",
+            )
         require(self.resolution is None or self.resolution > 0, f"{prefix}.resolution must be > 0 or null")
         if self.conditional and self.name in TOY_DATASETS:
             require(
@@ -56,7 +71,7 @@ class DataConfig:
             return TOY_DATASETS[self.name].shape
         if self.name == "image_folder":
             return (3, self.resolution, self.resolution) if self.resolution else None
-        if self.name == "latents":
+        if self.name in ("latents", "random_latents"):
             return self.latent_shape
         return IMAGE_SHAPES[self.name]
 
@@ -64,7 +79,7 @@ class DataConfig:
         """Number of classes, known without reading the data (None for an image folder)."""
         if self.name in TOY_DATASETS:
             return TOY_DATASETS[self.name].num_classes
-        if self.name == "latents":
+        if self.name in ("latents", "random_latents"):
             return self.num_classes
         return None if self.name == "image_folder" else 10
 
@@ -81,6 +96,8 @@ def build_dataset(config: DataConfig) -> Dataset:
         return load_mnist_json(config.path)
     if config.name == "cifar10":
         return load_cifar10(config.path)
+    if config.name == "random_latents":
+        return RandomLatentDataset(tuple(config.latent_shape), config.num_classes)
     if config.name == "latents":
         if config.path is None:
             raise DataError("the latents dataset needs data.path: a file written by 'dumo encode'")

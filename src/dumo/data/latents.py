@@ -124,3 +124,27 @@ class LatentDataset(ImageDataset):
             kind = self.metadata["autoencoder_kind"]
             self._codec = LatentCodec(load_autoencoder(kind, self.autoencoder_path), kind)
         return self._codec
+
+
+class RandomLatentDataset(LatentDataset):
+    """Standard-normal "latents" with random labels, made from a seed: data for timing, not learning.
+
+    The benchmark configs (configs/bench) train on it so that ``dumo train`` times the same
+    work as benchmarks/step_cost.py without any encoded dataset on disk. There is no decoder.
+    """
+
+    SIZE = 4096
+
+    def __init__(self, shape: tuple[int, ...], num_classes: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn((self.SIZE, *shape), generator=generator)
+        labels = torch.randint(num_classes, (self.SIZE,), generator=generator)
+        ImageDataset.__init__(self, "random_latents", latents, labels, num_classes)
+        self.images = latents  # not images: no clamp to [0, 1]
+        self.path = None
+        self.metadata = {}
+        self.autoencoder_path = None
+        self._codec = None
+
+    def unstandardise(self, x: Tensor) -> Tensor:
+        raise DataError("random_latents have no decoder: they are data for timing runs, not for samples")
