@@ -219,12 +219,10 @@ def command_eval(args: argparse.Namespace) -> int:
             metrics = {} if score is None else score(points, labels)
             shown = "  ".join(f"{names[k]} {v:.5f}" for k, v in metrics.items())
             if inception is not None:
-                from dumo.metrics.inception import Statistics, frechet_inception_distance, inception_score
+                from dumo.metrics.inception import score_images
 
-                features, logits = inception(run.dataset.unstandardise(points))
-                fid = frechet_inception_distance(Statistics.of(features), reference)
-                is_mean, is_std = inception_score(logits)
-                shown = f"{shown}  FID {fid:.3f}  IS {is_mean:.3f} ± {is_std:.3f}".strip()
+                scores = score_images(inception, run.dataset.unstandardise(points), reference)
+                shown = f"{shown}  {inception_line(scores)}".strip()
             print(f"  {nfe:3d} NFE  {shown}")
         return 0
     finally:
@@ -241,17 +239,13 @@ def inception_reference(args: argparse.Namespace, run):
         return inception, Statistics.load(args.ref)
     if isinstance(run.dataset, LatentDataset):
         raise UsageError("--ref is required for a latent-space run (make it with 'dumo fid-stats' on the images)")
-    return inception, Statistics.of(inception(dataset_images(run.dataset, args.num))[0])
+    from dumo.evaluation import reference_images
+
+    return inception, Statistics.of(inception(reference_images(run.dataset, args.num))[0])
 
 
-def dataset_images(dataset, num: int):
-    """``num`` training images in [0, 1] (a fixed random subset when the dataset is larger)."""
-    import torch
-
-    from dumo.evaluation import REFERENCE_SEED
-
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))
-    return dataset.images[order[:num]]
+def inception_line(scores: dict[str, float]) -> str:
+    return f"FID {scores['fid']:.3f}  IS {scores['is']:.3f} ± {scores['is_std']:.3f}"
 
 
 def command_fid_stats(args: argparse.Namespace) -> int:
@@ -268,16 +262,13 @@ def command_fid_stats(args: argparse.Namespace) -> int:
 
 
 def command_fid(args: argparse.Namespace) -> int:
-    from dumo.metrics.inception import InceptionNetwork, Statistics, frechet_inception_distance, inception_score
+    from dumo.metrics.inception import InceptionNetwork, Statistics, score_images
     from dumo.training.trainer import resolve_device
 
     images = read_images(args.samples, None)
     reference = Statistics.load(args.ref)
     inception = InceptionNetwork(args.inception, resolve_device(args.device))
-    features, logits = inception(images)
-    fid = frechet_inception_distance(Statistics.of(features), reference)
-    is_mean, is_std = inception_score(logits)
-    print(f"{args.samples}: {len(images)} images  FID {fid:.3f}  IS {is_mean:.3f} ± {is_std:.3f}")
+    print(f"{args.samples}: {len(images)} images  {inception_line(score_images(inception, images, reference))}")
     return 0
 
 
@@ -304,7 +295,9 @@ def read_images(source: str, num: int | None):
     dataset = build_dataset(load_config(config_file).data)
     if not isinstance(dataset, ImageDataset) or isinstance(dataset, LatentDataset):
         raise UsageError(f"{source}: reference statistics need an image dataset (for latents: the image folder)")
-    return dataset_images(dataset, num or len(dataset))
+    from dumo.evaluation import reference_images
+
+    return reference_images(dataset, num or len(dataset))
 
 
 def command_encode(args: argparse.Namespace) -> int:

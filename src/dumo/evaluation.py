@@ -136,14 +136,19 @@ def toy_scorer(dataset: ToyDataset, num: int):
     return score
 
 
+def reference_images(dataset: ImageDataset, num: int) -> Tensor:
+    """``num`` training images in [0, 1]: a fixed random subset, apart from any training seed."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))
+    return dataset.images[order[:num]]
+
+
 def image_scorer(dataset: ImageDataset, num: int):
     """Domain Fréchet distance in the features of a small classifier trained on ``dataset`` and, for
     class-conditional samples, class fidelity: the classifier's accuracy on the requested labels."""
     if isinstance(dataset, LatentDataset):
         raise DataError("domain metrics need pixel data; score latent runs on decoded samples (dumo sample .npz)")
     classifier = train_classifier(dataset.images, dataset.labels, dataset.num_classes)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(REFERENCE_SEED))
-    real_features, _ = classifier.embed(dataset.images[order[:num]])
+    real_features, _ = classifier.embed(reference_images(dataset, num))
 
     def score(x: Tensor, labels: Tensor | None) -> dict[str, float]:
         features, logits = classifier.embed(dataset.unstandardise(x).cpu())

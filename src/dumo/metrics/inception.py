@@ -155,3 +155,10 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     _, _, metric_isc = _torch_fidelity()
     result = metric_isc.isc_features_to_metric(logits.double().cpu(), splits=splits)
     return result[metric_isc.KEY_METRIC_ISC_MEAN], result[metric_isc.KEY_METRIC_ISC_STD]
+
+
+def score_images(network: InceptionNetwork, images: Tensor, reference: Statistics) -> dict[str, float]:
+    """FID against ``reference`` and the Inception Score (mean, std) of ``images`` in [0, 1]."""
+    features, logits = network(images)
+    is_mean, is_std = inception_score(logits)
+    return {"fid": frechet_inception_distance(Statistics.of(features), reference), "is": is_mean, "is_std": is_std}
