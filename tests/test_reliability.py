@@ -135,7 +135,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     real_objective = trainer.objective
     calls = []
 
-    def sometimes_nan(model, batch, target_model=None):
+    def sometimes_nan(model, batch, target_model=None, teacher_model=None):
         calls.append(1)
         out = real_objective(model, batch, target_model)
         if len(calls) in (2,) or len(calls) >= 6:

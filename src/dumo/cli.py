@@ -145,7 +145,14 @@ def sampling_session(args: argparse.Namespace):
 
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank)
-    return dist, load_run(args.run_dir, args.checkpoint, args.weights, device=str(device))
+    run = load_run(args.run_dir, args.checkpoint, args.weights, device=str(device))
+    if args.guidance is not None:
+        if args.guidance < 0:
+            raise UsageError(f"--guidance must be >= 0; got {args.guidance}")
+        if run.num_classes == 0 and args.guidance != 1:
+            raise UsageError("--guidance needs a class-conditional model")
+        run.config.sample.guidance_scale = args.guidance
+    return dist, run
 
 
 def command_sample(args: argparse.Namespace) -> int:
@@ -396,6 +403,17 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_import_weights(args: argparse.Namespace) -> int:
+    from dumo.config import load_config
+    from dumo.models.pretrained import import_official_weights
+
+    config = load_config(args.config, args.set)
+    imported = import_official_weights(args.kind, args.checkpoint, config, args.out, num_heads=args.num_heads)
+    print(f"wrote a Flow Matching model ({imported.describe()}) from {args.kind.upper()} weights to {args.out}")
+    print(f"note: {imported.note}")
+    return 0
+
+
 def command_demo(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.evaluation import generate, toy_scorer
@@ -466,6 +484,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="sampler: auto picks the objective's own (DuMo: flow_map on the u-head, MeanFlow: meanflow, "
         "Flow Matching: euler); euler/heun integrate the v-head ODE (default: the config's sample.method)",
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        metavar="W",
+        help="classifier-free guidance scale at sampling, uncond + W (cond - uncond) on the sampled head; "
+        "two network passes per step; 1 = off (default: the config's sample.guidance_scale)",
     )
     parser.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
     parser.add_argument(
@@ -646,6 +671,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="run directory written by 'dumo train'")
     export.add_argument("out_dir", help="new (or empty) output directory")
     export.set_defaults(handler=command_export)
+
+    import_weights = commands.add_parser(
+        "import-weights",
+        help="turn an official DiT or SiT checkpoint into a dumo Flow Matching model folder",
+        description="Convert the weights of the official DiT (facebookresearch/DiT) or SiT (willisma/SiT) code "
+        "into OUT_DIR/model.safetensors and OUT_DIR/config.yaml, as 'dumo export' writes them. CONFIG (objective "
+        "fm) supplies data, objective and training settings; its model section is replaced by what the checkpoint "
+        "needs. SiT weights map exactly; DiT weights predict DDPM noise and are only a start for fine-tuning. "
+        ".pt/.pth files are read with torch.load(weights_only=True): no code in them runs.",
+    )
+    import_weights.add_argument("kind", choices=("dit", "sit"), help="the code that trained the checkpoint")
+    import_weights.add_argument("checkpoint", help="official checkpoint (.pt, .pth or .safetensors)")
+    import_weights.add_argument("--config", required=True, help="YAML config, e.g. configs/imagenet256/fm-xl2.yaml")
+    import_weights.add_argument("--out", required=True, help="new (or empty) output directory")
+    import_weights.add_argument(
+        "--num-heads",
+        type=positive("--num-heads"),
+        help="attention heads (default: the standard size's; needed only for a non-standard width)",
+    )
+    import_weights.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    import_weights.set_defaults(handler=command_import_weights)
 
     demo = commands.add_parser(
         "demo",

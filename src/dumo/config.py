@@ -56,6 +56,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
     compile: bool = False  # torch.compile the network for the training step
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
+    # Start from these weights (a dumo run or export directory, or a .safetensors file) instead of
+    # a random initialisation; see dumo.training.initialise for how they are fitted to the model.
+    init_from: str | None = None
 
     def validate(self, prefix: str) -> None:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")
@@ -77,11 +80,16 @@ class SampleConfig:
     t_start: float = 1.0  # first time of the few-step samplers (slightly below 1 is an option)
     schedule_power: float = 1.0  # k-step times t_i = t_start * (1 - i/k)^power; > 1 moves them toward 0
     stochasticity: float = 1.0  # flow-map re-noising: 1 fresh noise, 0 the noise the prediction implies
+    # Classifier-free guidance at sampling: out = uncond + w (cond - uncond) on every head, two
+    # network passes per step (so twice the cost per NFE). 1 = off; w = 1 + zeta matches
+    # training-time guidance of strength zeta.
+    guidance_scale: float = 1.0
 
     def validate(self, prefix: str) -> None:
         require(0 < self.t_start <= 1, f"{prefix}.t_start must be in (0, 1]; got {self.t_start}")
         require(self.schedule_power > 0, f"{prefix}.schedule_power must be > 0; got {self.schedule_power}")
         require(0 <= self.stochasticity <= 1, f"{prefix}.stochasticity must be in [0, 1]; got {self.stochasticity}")
+        require(self.guidance_scale >= 0, f"{prefix}.guidance_scale must be >= 0; got {self.guidance_scale}")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, ToyDatase
 from dumo.distributed import Distributed
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
-from dumo.samplers import check_times, sample
+from dumo.samplers import GuidedModel, check_times, null_label, sample
 
 #: the sampler each objective's model is meant for
 DEFAULT_SAMPLER = {"dumo": "flow_map", "meanflow": "meanflow", "fm": "euler"}
@@ -50,6 +50,8 @@ def generate(
 ) -> Tensor:
     """Samples (in the model's standardised space) from noise drawn with ``seed``."""
     method = sampler_for(objective_name, method if method != "auto" else config.method)
+    if config.guidance_scale != 1.0 and labels is not None:
+        model = GuidedModel(model, config.guidance_scale, null_label(model))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=generator).to(device)
     if times is None and method in ("flow_map", "meanflow"):

@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
-from dumo.models.dit import DIT_SIZES, DiTBackbone, DiTHead, DiTSize, parse_dit_name
+from dumo.models.dit import DIT_SIZES, POSITION_ORDERS, DiTBackbone, DiTHead, DiTSize, parse_dit_name
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
 from dumo.models.output import ModelOutput
@@ -32,6 +34,13 @@ class ModelConfig:
     num_res_blocks: int = 4  # unet: residual blocks per level
     attention_resolutions: tuple[int, ...] = (16,)  # unet: resolutions with self-attention
     dropout: float = 0.1  # unet
+    # Sinusoidal time features are of time_embedding_scale * t (every network, also MeanFlow's interval).
+    # 100 keeps DuMo's finite-difference du/dt accurate; imported DiT weights need 1000, SiT weights 1.
+    time_embedding_scale: float = 100.0
+    # DiT: which half of the 2-D sin-cos position table encodes the row; columns_first = official DiT/SiT
+    position_order: Literal["rows_first", "columns_first"] = "rows_first"
+    # With train.init_from a model whose source has no u-head: copy the v-head (u = v at step 0) or keep zeros.
+    u_head_init: Literal["copy_v", "zero"] = "copy_v"
 
     def validate(self, prefix: str) -> None:
         require(
@@ -43,6 +52,18 @@ class ModelConfig:
         require(self.hidden_dim is None or self.hidden_dim > 0, f"{prefix}.hidden_dim must be > 0")
         require(self.depth is None or self.depth >= 0, f"{prefix}.depth must be >= 0")
         require(self.num_heads is None or self.num_heads > 0, f"{prefix}.num_heads must be > 0")
+        require(
+            math.isfinite(self.time_embedding_scale) and self.time_embedding_scale > 0,
+            f"{prefix}.time_embedding_scale must be > 0; got {self.time_embedding_scale}",
+        )
+        require(
+            self.position_order in POSITION_ORDERS,
+            f"{prefix}.position_order must be one of {', '.join(POSITION_ORDERS)}; got {self.position_order!r}",
+        )
+        require(
+            self.position_order == "rows_first" or parse_dit_name(self.name) is not None,
+            f"{prefix}.position_order applies to DiT models only",
+        )
         if self.name in ("mlp", "unet"):
             require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
         else:
@@ -78,7 +99,16 @@ def build_model(
             raise ValueError(f"{config.name} needs square (C, H, W) data; got shape {data_shape}")
         size, patch = config.dit_size(), dit[1]
         channels, resolution = data_shape[0], data_shape[1]
-        backbone = DiTBackbone(resolution, channels, size, patch, num_classes, time_inputs)
+        backbone = DiTBackbone(
+            resolution,
+            channels,
+            size,
+            patch,
+            num_classes,
+            time_inputs,
+            time_scale=config.time_embedding_scale,
+            position_order=config.position_order,
+        )
         return FlowModel(
             backbone,
             DiTHead,
@@ -101,6 +131,7 @@ def build_model(
             config.dropout,
             num_classes,
             time_inputs,
+            time_scale=config.time_embedding_scale,
         )
         return FlowModel(
             backbone,
@@ -118,6 +149,7 @@ def build_model(
         depth=config.depth,
         num_classes=num_classes,
         time_inputs=time_inputs,
+        time_scale=config.time_embedding_scale,
     )
     return FlowModel(backbone, OutputHead, heads, hidden_dim=config.hidden_dim, out_dim=data_shape[0])
 

@@ -40,8 +40,18 @@ def parse_dit_name(name: str) -> tuple[DiTSize, int] | None:
     return (DIT_SIZES[match.group(1)], int(match.group(2))) if match else None
 
 
-def sincos_position_embedding(dim: int, grid: int) -> Tensor:
-    """Fixed 2-D sine-cosine position embedding, shape (grid * grid, dim)."""
+POSITION_ORDERS = ("rows_first", "columns_first")
+
+
+def sincos_position_embedding(dim: int, grid: int, order: str = "rows_first") -> Tensor:
+    """Fixed 2-D sine-cosine position embedding, shape (grid * grid, dim), tokens in row-major order.
+
+    Each token gets [sin, cos] of its row (y) and of its column (x) coordinate, dim / 4 frequencies
+    each. ``rows_first`` (dumo's own) puts the row features first; ``columns_first`` is the table of
+    the official DiT/SiT code (MAE's, whose meshgrid puts x first), needed to load their weights.
+    """
+    if order not in POSITION_ORDERS:
+        raise ValueError(f"position order must be one of {POSITION_ORDERS}; got {order!r}")
     coords = torch.arange(grid, dtype=torch.float64)
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     quarter = dim // 4
@@ -51,7 +61,8 @@ def sincos_position_embedding(dim: int, grid: int) -> Tensor:
         angles = values.reshape(-1, 1) * omega[None]
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
-    return torch.cat([encode(ys), encode(xs)], dim=1).float()
+    halves = (encode(ys), encode(xs)) if order == "rows_first" else (encode(xs), encode(ys))
+    return torch.cat(halves, dim=1).float()
 
 
 class Attention(nn.Module):
@@ -98,6 +109,8 @@ class DiTBackbone(nn.Module):
         num_classes: int = 0,
         time_inputs: int = 1,
         mlp_ratio: float = 4.0,
+        time_scale: float = 100.0,
+        position_order: str = "rows_first",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -106,8 +119,9 @@ class DiTBackbone(nn.Module):
         self.patch_size = patch_size
         self.grid = input_size // patch_size
         self.patch_embedding = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("position", sincos_position_embedding(dim, self.grid)[None], persistent=False)
-        self.conditioning = Conditioning(dim, num_classes, time_inputs)
+        position = sincos_position_embedding(dim, self.grid, position_order)
+        self.register_buffer("position", position[None], persistent=False)
+        self.conditioning = Conditioning(dim, num_classes, time_inputs, time_scale=time_scale)
         self.blocks = nn.ModuleList(DiTBlock(dim, size.num_heads, mlp_ratio) for _ in range(size.depth))
         self.initialise()
 
@@ -160,4 +174,12 @@ class DiTHead(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", patches).reshape(-1, c, g * p, g * p)
 
 
-__all__ = ["DIT_SIZES", "DiTBackbone", "DiTHead", "DiTSize", "parse_dit_name", "sincos_position_embedding"]
+__all__ = [
+    "DIT_SIZES",
+    "POSITION_ORDERS",
+    "DiTBackbone",
+    "DiTHead",
+    "DiTSize",
+    "parse_dit_name",
+    "sincos_position_embedding",
+]

@@ -15,6 +15,7 @@ class TimestepEmbedding(nn.Module):
     bounds how fast the features change with t: a central difference of half-width e is exact
     to a relative (scale * e)^2 / 6 on them, 4% for scale 100 and e = 0.005 (at the usual
     scale 1000 it would be wrong by 5x). fp32 keeps small time differences from rounding away.
+    ``model.time_embedding_scale`` changes the scale, e.g. to match imported DiT (1000) or SiT (1) weights.
     """
 
     def __init__(self, dim: int, frequency_dim: int = 256, scale: float = 100.0, max_period: float = 10000.0):
@@ -24,10 +25,14 @@ class TimestepEmbedding(nn.Module):
         self.max_period = max_period
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def sinusoidal(self, t: Tensor) -> Tensor:
+    def frequencies(self, device: torch.device | None = None) -> Tensor:
+        """The fp32 frequencies f_k (before ``scale``): features are [cos(scale f t), sin(scale f t)]."""
         half = self.frequency_dim // 2
-        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        angles = self.scale * t.float()[:, None] * torch.exp(exponent)[None]
+        exponent = -math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=device) / half
+        return torch.exp(exponent)
+
+    def sinusoidal(self, t: Tensor) -> Tensor:
+        angles = self.scale * t.float()[:, None] * self.frequencies(t.device)[None]
         return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
     def forward(self, t: Tensor) -> Tensor:
@@ -54,10 +59,18 @@ class Conditioning(nn.Module):
     """The vector every block is modulated by: embeddings of t, of MeanFlow's interval t - r
     (when the network takes a second time) and of the class label (when class-conditional), summed."""
 
-    def __init__(self, dim: int, num_classes: int = 0, time_inputs: int = 1, frequency_dim: int = 256):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int = 0,
+        time_inputs: int = 1,
+        frequency_dim: int = 256,
+        time_scale: float = 100.0,
+    ):
         super().__init__()
-        self.time = TimestepEmbedding(dim, frequency_dim)
-        self.interval = TimestepEmbedding(dim, frequency_dim) if time_inputs == 2 else None
+        self.time = TimestepEmbedding(dim, frequency_dim, scale=time_scale)
+        # the interval t - r is a time too: the same features, so one key sets both
+        self.interval = TimestepEmbedding(dim, frequency_dim, scale=time_scale) if time_inputs == 2 else None
         self.label = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
 
     def forward(self, t: Tensor, r: Tensor | None, labels: Tensor | None, batch_size: int) -> Tensor:

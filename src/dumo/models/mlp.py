@@ -37,12 +37,13 @@ class MLPBackbone(nn.Module):
         depth: int = 4,
         num_classes: int = 0,
         time_inputs: int = 1,
+        time_scale: float = 100.0,
     ):
         super().__init__()
         self.data_dim = data_dim
         self.hidden_dim = hidden_dim
         self.input = nn.Linear(data_dim, hidden_dim)
-        self.conditioning = Conditioning(hidden_dim, num_classes, time_inputs, frequency_dim=64)
+        self.conditioning = Conditioning(hidden_dim, num_classes, time_inputs, frequency_dim=64, time_scale=time_scale)
         self.blocks = nn.ModuleList(ResidualBlock(hidden_dim) for _ in range(depth))
 
     def forward(

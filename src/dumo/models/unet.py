@@ -82,11 +82,12 @@ class UNetBackbone(nn.Module):
         dropout: float = 0.1,
         num_classes: int = 0,
         time_inputs: int = 1,
+        time_scale: float = 100.0,
     ):
         super().__init__()
         cond_dim = 4 * channels
         self.out_channels = channels
-        self.conditioning = Conditioning(cond_dim, num_classes, time_inputs)
+        self.conditioning = Conditioning(cond_dim, num_classes, time_inputs, time_scale=time_scale)
         self.input = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         widths = [channels * m for m in channel_mult]

@@ -73,8 +73,12 @@ class FewStepConfig(ObjectiveConfig):
     derivative: Literal["finite_difference", "jvp"] = "finite_difference"
     epsilon: float = 0.005  # half-width of the central difference in t
     dudt_clamp: float | None = None  # clamp |du/dt| elementwise; null = off
-    target_network: Literal["online", "ema"] = "online"  # theta^-: stop-gradient weights or EMA
+    # theta^- for the derivative (and guidance) passes: the stop-gradient online weights, their
+    # EMA, or the frozen initial weights of a run started with train.init_from (the teacher).
+    target_network: Literal["online", "ema", "teacher"] = "online"
     zeta: float = 0.0  # training-time guidance (enhancement ratio); 0 = off
+    # The network of the unconditional term of the guided velocity: theta^- or the frozen teacher.
+    guidance_network: Literal["target", "teacher"] = "target"
     guidance_t_min: float = 0.0  # guidance only where guidance_t_min <= t <= guidance_t_max
     guidance_t_max: float = 1.0
     adaptive_p: float = 0.0  # per-sample loss / sg(loss + adaptive_c)^p; 0 = plain MSE
@@ -115,7 +119,11 @@ class ModelInput:
 
 
 class Objective(ABC):
-    """A training objective: ``objective(model, batch) -> ObjectiveOutput``."""
+    """A training objective: ``objective(model, batch) -> ObjectiveOutput``.
+
+    ``target_model`` is theta^- where the trainer keeps a separate copy (EMA, or the unwrapped
+    module under DDP); ``teacher_model`` the frozen initial weights of a run started from a checkpoint.
+    """
 
     heads: tuple[str, ...] = ()  # heads the network must have
     time_inputs: int = 1  # 2 when the network also takes the second time r (MeanFlow)
@@ -131,8 +139,18 @@ class Objective(ABC):
         """Index of the null (unconditional) class: one past the real classes."""
         return self.num_classes
 
+    #: whether the objective can use a frozen teacher (the trainer keeps one only when asked)
+    def wants_teacher(self) -> bool:
+        return False
+
     @abstractmethod
-    def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
         """Loss for one batch. ``target_model`` is theta^- (defaults to ``model`` under no_grad)."""
 
     def drop_labels(self, labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -234,3 +252,37 @@ def time_derivative_jvp(function, x_t: Tensor, t: Tensor, dx_dt: Tensor, *extra_
     tangents = (dx_dt, torch.ones_like(t), *(torch.zeros_like(p) for p in extra_primals))
     with sdpa_kernel([SDPBackend.MATH]):
         return torch.func.jvp(function, primals, tangents)
+
+
+class FewStepObjective(Objective):
+    """What DuMo and MeanFlow share: the choice of theta^- and of the guidance network, the guided
+    velocity target, and the optional clamp of du/dt."""
+
+    config: FewStepConfig
+
+    def wants_teacher(self) -> bool:
+        return self.config.target_network == "teacher" or (
+            self.config.zeta > 0 and self.config.guidance_network == "teacher"
+        )
+
+    def networks(
+        self, model: nn.Module, target_model: nn.Module | None, teacher_model: nn.Module | None
+    ) -> tuple[nn.Module, nn.Module]:
+        """(theta^-, the network of the unconditional guidance term)."""
+        if self.wants_teacher() and teacher_model is None:
+            raise ValueError("this objective needs the frozen teacher (train.init_from) but none was given")
+        if self.config.target_network == "teacher":
+            target_model = teacher_model
+        target_model = model if target_model is None else target_model
+        guidance_model = teacher_model if self.config.guidance_network == "teacher" else target_model
+        return target_model, guidance_model
+
+    def guide(self, velocity: Tensor, conditional: Tensor, unconditional: Tensor, kept: Tensor, t: Tensor) -> Tensor:
+        """``velocity + zeta * (conditional - unconditional)`` on rows with a real label and t in range."""
+        cfg = self.config
+        weight = expand_time(guidance_weight(kept, t, cfg.guidance_t_min, cfg.guidance_t_max), velocity)
+        return velocity + cfg.zeta * weight * (at_least_fp32(conditional) - at_least_fp32(unconditional))
+
+    def clamp(self, du_dt: Tensor) -> Tensor:
+        limit = self.config.dudt_clamp
+        return du_dt if limit is None else du_dt.clamp(-limit, limit)

@@ -2,10 +2,15 @@
 
     x_t    = t z + (1 - t) x
     v_tgt  = (z - x) + zeta * (sg(v_theta) - v_minus(x_t, t, null))     rows with a real label
-    u_tgt  = v_tgt - t * du_minus/dt                                     total derivative along the path
+    u_tgt  = v_tgt - t * du_minus/dt                                     total derivative along a direction
     loss   = beta * |v_theta - sg(v_tgt)|^2 + (1 - beta) * |u_theta - sg(u_tgt)|^2
 
 From t u(x_t, t) = x_t - x_0 with x_0 fixed along the trajectory: u + t du/dt = dx_t/dt.
+
+The paper's Alg. 1 leaves open along which direction du/dt is taken once v_tgt is guided.
+``derivative_direction: conditional`` differentiates along the conditional path (z - x), whose
+expectation is the unguided field; ``guided`` along v_tgt itself (MeanFlow's tangent), the
+direction for which u is the flow map of the guided field. Without guidance both are the same.
 """
 
 from __future__ import annotations
@@ -14,13 +19,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dumo.data.batch import Batch
 from dumo.objectives.base import (
     FewStepConfig,
+    FewStepObjective,
     ModelInput,
-    Objective,
     ObjectiveOutput,
     adaptive_weighting,
     at_least_fp32,
@@ -28,7 +33,6 @@ from dumo.objectives.base import (
     derivative_precision,
     difference_quotient,
     forward_many,
-    guidance_weight,
     squared_error,
     time_derivative_jvp,
 )
@@ -40,59 +44,91 @@ from dumo.schema import require
 class DuMoConfig(FewStepConfig):
     name: Literal["dumo"] = "dumo"
     beta: float = 0.7  # weight of the velocity loss; 1 - beta on the flow-map loss
+    derivative_direction: Literal["conditional", "guided"] = "conditional"  # see the module docstring
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         require(0.0 <= self.beta <= 1.0, f"{prefix}.beta must be in [0, 1]; got {self.beta}")
 
 
-class DuMoObjective(Objective):
+class DuMoObjective(FewStepObjective):
     heads = ("v", "u")
     time_inputs = 1
     config: DuMoConfig
 
-    def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
-        cfg = self.config
-        target_model = model if target_model is None else target_model
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
         x = batch.x
         z = torch.randn_like(x)
         t = self.time_sampler.sample(x.shape[0], x.device)
         labels, kept = self.drop_labels(batch.labels)
+        return self.loss(model, x, z, t, labels, kept, target_model, teacher_model)
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        z: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        kept: Tensor | None = None,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
+        """The loss for given data, noise, times and (already dropped) labels; ``kept`` marks the
+        rows whose label was not dropped."""
+        cfg = self.config
+        target_model, guidance_model = self.networks(model, target_model, teacher_model)
         x_t = self.path.sample(x, z, t)
         path_velocity = self.path.velocity(x, z, t)
 
         # The one pass with gradients: both heads from one backbone evaluation.
         out = model(x_t, t, labels=labels)
 
-        with torch.no_grad():
+        with torch.no_grad(), derivative_precision(cfg, x):
             guided = cfg.zeta > 0 and labels is not None
-            # The no-grad passes are independent of each other: u at t +- e and the
-            # unconditional v at t can run as one batched call.
+            if guided and kept is None:
+                kept = labels != self.null_label
+            along_guided = guided and cfg.derivative_direction == "guided"
+            # The no-grad passes are independent of each other unless the stencil follows the guided
+            # velocity (it needs the unconditional pass first) or guidance uses another network:
+            # otherwise u at t +- e and the unconditional v at t run as one batched call.
+            separate_guidance = guided and (along_guided or guidance_model is not target_model)
+            v_target = at_least_fp32(path_velocity)
+            if separate_guidance:
+                unconditional = guidance_model(x_t, t, labels=self.null_labels(labels)).v
+                v_target = self.guide(v_target, out.v.detach(), unconditional, kept, t)
+            direction = v_target.to(x.dtype) if along_guided else path_velocity
+
             requests = []
             if cfg.derivative == "finite_difference":
                 t_low, t_high = central_difference_times(t, cfg.epsilon, 0.0, 1.0)
-                requests.append(ModelInput(self.path.sample(x, z, t_high), t_high, labels=labels))
-                requests.append(ModelInput(self.path.sample(x, z, t_low), t_low, labels=labels))
-            if guided:
+                for t_end in (t_high, t_low):
+                    if along_guided:
+                        x_end = x_t + expand_time(t_end - t, x_t) * direction
+                    else:
+                        x_end = self.path.sample(x, z, t_end)
+                    requests.append(ModelInput(x_end, t_end, labels=labels))
+            if guided and not separate_guidance:
                 requests.append(ModelInput(x_t, t, labels=self.null_labels(labels)))
-            with derivative_precision(cfg, x):
-                outputs = forward_many(target_model, requests, batched=cfg.batch_target_passes)
-
-            v_target = at_least_fp32(path_velocity)
-            if guided:
-                weight = expand_time(guidance_weight(kept, t, cfg.guidance_t_min, cfg.guidance_t_max), x)
-                v_target = v_target + cfg.zeta * weight * (at_least_fp32(out.v.detach()) - at_least_fp32(outputs[-1].v))
+            outputs = forward_many(target_model, requests, batched=cfg.batch_target_passes)
+            if guided and not separate_guidance:
+                v_target = self.guide(v_target, out.v.detach(), outputs[-1].v, kept, t)
 
             if cfg.derivative == "finite_difference":
                 du_dt = difference_quotient(outputs[0].u, outputs[1].u, t_high, t_low)
             else:
-                # Exact derivative along the same path direction the difference uses (z - x).
+
                 def flow_map(x_in, t_in):
                     return at_least_fp32(target_model(x_in, t_in, labels=labels).u)
 
-                _, du_dt = time_derivative_jvp(flow_map, x_t, t, path_velocity)
-            if cfg.dudt_clamp is not None:
-                du_dt = du_dt.clamp(-cfg.dudt_clamp, cfg.dudt_clamp)
+                _, du_dt = time_derivative_jvp(flow_map, x_t, t, direction)
+            du_dt = self.clamp(du_dt)
             u_target = v_target - expand_time(t, du_dt) * du_dt
 
         loss_v = squared_error(out.v, v_target)

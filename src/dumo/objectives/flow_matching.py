@@ -21,7 +21,13 @@ class FlowMatchingObjective(Objective):
     heads = ("v",)
     time_inputs = 1
 
-    def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
         x = batch.x
         z = torch.randn_like(x)
         t = self.time_sampler.sample(x.shape[0], x.device)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from dumo.data.batch import Batch
 from dumo.objectives.base import (
     FewStepConfig,
+    FewStepObjective,
     ModelInput,
-    Objective,
     ObjectiveOutput,
     adaptive_weighting,
     at_least_fp32,
@@ -27,7 +27,6 @@ from dumo.objectives.base import (
     derivative_precision,
     difference_quotient,
     forward_many,
-    guidance_weight,
     squared_error,
     time_derivative_jvp,
 )
@@ -46,7 +45,7 @@ class MeanFlowConfig(FewStepConfig):
         require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
 
 
-class MeanFlowObjective(Objective):
+class MeanFlowObjective(FewStepObjective):
     heads = ("u",)
     time_inputs = 2
     config: MeanFlowConfig
@@ -58,32 +57,56 @@ class MeanFlowObjective(Objective):
         on_diagonal = torch.rand(n, device=device) < self.config.rho
         return t, torch.where(on_diagonal, t, r)
 
-    def __call__(self, model: nn.Module, batch: Batch, target_model: nn.Module | None = None) -> ObjectiveOutput:
-        cfg = self.config
-        # One forward-mode pass through ``model`` can give u and du/dt together only when theta^- is
-        # ``model`` itself; a separate target (EMA, or the unwrapped module under DDP, whose forward
-        # cannot run inside torch.func.jvp) gets its own no-grad derivative pass.
-        single_pass_jvp = cfg.derivative == "jvp" and cfg.target_network == "online" and target_model is None
-        target_model = model if target_model is None else target_model
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
         x = batch.x
         z = torch.randn_like(x)
         t, r = self.sample_times(x.shape[0], x.device)
         labels, kept = self.drop_labels(batch.labels)
+        return self.loss(model, x, z, t, r, labels, kept, target_model, teacher_model)
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        labels: Tensor | None = None,
+        kept: Tensor | None = None,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
+        """The loss for given data, noise, times r <= t and (already dropped) labels."""
+        cfg = self.config
+        # One forward-mode pass through ``model`` can give u and du/dt together only when theta^- is
+        # ``model`` itself; a separate target (EMA, teacher, or the unwrapped module under DDP, whose
+        # forward cannot run inside torch.func.jvp) gets its own no-grad derivative pass.
+        single_pass_jvp = cfg.derivative == "jvp" and cfg.target_network == "online" and target_model is None
+        target_model, guidance_model = self.networks(model, target_model, teacher_model)
         x_t = self.path.sample(x, z, t)
         v_target = at_least_fp32(self.path.velocity(x, z, t))
 
         if cfg.zeta > 0 and labels is not None:
-            # Guidance needs the conditional and unconditional velocity u(x_t, t, t) of theta^-.
+            kept = labels != self.null_label if kept is None else kept
+            # Guidance needs the conditional and unconditional velocity u(x_t, t, t) of theta^-
+            # (the unconditional one from the teacher when guidance_network is "teacher").
             with torch.no_grad():
-                conditional, unconditional = forward_many(
-                    target_model,
-                    [ModelInput(x_t, t, r=t, labels=labels), ModelInput(x_t, t, r=t, labels=self.null_labels(labels))],
-                    batched=cfg.batch_target_passes,
-                )
-                weight = expand_time(guidance_weight(kept, t, cfg.guidance_t_min, cfg.guidance_t_max), x)
-                v_target = v_target + cfg.zeta * weight * (
-                    at_least_fp32(conditional.u) - at_least_fp32(unconditional.u)
-                )
+                conditional_request = ModelInput(x_t, t, r=t, labels=labels)
+                unconditional_request = ModelInput(x_t, t, r=t, labels=self.null_labels(labels))
+                if guidance_model is target_model:
+                    conditional, unconditional = forward_many(
+                        target_model, [conditional_request, unconditional_request], batched=cfg.batch_target_passes
+                    )
+                else:
+                    (conditional,) = forward_many(target_model, [conditional_request], batched=False)
+                    (unconditional,) = forward_many(guidance_model, [unconditional_request], batched=False)
+                v_target = self.guide(v_target, conditional.u, unconditional.u, kept, t)
 
         def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
             return model(x_in, t_in, r=r_in, labels=labels).u
@@ -96,8 +119,7 @@ class MeanFlowObjective(Objective):
         else:
             u = average_velocity(x_t, t, r)
             du_dt = self.target_derivative(target_model, x_t, t, r, tangent, labels)
-        if cfg.dudt_clamp is not None:
-            du_dt = du_dt.clamp(-cfg.dudt_clamp, cfg.dudt_clamp)
+        du_dt = self.clamp(du_dt)
         u_target = v_target - expand_time(t - r, du_dt) * du_dt
 
         per_sample = squared_error(u, u_target)

@@ -25,6 +25,7 @@ from dumo.models import build_model
 from dumo.objectives import build_objective
 from dumo.training.checkpoint import (
     CHECKPOINT_DIR,
+    MODEL_FORMAT,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
@@ -36,6 +37,7 @@ from dumo.training.checkpoint import (
     unprefixed,
 )
 from dumo.training.ema import EMA
+from dumo.training.initialise import initial_weights
 from dumo.training.parallel import (
     full_model_state,
     full_optimizer_state,
@@ -48,6 +50,7 @@ from dumo.training.parallel import (
 CONFIG_FILE = "config.yaml"
 TRAIN_LOG = "train_log.csv"
 EVAL_LOG = "eval_log.csv"
+TEACHER_FILE = "teacher.safetensors"  # the frozen initial weights, kept with the run so that it resumes alone
 #: keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = tuple(
     f"train.{k}"
@@ -64,6 +67,7 @@ RESUMABLE_KEYS = tuple(
         "max_minutes",
         "compile",
         "parallel",
+        "init_from",  # only read before step 0: a resumed run no longer needs it
     )
 )
 
@@ -111,7 +115,7 @@ def remove_torn_writes(run_dir: Path) -> None:
 def clear_run(run_dir: Path) -> None:
     """Delete the files dumo wrote in ``run_dir`` (config, logs, checkpoints); leave anything else."""
     run_dir = Path(run_dir)
-    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG):
+    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG, TEACHER_FILE):
         (run_dir / name).unlink(missing_ok=True)
     folder = run_dir / CHECKPOINT_DIR
     if folder.is_dir():
@@ -150,6 +154,12 @@ class Trainer:
         self.dataset = build_dataset(config.data)
         self.num_classes = conditioning_classes(self.dataset, config.data)
         self.objective = build_objective(config.objective, self.num_classes)
+        if self.objective.wants_teacher() and config.train.init_from is None:
+            raise ConfigError(
+                "objective.target_network=teacher and objective.guidance_network=teacher need train.init_from "
+                "(the teacher is the frozen initial weights)"
+            )
+        self.teacher: nn.Module | None = None  # set in run(): from init_from, or from the run folder on resume
         self.model = self.build_plain_model().to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
@@ -169,7 +179,7 @@ class Trainer:
         # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp. Under FSDP
         # the sharded module itself serves (every rank runs the same passes).
         self.target_model: nn.Module | None = None
-        if config.objective.name != "fm" and config.objective.target_network == "ema":
+        if getattr(config.objective, "target_network", None) == "ema":
             self.target_model = self.ema.model
         elif self.dist.enabled and not self.sharded:
             self.target_model = torch.compile(self.model) if config.train.compile else self.model
@@ -193,6 +203,13 @@ class Trainer:
         return build_model(
             self.config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
         )
+
+    def scratch_model(self) -> nn.Module:
+        """A network of this run's architecture built without touching the run's random stream
+        (its initial values are overwritten anyway), so that a resumed run draws what the
+        uninterrupted one drew."""
+        with torch.random.fork_rng(devices=[]):
+            return self.build_plain_model()
 
     def save(self) -> Path | None:
         """Write a checkpoint from rank 0. Under FSDP every rank must call it (gathering is collective)."""
@@ -223,6 +240,25 @@ class Trainer:
             old.unlink(missing_ok=True)
         return path
 
+    def initialise_from(self, path: str) -> None:
+        """Load the weights at ``path`` into model and EMA before step 0 (see dumo.training.initialise)."""
+        weights = initial_weights(path, self.scratch_model(), self.config.model.u_head_init)
+        load_weights(self.model, weights.state, str(weights.source))
+        load_weights(self.ema.model, weights.state, str(weights.source))
+        if self.objective.wants_teacher() and self.dist.is_main:
+            save_checkpoint(self.run_dir / TEACHER_FILE, weights.state, {"step": "0"}, kind=MODEL_FORMAT)
+        if self.dist.is_main:
+            print(f"init_from: {weights.summary()}", flush=True)
+
+    def load_teacher(self) -> None:
+        """The frozen teacher from the run folder (written when the run started from init_from)."""
+        path = self.run_dir / TEACHER_FILE
+        if not path.is_file():
+            raise RunDirError(f"{self.run_dir} has no {TEACHER_FILE}; the objective needs the teacher to resume")
+        teacher = self.scratch_model()
+        load_weights(teacher, load_checkpoint(path, kind=MODEL_FORMAT)[0], str(path))
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+
     def restore(self, path: Path) -> None:
         tensors, metadata = load_checkpoint(path)
         load_weights(self.model, unprefixed(tensors, "model."), str(path))
@@ -252,7 +288,9 @@ class Trainer:
             last = j == cfg.grad_accumulation - 1
             with set_gradient_sync(self.parallel_model, last), self._randomness(shard):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    output = self.objective(self.step_model, piece, target_model=self.target_model)
+                    output = self.objective(
+                        self.step_model, piece, target_model=self.target_model, teacher_model=self.teacher
+                    )
                 # A non-finite loss is still backpropagated: its NaN gradients reach every rank through
                 # the all-reduce, so all ranks see the same gradient norm and skip the step together.
                 (output.loss / cfg.grad_accumulation).backward()
@@ -331,6 +369,11 @@ class Trainer:
         if existing:
             self.restore(existing[-1])
             resumed_from = self.step
+        elif cfg.init_from is not None:
+            self.initialise_from(cfg.init_from)
+        self.dist.barrier()  # the teacher file is written by rank 0
+        if self.objective.wants_teacher():
+            self.load_teacher()
         if main:
             truncate_log(self.run_dir / TRAIN_LOG, self.step)
             truncate_log(self.run_dir / EVAL_LOG, self.step)

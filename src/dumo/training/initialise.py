@@ -1,0 +1,141 @@
+"""Starting a run from existing weights (``train.init_from``): a dumo run, an export or a safetensors file.
+
+The mapping between objectives is explicit, tensor by tensor:
+
+- same architecture (continuation): every tensor is copied;
+- Flow Matching -> DuMo: the backbone and the v-head are copied; the u-head copies the v-head
+  (``model.u_head_init: copy_v``, so at step 0 one u-step is the teacher's one Euler step) or
+  keeps its zero initialisation (``zero``);
+- Flow Matching -> MeanFlow: the backbone is copied and the v-head becomes the average-velocity
+  head; the new interval embedding (of t - r) gets a zero output layer, so at step 0
+  u(x, r, t) = v(x, t) for every r, the teacher's velocity.
+
+Anything else that does not fit (a missing backbone tensor, a shape that differs) is refused
+with one line naming the first such tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from dumo.errors import CheckpointError
+from dumo.training.checkpoint import FORMAT, MODEL_FORMAT, list_checkpoints, load_checkpoint, unprefixed
+
+EXPORTED_WEIGHTS = "model.safetensors"
+RUN_CONFIG = "config.yaml"
+U_HEAD = "heads.u."
+V_HEAD = "heads.v."
+INTERVAL = "backbone.conditioning.interval."
+
+
+@dataclass
+class InitialWeights:
+    """The weights a run starts from, and what was done to fit them to the model."""
+
+    state: dict[str, Tensor]
+    source: Path
+    copied: int = 0
+    filled: list[str] = field(default_factory=list)  # how tensors the source lacks were made
+    dropped: list[str] = field(default_factory=list)  # source heads the model does not have
+
+    def summary(self) -> str:
+        parts = [f"{self.copied} tensors copied from {self.source}"]
+        parts += self.filled
+        if self.dropped:
+            parts.append(f"not used: {', '.join(self.dropped)}")
+        return "; ".join(parts)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Tensor], Path]:
+    """The weights stored at ``path`` (EMA weights of a run's latest checkpoint, an export's
+    weights, or a safetensors file of either kind or a plain state dict), and the file read."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / EXPORTED_WEIGHTS).is_file():
+            return load_checkpoint(path / EXPORTED_WEIGHTS, kind=MODEL_FORMAT)[0], path / EXPORTED_WEIGHTS
+        if not (path / RUN_CONFIG).is_file():
+            raise CheckpointError(f"train.init_from: {path} is not a dumo run or export directory (no {RUN_CONFIG})")
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"train.init_from: {path} has no checkpoints yet")
+        return unprefixed(load_checkpoint(found[-1])[0], "ema."), found[-1]
+    if not path.is_file():
+        raise CheckpointError(f"train.init_from: {path} not found")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"train.init_from: {path} is not a dumo run, export or .safetensors file "
+            "(convert an official DiT or SiT checkpoint with 'dumo import-weights' first)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            kind = (handle.metadata() or {}).get("format")
+    except Exception as error:  # safetensors raises several types for torn or foreign files
+        raise CheckpointError(f"train.init_from: {path} is not a readable safetensors file: {error}") from None
+    if kind == FORMAT:
+        return unprefixed(load_checkpoint(path)[0], "ema."), path
+    if kind == MODEL_FORMAT:
+        return load_checkpoint(path, kind=MODEL_FORMAT)[0], path
+    with safe_open(str(path), framework="pt") as handle:  # a plain state dict with dumo's names
+        return {key: handle.get_tensor(key) for key in handle.keys()}, path  # noqa: SIM118 (not a dict)
+
+
+def fit_weights(
+    source: dict[str, Tensor], model: nn.Module, u_head_init: str = "copy_v", origin: Path | str = "init_from"
+) -> InitialWeights:
+    """Map ``source`` onto the state dict of ``model`` (see the module docstring)."""
+    expected = model.state_dict()
+    has_v_head = any(k.startswith(V_HEAD) for k in expected)
+    state: dict[str, Tensor] = {}
+    result = InitialWeights(state, Path(origin))
+    used: set[str] = set()
+    u_from_v = zeroed_interval = False
+    for key, target in expected.items():
+        if key in source:
+            name = key
+        elif key.startswith(U_HEAD) and V_HEAD + key[len(U_HEAD) :] in source:
+            name = V_HEAD + key[len(U_HEAD) :]
+            if has_v_head and u_head_init == "zero":
+                state[key] = target.detach().clone()  # the model's own (zero) initialisation
+                continue
+            u_from_v = True
+        elif key.startswith(INTERVAL):
+            # A new interval embedding whose output layer is zero adds nothing to the conditioning.
+            last = max(int(k[len(INTERVAL) :].split(".")[1]) for k in expected if k.startswith(INTERVAL + "mlp."))
+            is_output = key.startswith(f"{INTERVAL}mlp.{last}.")
+            state[key] = torch.zeros_like(target) if is_output else target.detach().clone()
+            zeroed_interval = True
+            continue
+        else:
+            raise CheckpointError(f"train.init_from: {origin} has no tensor {key} (needed by this model)")
+        if source[name].shape != target.shape:
+            raise CheckpointError(
+                f"train.init_from: {origin}: shape of {name} is {tuple(source[name].shape)}, "
+                f"this model needs {tuple(target.shape)} for {key}"
+            )
+        state[key] = source[name].to(dtype=target.dtype, copy=True)  # own storage: u may copy v
+        used.add(name)
+        result.copied += 1
+    if u_from_v:
+        result.filled.append("u-head copied from the v-head" if has_v_head else "u-head initialised from the v-head")
+    elif any(k.startswith(U_HEAD) for k in expected) and not any(k.startswith(U_HEAD) for k in source):
+        result.filled.append("u-head left at its zero initialisation")
+    if zeroed_interval:
+        result.filled.append("new interval embedding with a zero output layer (u(x, r, t) = v(x, t) at step 0)")
+    unused = sorted(set(source) - used)
+    heads = sorted({k.split(".")[1] for k in unused if k.startswith("heads.")})
+    others = [k for k in unused if not k.startswith("heads.")]
+    if others:
+        raise CheckpointError(f"train.init_from: {origin} has tensor {others[0]}, which this model does not have")
+    result.dropped = [f"head {h}" for h in heads if not any(k.startswith(f"heads.{h}.") for k in expected)]
+    return result
+
+
+def initial_weights(path: str | Path, model: nn.Module, u_head_init: str = "copy_v") -> InitialWeights:
+    """Read ``path`` and fit its weights to ``model``."""
+    source, origin = read_weights(path)
+    return fit_weights(source, model, u_head_init, origin)
