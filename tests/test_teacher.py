@@ -172,6 +172,16 @@ def test_a_run_starts_from_the_teacher_and_resumes_exactly(tmp_path):
     assert (stopped / "teacher.safetensors").is_file()
 
 
+def test_a_source_with_another_time_scale_is_refused(tmp_path):
+    teacher_run = tmp_path / "teacher"
+    Trainer(tiny_toy("fm", steps=2, model__time_embedding_scale=1.0), teacher_run).run()
+    with pytest.raises(CheckpointError, match="model.time_embedding_scale=1.0, this config has 100.0"):
+        Trainer(tiny_toy("dumo", steps=2, train__init_from=str(teacher_run)), tmp_path / "student").run()
+    Trainer(
+        tiny_toy("dumo", steps=2, train__init_from=str(teacher_run), model__time_embedding_scale=1.0), tmp_path / "ok"
+    ).run()
+
+
 def test_teacher_networks_need_init_from(tmp_path):
     with pytest.raises(ConfigError, match="need train.init_from"):
         Trainer(tiny_toy("dumo", steps=1, objective__target_network="teacher"), tmp_path / "run")

@@ -135,7 +135,32 @@ def fit_weights(
     return result
 
 
-def initial_weights(path: str | Path, model: nn.Module, u_head_init: str = "copy_v") -> InitialWeights:
-    """Read ``path`` and fit its weights to ``model``."""
+#: model keys that change what the weights compute without changing any tensor's shape
+SHAPELESS_MODEL_KEYS = ("time_embedding_scale", "position_order")
+
+
+def check_model_keys(path: str | Path, model_config: object) -> None:
+    """Refuse a source run or export whose recorded model keys would make the same tensors compute
+    something else here (a SiT import needs time_embedding_scale 1, say). A bare file records none."""
+    import yaml
+
+    config_file = Path(path).expanduser() / RUN_CONFIG
+    if not config_file.is_file():
+        return
+    recorded = (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}
+    for key in SHAPELESS_MODEL_KEYS:
+        if key in recorded and recorded[key] != getattr(model_config, key):
+            raise CheckpointError(
+                f"train.init_from: {path} was trained with model.{key}={recorded[key]}, this config has "
+                f"{getattr(model_config, key)}; set model.{key}: {recorded[key]}"
+            )
+
+
+def initial_weights(
+    path: str | Path, model: nn.Module, u_head_init: str = "copy_v", model_config: object | None = None
+) -> InitialWeights:
+    """Read ``path`` and fit its weights to ``model`` (checking ``model_config`` against the source's)."""
+    if model_config is not None:
+        check_model_keys(path, model_config)
     source, origin = read_weights(path)
     return fit_weights(source, model, u_head_init, origin)

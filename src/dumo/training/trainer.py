@@ -242,7 +242,8 @@ class Trainer:
 
     def initialise_from(self, path: str) -> None:
         """Load the weights at ``path`` into model and EMA before step 0 (see dumo.training.initialise)."""
-        weights = initial_weights(path, self.scratch_model(), self.config.model.u_head_init)
+        model_config = self.config.model
+        weights = initial_weights(path, self.scratch_model(), model_config.u_head_init, model_config)
         load_weights(self.model, weights.state, str(weights.source))
         load_weights(self.ema.model, weights.state, str(weights.source))
         if self.objective.wants_teacher() and self.dist.is_main:

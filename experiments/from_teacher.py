@@ -1,0 +1,362 @@
+"""Make a multi-step flow model one-step: train a Flow Matching teacher, fine-tune DuMo and MeanFlow
+from it, and score them against the teacher (domain FD, class fidelity), over several seeds.
+
+    .venv/bin/python experiments/from_teacher.py stability --dataset digits      # u-loss per candidate
+    .venv/bin/python experiments/from_teacher.py results --dataset digits --seeds 0 1 2
+    .venv/bin/python experiments/from_teacher.py guidance --dataset digits       # FD vs fidelity figure
+    .venv/bin/python experiments/from_teacher.py derivative RUN_DIR              # |t du/dt| and FD error by t
+
+Every run is a ``dumo train`` process (one CPU thread each, ``--jobs`` at once) in --out; a run
+that is already finished is not trained again, and an interrupted one resumes. Scores of each run
+are kept in its folder (scores.json), so the tables can be rebuilt at no cost.
+
+- ``stability``: from the teacher of seed 0 (and from scratch), plain-L2 DuMo with each candidate
+  fix (clamp of du/dt, theta^- = EMA or the frozen teacher, learning rate, exact JVP, adaptive
+  weighting), guidance off; writes stability.md (u-loss over steps and final scores).
+- ``results``: per seed, the teacher (configs/DATASET/fm.yaml), DuMo and MeanFlow fine-tuned from
+  it (configs/DATASET/{dumo,meanflow}-from-fm.yaml), without guidance and with the configs'
+  guidance; writes results.md (mean +- std over seeds) and sample grids.
+- ``guidance``: domain FD against class fidelity for training-time guidance (zeta) and for
+  classifier-free guidance at sampling (scale w) on the zeta = 0 model; writes guidance.png/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DUMO = [sys.executable, "-m", "dumo"]
+NUM_SAMPLES = 1000
+EULER_STEPS = 50
+
+#: stability candidates: name -> config overrides on top of dumo-from-fm.yaml with guidance off, plain L2
+CANDIDATES = {
+    "plain": [],
+    "clamp 1": ["objective.dudt_clamp=1.0"],
+    "theta- = EMA": ["objective.target_network=ema"],
+    "theta- = teacher": ["objective.target_network=teacher"],
+    "lr 1e-4": ["optim.lr=0.0001"],
+    "exact JVP": ["objective.derivative=jvp"],
+    "adaptive p=1": ["objective.adaptive_p=1.0"],
+}
+SCRATCH_CANDIDATES = ("plain", "clamp 1", "theta- = EMA", "adaptive p=1")
+PLAIN = ["objective.zeta=0", "objective.adaptive_p=0", "objective.dudt_clamp=null"]
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
+    """``dumo train`` in its own process with one thread; a finished run is left as it is."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "scores.json").is_file():
+        return run_dir
+    command = [*DUMO, "train", str(config), "--out", str(run_dir)]
+    for item in [*overrides, "train.progress=false"]:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed: {' '.join(command)} (see {run_dir.parent / run_dir.name}.log)")
+    return run_dir
+
+
+def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
+    """Domain FD and class fidelity of the run's EMA weights for each named evaluation
+    (keyword arguments of dumo.evaluation.evaluate: nfes, method, guidance), cached in scores.json."""
+    import torch
+
+    from dumo.evaluation import evaluate
+    from dumo.run import load_run
+
+    path = run_dir / "scores.json"
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    missing = {name: spec for name, spec in evaluations.items() if f"{name}/fd" not in scores}
+    if missing:
+        torch.set_num_threads(1)
+        run = load_run(run_dir)
+        for name, spec in missing.items():
+            sample = run.config.sample
+            sample.guidance_scale = spec.get("guidance", 1.0)
+            result = evaluate(
+                run.model,
+                run.objective_name,
+                run.dataset,
+                sample,
+                nfes=(spec["nfe"],),
+                num=NUM_SAMPLES,
+                num_classes=run.num_classes,
+                method=spec.get("method", "auto"),
+            )
+            scores[f"{name}/fd"] = result[f"fd_{spec['nfe']}nfe"]
+            scores[f"{name}/fidelity"] = result.get(f"fidelity_{spec['nfe']}nfe", float("nan"))
+        path.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def read_log(run_dir: Path, column: str) -> dict[int, float]:
+    import csv
+
+    with (run_dir / "train_log.csv").open() as handle:
+        return {int(row["step"]): float(row[column]) for row in csv.DictReader(handle) if row.get(column)}
+
+
+def parallel(jobs: list, workers: int) -> list:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
+def config_path(dataset: str, name: str) -> Path:
+    return ROOT / "configs" / dataset / f"{name}.yaml"
+
+
+def teacher(args: argparse.Namespace, seed: int) -> Path:
+    run = train(config_path(args.dataset, "fm"), args.out / f"teacher-s{seed}", [f"train.seed={seed}"])
+    score(run, TEACHER_EVALUATIONS)
+    return run
+
+
+FEW_STEP_EVALUATIONS = {"1 NFE": {"nfe": 1}, "2 NFE": {"nfe": 2}}
+DUMO_EVALUATIONS = {**FEW_STEP_EVALUATIONS, "v-head 50 Euler": {"nfe": EULER_STEPS, "method": "euler"}}
+TEACHER_EVALUATIONS = {
+    "1 Euler": {"nfe": 1, "method": "euler"},
+    "2 Euler": {"nfe": 2, "method": "euler"},
+    "50 Euler": {"nfe": EULER_STEPS, "method": "euler"},
+}
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+# -- stages --------------------------------------------------------------------------------------
+
+
+def stability(args: argparse.Namespace) -> None:
+    start = teacher(args, 0)
+    base = config_path(args.dataset, "dumo-from-fm")
+    runs = {}
+    for name, extra in CANDIDATES.items():
+        for origin in ("teacher", "scratch"):
+            if origin == "scratch" and name not in SCRATCH_CANDIDATES:
+                continue
+            init = [f"train.init_from={start}"] if origin == "teacher" else ["train.init_from=null"]
+            if origin == "scratch":
+                init.append(f"train.steps={args.scratch_steps}")
+            folder = args.out / "stability" / f"{origin}-{name.replace(' ', '_').replace('=', '')}"
+            runs[(origin, name)] = (folder, [*PLAIN, *extra, *init, "train.checkpoint_every=500"])
+    jobs = [lambda f=f, o=o: score(train(base, f, o), FEW_STEP_EVALUATIONS) for f, o in runs.values()]
+    parallel(jobs, args.jobs)
+    steps = (100, 300, 500, 700, 1000, 1500, 2000, 3000)
+    lines = [
+        f"Plain-L2 DuMo on {args.dataset} (beta 0.7, zeta 0, adaptive weighting off unless named), one seed: "
+        "u-loss (loss_u in train_log.csv, a single batch every 100 steps) by step, and the EMA weights' domain FD "
+        f"at the end ({NUM_SAMPLES} samples). Teacher: configs/{args.dataset}/fm.yaml seed 0.",
+        "",
+        "| start | candidate | " + " | ".join(f"u-loss @{s}" for s in steps) + " | FD 1 NFE | FD 2 NFE |",
+        "|---|---|" + "---|" * (len(steps) + 2),
+    ]
+    for (origin, name), (folder, _) in runs.items():
+        loss = read_log(folder, "loss_u")
+        scores = json.loads((folder / "scores.json").read_text())
+        shown = [f"{loss[s]:.3g}" if s in loss else "" for s in steps]
+        lines.append(
+            f"| {origin} | {name} | " + " | ".join(shown) + f" | {scores['1 NFE/fd']:.3f} | {scores['2 NFE/fd']:.3f} |"
+        )
+    write(args.out / "stability.md", lines)
+
+
+def results(args: argparse.Namespace) -> None:
+    rows: dict[tuple[str, str], list[dict]] = {}
+
+    def one_seed(seed: int) -> None:
+        start = teacher(args, seed)
+        rows.setdefault(("Flow Matching teacher", "-"), []).append(json.loads((start / "scores.json").read_text()))
+        for method, evaluations in (("dumo", DUMO_EVALUATIONS), ("meanflow", FEW_STEP_EVALUATIONS)):
+            for guidance in ("zeta 0", "guided"):
+                extra = ["objective.zeta=0"] if guidance == "zeta 0" else []
+                folder = args.out / f"{method}-{guidance.replace(' ', '')}-s{seed}"
+                config = config_path(args.dataset, f"{method}-from-fm")
+                overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra]
+                scores = score(train(config, folder, overrides), evaluations)
+                rows.setdefault((method, guidance), []).append(scores)
+
+    parallel([lambda s=s: one_seed(s) for s in args.seeds], args.jobs)
+    titles = {"dumo": "DuMo from the teacher", "meanflow": "MeanFlow from the teacher"}
+    lines = [
+        f"{args.dataset}: teacher = configs/{args.dataset}/fm.yaml; DuMo and MeanFlow fine-tuned from its EMA "
+        f"weights with configs/{args.dataset}/{{dumo,meanflow}}-from-fm.yaml; seeds {args.seeds} "
+        f"(mean ± std); EMA weights, {NUM_SAMPLES} samples; domain FD lower is better, class fidelity higher.",
+        "",
+        "| model | guidance (training) | sampler | domain FD | class fidelity |",
+        "|---|---|---|---|---|",
+    ]
+    for (method, guidance), seeds in sorted(rows.items(), key=lambda item: item[0][0] != "Flow Matching teacher"):
+        for name in seeds[0]:
+            if not name.endswith("/fd"):
+                continue
+            evaluation = name[: -len("/fd")]
+            fd = mean_std([s[name] for s in seeds])
+            fidelity = mean_std([s[f"{evaluation}/fidelity"] for s in seeds])
+            lines.append(f"| {titles.get(method, method)} | {guidance} | {evaluation} | {fd} | {fidelity} |")
+    write(args.out / "results.md", lines)
+    grids(args)
+
+
+def grids(args: argparse.Namespace) -> None:
+    """40 samples of seed 0's teacher (50 Euler), DuMo (1 NFE) and MeanFlow (1 NFE), both kinds of guidance."""
+    from dumo.evaluation import balanced_labels, generate
+    from dumo.plotting import image_grid
+    from dumo.run import load_run
+
+    panels = [("teacher-s0", 50, "euler"), ("dumo-zeta0-s0", 1, "auto"), ("dumo-guided-s0", 1, "auto")]
+    panels += [("meanflow-zeta0-s0", 1, "auto"), ("meanflow-guided-s0", 1, "auto")]
+    for folder, nfe, method in panels:
+        if not (args.out / folder).is_dir():
+            continue
+        run = load_run(args.out / folder)
+        labels = balanced_labels(40, run.num_classes)
+        x = generate(run.model, run.objective_name, (40, *run.dataset.shape), nfe, run.config.sample, 0, labels, method)
+        image_grid(
+            run.dataset.unstandardise(x).numpy(),
+            labels.numpy(),
+            args.out / f"{folder}-{nfe}nfe.png",
+            title=f"{folder}, {nfe} NFE",
+        )
+
+
+def guidance(args: argparse.Namespace) -> None:
+    """FD against class fidelity: training-time zeta (one run each) and sampling-time scale w."""
+    start = teacher(args, 0)
+    config = config_path(args.dataset, "dumo-from-fm")
+    points: dict[str, list[tuple[float, float, str]]] = {"training-time zeta": [], "sampling-time w (zeta 0)": []}
+    jobs = []
+    for zeta in args.zetas:
+        folder = args.out / f"guidance-zeta{zeta}"
+        overrides = [f"train.init_from={start}", f"objective.zeta={zeta}"]
+        jobs.append(lambda f=folder, o=overrides: (f, score(train(config, f, o), {"1 NFE": {"nfe": 1}})))
+    for folder, scores in parallel(jobs, args.jobs):
+        zeta = folder.name[len("guidance-zeta") :]
+        points["training-time zeta"].append((scores["1 NFE/fd"], scores["1 NFE/fidelity"], f"ζ={zeta}"))
+    zero = args.out / f"guidance-zeta{args.zetas[0]}"
+    evaluations = {f"1 NFE w={w}": {"nfe": 1, "guidance": w} for w in args.scales}
+    scores = score(zero, evaluations)
+    for w in args.scales:
+        points["sampling-time w (zeta 0)"].append((scores[f"1 NFE w={w}/fd"], scores[f"1 NFE w={w}/fidelity"], f"w={w}"))
+    lines = [
+        f"{args.dataset}, DuMo fine-tuned from the seed-0 teacher, 1 NFE, {NUM_SAMPLES} samples, one seed. "
+        "Sampling-time guidance costs two network passes per step.",
+        "",
+        "| kind | setting | domain FD | class fidelity |",
+        "|---|---|---|---|",
+    ]
+    for kind, entries in points.items():
+        for fd, fidelity, label in entries:
+            lines.append(f"| {kind} | {label} | {fd:.3f} | {fidelity:.3f} |")
+    write(args.out / "guidance.md", lines)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for (kind, entries), marker in zip(points.items(), ("o-", "s--")):
+        axis.plot([e[1] for e in entries], [e[0] for e in entries], marker, label=kind)
+        for fd, fidelity, label in entries:
+            axis.annotate(label, (fidelity, fd), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xlabel("class fidelity (higher: more class-typical)")
+    axis.set_ylabel("domain FD (lower: closer to the data)")
+    axis.set_title(f"{args.dataset}: DuMo 1 NFE, guidance trade-off")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(args.out / "guidance.png", dpi=120)
+
+
+def derivative(args: argparse.Namespace) -> None:
+    """For each checkpoint of a DuMo run: RMS of t du/dt (the part of the u-target that feeds back)
+    and the finite difference's error against the exact JVP, by t, on one fixed batch."""
+    import torch
+
+    from dumo.data import build_dataset
+    from dumo.models import build_model
+    from dumo.objectives import DuMoConfig, DuMoObjective, TimeConfig
+    from dumo.run import load_run
+    from dumo.training.checkpoint import list_checkpoints
+
+    torch.set_num_threads(2)
+    run_dir = args.run_dir
+    bins = [(0.0, 0.02), (0.02, 0.1), (0.1, 0.3), (0.3, 0.7), (0.7, 0.9), (0.9, 0.98), (0.98, 1.0)]
+    lines = [
+        f"{run_dir}: RMS of t du/dt (finite difference, online weights, conditional direction) by t, and in brackets "
+        "the relative error of the finite difference against the exact JVP; 256 training images, t uniform in "
+        "each bin.",
+        "",
+        "| step | " + " | ".join(f"t in [{a}, {b}]" for a, b in bins) + " |",
+        "|---|" + "---|" * len(bins),
+    ]
+    run = load_run(run_dir)
+    dataset = build_dataset(run.config.data)
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randint(0, len(dataset), (256,), generator=generator)
+    x = dataset.standardise(dataset.images[index]) if hasattr(dataset, "images") else dataset.sample(256)[0]
+    labels = dataset.labels[index] if run.num_classes else None
+    z = torch.randn(x.shape, generator=generator)
+    for checkpoint in list_checkpoints(run_dir):
+        model = build_model(run.config.model, dataset.shape, ("v", "u"), run.num_classes)
+        from dumo.training.checkpoint import load_checkpoint, unprefixed
+
+        model.load_state_dict(unprefixed(load_checkpoint(checkpoint)[0], "model."))
+        model.eval()
+        cells = []
+        for low, high in bins:
+            t = low + (high - low) * torch.rand(x.shape[0], generator=generator)
+            config = DuMoConfig(time=TimeConfig("uniform"), epsilon=run.config.objective.epsilon)
+            fd = DuMoObjective(config, run.num_classes).loss(model, x, z, t, labels).targets["du_dt"]
+            jvp_config = DuMoConfig(time=TimeConfig("uniform"), derivative="jvp")
+            exact = DuMoObjective(jvp_config, run.num_classes).loss(model, x, z, t, labels).targets["du_dt"]
+            rms = (t.view(-1, *[1] * (x.dim() - 1)) * fd).square().mean().sqrt().item()
+            error = ((fd - exact).norm() / exact.norm().clamp(min=1e-12)).item()
+            cells.append(f"{rms:.3g} ({error:.0%})")
+        lines.append(f"| {checkpoint.stem.split('_')[1].lstrip('0') or '0'} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
+def write(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True)
+    for name in ("stability", "results", "guidance"):
+        stage = stages.add_parser(name)
+        stage.add_argument("--dataset", choices=("digits", "fashion_mnist", "mnist"), default="digits")
+        stage.add_argument("--out", type=Path, help="default: experiments/results/from_teacher/DATASET")
+        stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
+        stage.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        stage.add_argument("--scratch-steps", type=int, default=3000, help="stability: steps of the runs from scratch")
+        stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
+        stage.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
+    stage = stages.add_parser("derivative")
+    stage.add_argument("run_dir", type=Path)
+    args = parser.parse_args()
+    if args.stage != "derivative":
+        args.out = args.out or ROOT / "experiments" / "results" / "from_teacher" / args.dataset
+    {"stability": stability, "results": results, "guidance": guidance, "derivative": derivative}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
