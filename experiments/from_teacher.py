@@ -45,9 +45,16 @@ CANDIDATES = {
     "lr 1e-4": ["optim.lr=0.0001"],
     "exact JVP": ["objective.derivative=jvp"],
     "adaptive p=1": ["objective.adaptive_p=1.0"],
+    "v-head direction": ["objective.derivative_direction=v_head"],
+    "v-head direction, clamp 1": ["objective.derivative_direction=v_head", "objective.dudt_clamp=1.0"],
 }
-SCRATCH_CANDIDATES = ("plain", "clamp 1", "theta- = EMA", "adaptive p=1")
-PLAIN = ["objective.zeta=0", "objective.adaptive_p=0", "objective.dudt_clamp=null"]
+SCRATCH_CANDIDATES = ("plain", "clamp 1", "theta- = EMA", "adaptive p=1", "v-head direction")
+PLAIN = [
+    "objective.zeta=0",
+    "objective.adaptive_p=0",
+    "objective.dudt_clamp=null",
+    "objective.derivative_direction=conditional",
+]
 
 
 # -- running -------------------------------------------------------------------------------------

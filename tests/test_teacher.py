@@ -237,6 +237,28 @@ def test_guided_direction_differentiates_along_the_guided_velocity(derivative, t
     assert not torch.allclose(conditional_direction.targets["du_dt"], out.targets["du_dt"], atol=1e-3)
 
 
+@pytest.mark.parametrize("zeta", [0.0, 0.5])
+@pytest.mark.parametrize("derivative, tolerance", [("jvp", 1e-5), ("finite_difference", 5e-2)])
+def test_v_head_direction_differentiates_along_the_networks_own_velocity(zeta, derivative, tolerance):
+    model, batch = small_model(num_classes=CLASSES), labelled()
+    z, t, labels, kept = draws(batch)
+    config = DuMoConfig(zeta=zeta, time=MIDDLE, derivative=derivative, derivative_direction="v_head")
+    out = DuMoObjective(config, CLASSES).loss(model, batch.x, z, t, labels, kept)
+    x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
+    with torch.no_grad():
+        conditional = model(x_t, t, labels=labels).v
+        unconditional = model(x_t, t, labels=torch.full_like(labels, CLASSES)).v
+        direction = conditional + zeta * kept.float()[:, None] * (conditional - unconditional)
+        _, expected = torch.func.jvp(
+            lambda x_in, t_in: model(x_in, t_in, labels=labels).u, (x_t, t), (direction, torch.ones_like(t))
+        )
+    error = ((out.targets["du_dt"] - expected).norm() / expected.norm()).item()
+    assert error < tolerance, error
+    # The velocity target itself is unchanged by the choice of direction.
+    expected_v = (z - batch.x) + zeta * kept.float()[:, None] * (conditional - unconditional)
+    assert torch.allclose(out.targets["v"], expected_v, atol=1e-6)
+
+
 def scaled_copy(model, factor):
     other = small_model(num_classes=CLASSES)
     other.load_state_dict(model.state_dict())

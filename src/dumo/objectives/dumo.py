@@ -7,10 +7,17 @@
 
 From t u(x_t, t) = x_t - x_0 with x_0 fixed along the trajectory: u + t du/dt = dx_t/dt.
 
-The paper's Alg. 1 leaves open along which direction du/dt is taken once v_tgt is guided.
-``derivative_direction: conditional`` differentiates along the conditional path (z - x), whose
-expectation is the unguided field; ``guided`` along v_tgt itself (MeanFlow's tangent), the
-direction for which u is the flow map of the guided field. Without guidance both are the same.
+Along which direction du/dt is taken (``derivative_direction``; the paper's Alg. 1 does not say
+once v_tgt is guided):
+
+- ``conditional``: the conditional path, dx/dt = z - x. Its expectation given x_t is the marginal
+  velocity, but each sample adds t * (du/dx) (z - x - v), zero-mean noise that grows with the
+  roughness of u and feeds back through theta^- (see README "Make your flow model one-step").
+- ``guided``: the guided velocity target v_tgt (MeanFlow's tangent), for which u is the flow map
+  of the guided field. Without guidance it equals ``conditional``.
+- ``v_head``: the network's own velocity sg(v_theta(x_t, t)), guided like v_tgt when zeta > 0:
+  the ODE direction itself, as in consistency distillation, with no per-sample noise. It costs
+  nothing extra: v_theta comes from the pass with gradients.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from dumo.schema import require
 class DuMoConfig(FewStepConfig):
     name: Literal["dumo"] = "dumo"
     beta: float = 0.7  # weight of the velocity loss; 1 - beta on the flow-map loss
-    derivative_direction: Literal["conditional", "guided"] = "conditional"  # see the module docstring
+    derivative_direction: Literal["conditional", "guided", "v_head"] = "conditional"  # see the module docstring
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
@@ -94,22 +101,32 @@ class DuMoObjective(FewStepObjective):
             guided = cfg.zeta > 0 and labels is not None
             if guided and kept is None:
                 kept = labels != self.null_label
-            along_guided = guided and cfg.derivative_direction == "guided"
-            # The no-grad passes are independent of each other unless the stencil follows the guided
+            # Without guidance the "guided" direction is the conditional path itself.
+            along_target = cfg.derivative_direction == "v_head" or (guided and cfg.derivative_direction == "guided")
+            # The no-grad passes are independent of each other unless the stencil follows a guided
             # velocity (it needs the unconditional pass first) or guidance uses another network:
             # otherwise u at t +- e and the unconditional v at t run as one batched call.
-            separate_guidance = guided and (along_guided or guidance_model is not target_model)
+            separate_guidance = guided and (along_target or guidance_model is not target_model)
             v_target = at_least_fp32(path_velocity)
+            unconditional = None
             if separate_guidance:
                 unconditional = guidance_model(x_t, t, labels=self.null_labels(labels)).v
                 v_target = self.guide(v_target, out.v.detach(), unconditional, kept, t)
-            direction = v_target.to(x.dtype) if along_guided else path_velocity
+            if cfg.derivative_direction == "v_head":
+                direction = at_least_fp32(out.v.detach())
+                if guided:
+                    direction = self.guide(direction, out.v.detach(), unconditional, kept, t)
+                direction = direction.to(x.dtype)
+            elif along_target:
+                direction = v_target.to(x.dtype)
+            else:
+                direction = path_velocity
 
             requests = []
             if cfg.derivative == "finite_difference":
                 t_low, t_high = central_difference_times(t, cfg.epsilon, 0.0, 1.0)
                 for t_end in (t_high, t_low):
-                    if along_guided:
+                    if along_target:
                         x_end = x_t + expand_time(t_end - t, x_t) * direction
                     else:
                         x_end = self.path.sample(x, z, t_end)
