@@ -40,15 +40,14 @@ EULER_STEPS = 50
 CANDIDATES = {
     "plain": [],
     "clamp 1": ["objective.dudt_clamp=1.0"],
+    "v-head direction": ["objective.derivative_direction=v_head"],
+    "v-head direction, clamp 1": ["objective.derivative_direction=v_head", "objective.dudt_clamp=1.0"],
     "theta- = EMA": ["objective.target_network=ema"],
     "theta- = teacher": ["objective.target_network=teacher"],
     "lr 1e-4": ["optim.lr=0.0001"],
-    "exact JVP": ["objective.derivative=jvp"],
     "adaptive p=1": ["objective.adaptive_p=1.0"],
-    "v-head direction": ["objective.derivative_direction=v_head"],
-    "v-head direction, clamp 1": ["objective.derivative_direction=v_head", "objective.dudt_clamp=1.0"],
 }
-SCRATCH_CANDIDATES = ("plain", "clamp 1", "theta- = EMA", "adaptive p=1", "v-head direction")
+SCRATCH_CANDIDATES = ("plain", "clamp 1", "v-head direction", "adaptive p=1")
 PLAIN = [
     "objective.zeta=0",
     "objective.adaptive_p=0",
@@ -86,7 +85,7 @@ def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
 
     path = run_dir / "scores.json"
     scores = json.loads(path.read_text()) if path.is_file() else {}
-    missing = {name: spec for name, spec in evaluations.items() if f"{name}/fd" not in scores}
+    missing = {name: spec for name, spec in evaluations.items() if not any(k.startswith(f"{name}/") for k in scores)}
     if missing:
         torch.set_num_threads(1)
         run = load_run(run_dir)
@@ -103,8 +102,8 @@ def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
                 num_classes=run.num_classes,
                 method=spec.get("method", "auto"),
             )
-            scores[f"{name}/fd"] = result[f"fd_{spec['nfe']}nfe"]
-            scores[f"{name}/fidelity"] = result.get(f"fidelity_{spec['nfe']}nfe", float("nan"))
+            for key, value in result.items():  # fd_1nfe -> "1 NFE/fd"
+                scores[f"{name}/{key.rsplit('_', 1)[0]}"] = value
         path.write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -122,11 +121,19 @@ def parallel(jobs: list, workers: int) -> list:
 
 
 def config_path(dataset: str, name: str) -> Path:
+    if dataset == "moons":
+        return ROOT / "configs" / "toy" / f"moons-{name}.yaml"
     return ROOT / "configs" / dataset / f"{name}.yaml"
 
 
+def metric(dataset: str) -> str:
+    """The quality figure of a dataset: MMD for 2-D data, domain FD for images."""
+    return "mmd" if dataset == "moons" else "fd"
+
+
 def teacher(args: argparse.Namespace, seed: int) -> Path:
-    run = train(config_path(args.dataset, "fm"), args.out / f"teacher-s{seed}", [f"train.seed={seed}"])
+    overrides = [f"train.seed={seed}"] + ([f"train.steps={args.teacher_steps}"] if args.teacher_steps else [])
+    run = train(config_path(args.dataset, "fm"), args.out / f"teacher-s{seed}", overrides)
     score(run, TEACHER_EVALUATIONS)
     return run
 
@@ -138,6 +145,11 @@ TEACHER_EVALUATIONS = {
     "2 Euler": {"nfe": 2, "method": "euler"},
     "50 Euler": {"nfe": EULER_STEPS, "method": "euler"},
 }
+
+
+def budget(args: argparse.Namespace) -> list[str]:
+    """Overrides of the fine-tuning runs' step count (--steps), if given."""
+    return [f"train.steps={args.steps}"] if args.steps else []
 
 
 def mean_std(values: list[float]) -> str:
@@ -153,11 +165,11 @@ def stability(args: argparse.Namespace) -> None:
     start = teacher(args, 0)
     base = config_path(args.dataset, "dumo-from-fm")
     runs = {}
-    for name, extra in CANDIDATES.items():
-        for origin in ("teacher", "scratch"):
+    for origin in ("teacher", "scratch"):
+        for name, extra in CANDIDATES.items():
             if origin == "scratch" and name not in SCRATCH_CANDIDATES:
                 continue
-            init = [f"train.init_from={start}"] if origin == "teacher" else ["train.init_from=null"]
+            init = [f"train.init_from={start}", *budget(args)] if origin == "teacher" else ["train.init_from=null"]
             if origin == "scratch":
                 init.append(f"train.steps={args.scratch_steps}")
             folder = args.out / "stability" / f"{origin}-{name.replace(' ', '_').replace('=', '')}"
@@ -165,12 +177,13 @@ def stability(args: argparse.Namespace) -> None:
     jobs = [lambda f=f, o=o: score(train(base, f, o), FEW_STEP_EVALUATIONS) for f, o in runs.values()]
     parallel(jobs, args.jobs)
     steps = (100, 300, 500, 700, 1000, 1500, 2000, 3000)
+    key = metric(args.dataset)
     lines = [
         f"Plain-L2 DuMo on {args.dataset} (beta 0.7, zeta 0, adaptive weighting off unless named), one seed: "
         "u-loss (loss_u in train_log.csv, a single batch every 100 steps) by step, and the EMA weights' domain FD "
-        f"at the end ({NUM_SAMPLES} samples). Teacher: configs/{args.dataset}/fm.yaml seed 0.",
+        f"at the end ({NUM_SAMPLES} samples). Teacher: {config_path(args.dataset, 'fm').relative_to(ROOT)} seed 0.",
         "",
-        "| start | candidate | " + " | ".join(f"u-loss @{s}" for s in steps) + " | FD 1 NFE | FD 2 NFE |",
+        "| start | candidate | " + " | ".join(f"u-loss @{s}" for s in steps) + f" | {key} 1 NFE | {key} 2 NFE |",
         "|---|---|" + "---|" * (len(steps) + 2),
     ]
     for (origin, name), (folder, _) in runs.items():
@@ -178,46 +191,53 @@ def stability(args: argparse.Namespace) -> None:
         scores = json.loads((folder / "scores.json").read_text())
         shown = [f"{loss[s]:.3g}" if s in loss else "" for s in steps]
         lines.append(
-            f"| {origin} | {name} | " + " | ".join(shown) + f" | {scores['1 NFE/fd']:.3f} | {scores['2 NFE/fd']:.3f} |"
+            f"| {origin} | {name} | "
+            + " | ".join(shown)
+            + f" | {scores[f'1 NFE/{key}']:.4f} | {scores[f'2 NFE/{key}']:.4f} |"
         )
     write(args.out / "stability.md", lines)
 
 
 def results(args: argparse.Namespace) -> None:
     rows: dict[tuple[str, str], list[dict]] = {}
+    key = metric(args.dataset)
 
     def one_seed(seed: int) -> None:
         start = teacher(args, seed)
         rows.setdefault(("Flow Matching teacher", "-"), []).append(json.loads((start / "scores.json").read_text()))
         for method, evaluations in (("dumo", DUMO_EVALUATIONS), ("meanflow", FEW_STEP_EVALUATIONS)):
-            for guidance in ("zeta 0", "guided"):
+            for guidance in ("zeta 0", "guided") if args.dataset != "moons" else ("zeta 0",):
                 extra = ["objective.zeta=0"] if guidance == "zeta 0" else []
                 folder = args.out / f"{method}-{guidance.replace(' ', '')}-s{seed}"
                 config = config_path(args.dataset, f"{method}-from-fm")
-                overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra]
+                overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
                 scores = score(train(config, folder, overrides), evaluations)
                 rows.setdefault((method, guidance), []).append(scores)
 
     parallel([lambda s=s: one_seed(s) for s in args.seeds], args.jobs)
     titles = {"dumo": "DuMo from the teacher", "meanflow": "MeanFlow from the teacher"}
     lines = [
-        f"{args.dataset}: teacher = configs/{args.dataset}/fm.yaml; DuMo and MeanFlow fine-tuned from its EMA "
-        f"weights with configs/{args.dataset}/{{dumo,meanflow}}-from-fm.yaml; seeds {args.seeds} "
-        f"(mean ± std); EMA weights, {NUM_SAMPLES} samples; domain FD lower is better, class fidelity higher.",
+        f"{args.dataset}: teacher = {config_path(args.dataset, 'fm').relative_to(ROOT)}; DuMo and MeanFlow "
+        f"fine-tuned from its EMA weights with {config_path(args.dataset, 'dumo-from-fm').relative_to(ROOT)} and "
+        f"the meanflow-from-fm config; seeds {args.seeds} (mean ± std); EMA weights, {NUM_SAMPLES} samples; "
+        f"{key} lower is better, class fidelity higher.",
         "",
-        "| model | guidance (training) | sampler | domain FD | class fidelity |",
+        f"| model | guidance (training) | sampler | {key} | class fidelity |",
         "|---|---|---|---|---|",
     ]
     for (method, guidance), seeds in sorted(rows.items(), key=lambda item: item[0][0] != "Flow Matching teacher"):
         for name in seeds[0]:
-            if not name.endswith("/fd"):
+            if not name.endswith(f"/{key}"):
                 continue
-            evaluation = name[: -len("/fd")]
-            fd = mean_std([s[name] for s in seeds])
-            fidelity = mean_std([s[f"{evaluation}/fidelity"] for s in seeds])
-            lines.append(f"| {titles.get(method, method)} | {guidance} | {evaluation} | {fd} | {fidelity} |")
+            evaluation = name[: -len(f"/{key}")]
+            quality = mean_std([s[name] for s in seeds])
+            fidelity = (
+                mean_std([s[f"{evaluation}/fidelity"] for s in seeds]) if f"{evaluation}/fidelity" in seeds[0] else "-"
+            )
+            lines.append(f"| {titles.get(method, method)} | {guidance} | {evaluation} | {quality} | {fidelity} |")
     write(args.out / "results.md", lines)
-    grids(args)
+    if key == "fd":
+        grids(args)
 
 
 def grids(args: argparse.Namespace) -> None:
@@ -250,7 +270,7 @@ def guidance(args: argparse.Namespace) -> None:
     jobs = []
     for zeta in args.zetas:
         folder = args.out / f"guidance-zeta{zeta}"
-        overrides = [f"train.init_from={start}", f"objective.zeta={zeta}"]
+        overrides = [f"train.init_from={start}", f"objective.zeta={zeta}", *budget(args)]
         jobs.append(lambda f=folder, o=overrides: (f, score(train(config, f, o), {"1 NFE": {"nfe": 1}})))
     for folder, scores in parallel(jobs, args.jobs):
         zeta = folder.name[len("guidance-zeta") :]
@@ -259,7 +279,9 @@ def guidance(args: argparse.Namespace) -> None:
     evaluations = {f"1 NFE w={w}": {"nfe": 1, "guidance": w} for w in args.scales}
     scores = score(zero, evaluations)
     for w in args.scales:
-        points["sampling-time w (zeta 0)"].append((scores[f"1 NFE w={w}/fd"], scores[f"1 NFE w={w}/fidelity"], f"w={w}"))
+        points["sampling-time w (zeta 0)"].append(
+            (scores[f"1 NFE w={w}/fd"], scores[f"1 NFE w={w}/fidelity"], f"w={w}")
+        )
     lines = [
         f"{args.dataset}, DuMo fine-tuned from the seed-0 teacher, 1 NFE, {NUM_SAMPLES} samples, one seed. "
         "Sampling-time guidance costs two network passes per step.",
@@ -350,11 +372,13 @@ def main() -> None:
     stages = parser.add_subparsers(dest="stage", required=True)
     for name in ("stability", "results", "guidance"):
         stage = stages.add_parser(name)
-        stage.add_argument("--dataset", choices=("digits", "fashion_mnist", "mnist"), default="digits")
+        stage.add_argument("--dataset", choices=("digits", "fashion_mnist", "mnist", "moons"), default="digits")
         stage.add_argument("--out", type=Path, help="default: experiments/results/from_teacher/DATASET")
         stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
         stage.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        stage.add_argument("--scratch-steps", type=int, default=3000, help="stability: steps of the runs from scratch")
+        stage.add_argument("--teacher-steps", type=int, help="teacher steps (default: the fm config's)")
+        stage.add_argument("--steps", type=int, help="fine-tuning steps (default: the from-fm config's)")
+        stage.add_argument("--scratch-steps", type=int, default=1500, help="stability: steps of the runs from scratch")
         stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
         stage.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
     stage = stages.add_parser("derivative")
