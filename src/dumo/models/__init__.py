@@ -13,6 +13,7 @@ from typing import Literal
 
 from torch import nn
 
+from dumo.errors import ConfigError
 from dumo.models.dit import DIT_SIZES, POSITION_ORDERS, DiTBackbone, DiTHead, DiTSize, parse_dit_name
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
@@ -20,6 +21,7 @@ from dumo.models.output import ModelOutput
 from dumo.models.unet import UNetBackbone, UNetHead
 from dumo.schema import require
 
+MLP_HIDDEN_DIM, MLP_DEPTH = 256, 4  # the mlp's width and depth when model.hidden_dim / depth are null
 MODEL_NAMES = ("mlp", "unet", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (1, 2, 4)))
 
 
@@ -93,10 +95,9 @@ def build_model(
     """The network for ``config`` on data of ``data_shape`` ((D,) vectors or (C, H, W) images)
     with the heads (and time inputs) an objective needs."""
     data_shape = tuple(data_shape)
+    check_fits(config, data_shape)
     dit = parse_dit_name(config.name)
     if dit is not None:
-        if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-            raise ValueError(f"{config.name} needs square (C, H, W) data; got shape {data_shape}")
         size, patch = config.dit_size(), dit[1]
         channels, resolution = data_shape[0], data_shape[1]
         backbone = DiTBackbone(
@@ -119,8 +120,6 @@ def build_model(
             grid=backbone.grid,
         )
     if config.name == "unet":
-        if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
-            raise ValueError(f"the unet needs square (C, H, W) data; got shape {data_shape}")
         backbone = UNetBackbone(
             data_shape[1],
             data_shape[0],
@@ -141,17 +140,41 @@ def build_model(
             cond_dim=4 * config.channels,
             out_channels=data_shape[0],
         )
-    if len(data_shape) != 1:
-        raise ValueError(f"the mlp network needs vector data (D,); got shape {data_shape}")
+    hidden_dim = MLP_HIDDEN_DIM if config.hidden_dim is None else config.hidden_dim
     backbone = MLPBackbone(
         data_shape[0],
-        hidden_dim=config.hidden_dim,
-        depth=config.depth,
+        hidden_dim=hidden_dim,
+        depth=MLP_DEPTH if config.depth is None else config.depth,
         num_classes=num_classes,
         time_inputs=time_inputs,
         time_scale=config.time_embedding_scale,
     )
-    return FlowModel(backbone, OutputHead, heads, hidden_dim=config.hidden_dim, out_dim=data_shape[0])
+    return FlowModel(backbone, OutputHead, heads, hidden_dim=hidden_dim, out_dim=data_shape[0])
+
+
+def check_fits(config: ModelConfig, data_shape: tuple[int, ...]) -> None:
+    """Refuse, in one line naming the keys to change, a network that cannot take data of this shape."""
+    shown = "x".join(map(str, data_shape))
+    if config.name == "mlp":
+        if len(data_shape) != 1:
+            raise ConfigError(
+                f"model.name=mlp needs vector data (2-D toys); the data is {shown}: set model.name to a DiT "
+                "(e.g. DiT-S/2) or unet"
+            )
+        return
+    if len(data_shape) != 3 or data_shape[1] != data_shape[2]:
+        raise ConfigError(
+            f"model.name={config.name} needs square images; the data is {shown} (C x H x W): set data.resolution "
+            "to centre-crop image folders to a square"
+            if len(data_shape) == 3
+            else f"model.name={config.name} needs images; the data is {shown}: use model.name=mlp for 2-D data"
+        )
+    dit = parse_dit_name(config.name)
+    if dit is not None and data_shape[1] % dit[1]:
+        raise ConfigError(
+            f"model.name={config.name} has patch size {dit[1]}, which does not divide the image size {data_shape[1]}: "
+            f"set data.resolution to a multiple of {dit[1]} or pick another patch size (DiT-S/1, /2, /4)"
+        )
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
+import os
+import shlex
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,16 +20,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dumo.config import Config, config_differences, load_config, save_config
-from dumo.data import LatentDataset, build_dataset, build_stream, conditioning_classes
+from dumo import __version__
+from dumo.config import Config, config_differences, config_from_dict, load_config, save_config
+from dumo.data import LatentDataset, SampleSpace, build_dataset, build_stream, conditioning_classes
 from dumo.distributed import from_environment, shard_randomness, shard_seed
-from dumo.errors import ConfigError, RunDirError, TrainingError
+from dumo.errors import CheckpointError, ConfigError, RunDirError, TrainingError
 from dumo.evaluation import evaluate
 from dumo.models import build_model
 from dumo.objectives import build_objective
 from dumo.training.checkpoint import (
     CHECKPOINT_DIR,
+    CHECKPOINT_NAME,
+    CORRUPT_SUFFIX,
     MODEL_FORMAT,
+    TEMP_NAME,
+    CorruptCheckpointError,
+    atomic_output,
+    atomic_write,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
@@ -51,6 +62,12 @@ CONFIG_FILE = "config.yaml"
 TRAIN_LOG = "train_log.csv"
 EVAL_LOG = "eval_log.csv"
 TEACHER_FILE = "teacher.safetensors"  # the frozen initial weights, kept with the run so that it resumes alone
+LOCK_FILE = ".dumo.lock"  # held (flock) by the process training the run, for the whole run
+HISTORY_FILE = "history.txt"  # one line per start: time, dumo version, command line, starting step
+SAMPLES_DIR = "samples"  # a picture of samples at every evaluation
+#: exit status of ``dumo train`` when it stopped before train.steps because train.max_minutes was spent
+#: (a signal gives 128 + its number: 130 for SIGINT, 143 for SIGTERM)
+EXIT_OUT_OF_TIME = 3
 #: keys that may change between a run and its resumption (they do not change the maths)
 RESUMABLE_KEYS = tuple(
     f"train.{k}"
@@ -64,6 +81,7 @@ RESUMABLE_KEYS = tuple(
         "device",
         "progress",
         "max_nonfinite_steps",
+        "max_skipped_fraction",
         "max_minutes",
         "compile",
         "parallel",
@@ -72,58 +90,132 @@ RESUMABLE_KEYS = tuple(
 )
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """The device ``name`` (auto: this rank's GPU, else cpu); ``option`` is what the user set, for errors."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device: unknown device {name!r}") from None
+        raise ConfigError(f"{option}: unknown device {name!r} (auto, cpu, cuda, cuda:0, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available")
+        raise ConfigError(f"{option} is {name!r} but CUDA is not available on this machine; use cpu or auto")
     return device
 
 
-def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
-    """Create ``run_dir`` or check that it holds this same run; then record the config.
+def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
+    """Refuse ``run_dir`` if it holds something else than this run, before anything is written there.
 
-    With ``overwrite`` a different run there is deleted first (only the files dumo wrote).
+    A folder with a config.yaml but no checkpoint holds nothing to resume (a start that failed
+    before its first save); it is taken over, so that a corrected rerun is not refused.
     """
     config_file = run_dir / CONFIG_FILE
-    if overwrite:
-        clear_run(run_dir)
-    elif config_file.is_file():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
+    if overwrite or not run_dir.exists():
+        return
+    if config_file.is_file():
+        if not list_checkpoints(run_dir):
+            return
         previous = load_config(config_file)
         differences = config_differences(previous, config, ignore=RESUMABLE_KEYS)
         if differences:
             shown = ", ".join(differences[:4]) + (", ..." if len(differences) > 4 else "")
-            raise RunDirError(f"{run_dir} holds a different run (config differs in {shown}); choose another --out")
-    elif run_dir.exists() and (not run_dir.is_dir() or any(not p.name.startswith(".") for p in run_dir.iterdir())):
+            raise RunDirError(
+                f"{run_dir} holds a different run (config differs in {shown}): choose another --out, continue "
+                "it with 'dumo train --resume --out' (its own config), or replace it with --overwrite (deletes "
+                "its checkpoints and logs)"
+            )
+    elif any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise RunDirError(f"{run_dir} exists and is not an empty directory or a dumo run; choose another --out")
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run_dir/.dumo.lock``, held while a process trains the run.
+
+    Two processes training one folder would interleave logs, delete each other's checkpoint
+    writes or resume one config over another's checkpoints; the second one is refused instead.
+    The kernel releases the lock when the process ends, however it ends.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RunDirError(
+                f"{self.run_dir} is in use: another dumo process is training it now; wait for it to end "
+                "(or stop it) or choose another --out"
+            ) from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
+    """Check that ``run_dir`` holds this same run (or nothing); with ``overwrite`` delete the files
+    dumo wrote there first. Call it holding the run's lock."""
+    check_run_dir(config, run_dir, overwrite)
+    if overwrite:
+        clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, config_file)
 
 
 def remove_torn_writes(run_dir: Path) -> None:
-    """Delete temporary files left by a checkpoint write that was killed before its rename."""
-    folder = run_dir / CHECKPOINT_DIR
-    if folder.is_dir():
-        for path in folder.glob(".*.tmp"):
-            path.unlink()
-
-
-def clear_run(run_dir: Path) -> None:
-    """Delete the files dumo wrote in ``run_dir`` (config, logs, checkpoints); leave anything else."""
-    run_dir = Path(run_dir)
-    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG, TEACHER_FILE):
-        (run_dir / name).unlink(missing_ok=True)
+    """Delete temporary files left by a checkpoint write that was killed before its rename
+    (only dumo's own temporary names; call it holding the run's lock, or a live write is lost)."""
     folder = run_dir / CHECKPOINT_DIR
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.name.endswith((".safetensors", ".tmp")):
+            if TEMP_NAME.match(path.name):
+                path.unlink()
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete the files dumo wrote in ``run_dir`` (config, logs, checkpoints); leave anything else.
+
+    Nothing outside the run folder is touched: a ``checkpoints`` that is a symbolic link (or
+    resolves elsewhere) is refused rather than emptied, a link in place of a log is removed as a
+    link, and in the checkpoints folder only dumo's checkpoint and temporary names are deleted.
+    """
+    run_dir = Path(run_dir)
+    folder = run_dir / CHECKPOINT_DIR
+    if folder.is_symlink() or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
+        raise RunDirError(
+            f"--overwrite: {folder} is a link to {folder.resolve()}; dumo only deletes inside the run folder: "
+            "remove the link yourself or choose another --out"
+        )
+    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG, TEACHER_FILE):
+        (run_dir / name).unlink(missing_ok=True)  # a symbolic link is removed, not followed
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if CHECKPOINT_NAME.match(path.name) or TEMP_NAME.match(path.name) or path.name.endswith(CORRUPT_SUFFIX):
                 path.unlink()
         if not any(folder.iterdir()):
             folder.rmdir()
+
+
+def record_start(run_dir: Path, step: int) -> None:
+    """Append the command line, dumo's and torch's versions and the starting step to history.txt."""
+    line = (
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  dumo {__version__}  torch {torch.__version__}  "
+        f"step {step}  {shlex.join(sys.argv)}\n"
+    )
+    with (run_dir / HISTORY_FILE).open("a") as handle:
+        handle.write(line)
 
 
 @dataclass
@@ -134,6 +226,18 @@ class TrainResult:
     resumed_from: int | None = None
     interrupted: bool = False
     seconds: float = 0.0
+    signal: int | None = None  # the signal that stopped the run, if one did
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+    already_done: bool = False  # the run was already at or past train.steps: nothing was trained
+    note: str | None = None  # a caveat about the metrics, for the person reading them
+
+    @property
+    def exit_status(self) -> int:
+        """0 when the run reached train.steps; else 128 + the signal, or 3 when train.max_minutes ran out,
+        so that a scheduler requeues a preempted run instead of taking it for finished."""
+        if not self.interrupted:
+            return 0
+        return 128 + self.signal if self.signal is not None else EXIT_OUT_OF_TIME
 
 
 class Trainer:
@@ -191,6 +295,8 @@ class Trainer:
             eps=config.optim.eps,
         )
         self.stream = build_stream(self.dataset, config.data, seed=config.train.seed + 1)
+        self.space = SampleSpace.of(self.dataset)
+        self.wall_seconds = 0.0  # training time over every invocation of this run
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -233,6 +339,9 @@ class Trainer:
             "skipped_steps": str(self.skipped_steps),
             "optimizer_param_groups": param_groups,
             "config": json.dumps(self.config.to_dict()),
+            "data": self.space.to_json(),  # what sampling needs without the data (see dumo.data.space)
+            "dumo_version": __version__,
+            "wall_seconds": repr(self.wall_seconds),
         }
         path = checkpoint_path(self.run_dir, self.step)
         save_checkpoint(path, tensors, metadata)
@@ -262,6 +371,7 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         tensors, metadata = load_checkpoint(path)
+        self.check_matches(path, metadata)
         load_weights(self.model, unprefixed(tensors, "model."), str(path))
         load_weights(self.ema.model, unprefixed(tensors, "ema."), str(path))
         optimizer_state = optimizer_state_dict(tensors, metadata["optimizer_param_groups"])
@@ -272,6 +382,35 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         self.step = int(metadata["step"])
         self.skipped_steps = int(metadata.get("skipped_steps", 0))
+        self.wall_seconds = float(metadata.get("wall_seconds", 0.0))
+
+    def check_matches(self, path: Path, metadata: dict[str, str]) -> None:
+        """Refuse to resume a checkpoint trained with another config or on other data.
+
+        config.yaml can be edited (or, before the run lock, replaced by a second process) between
+        two invocations; the checkpoint's own record of both is what its weights were trained with.
+        """
+        try:
+            stored = config_from_dict(json.loads(metadata["config"]))
+        except (KeyError, ValueError, ConfigError):
+            stored = None  # written by a dumo that had other keys: nothing reliable to compare
+        if stored is not None:
+            differences = config_differences(stored, self.config, ignore=RESUMABLE_KEYS)
+            if differences:
+                key = differences[0]
+                old, new = _lookup(stored.to_dict(), key), _lookup(self.config.to_dict(), key)
+                more = f" (and {len(differences) - 1} more keys)" if len(differences) > 1 else ""
+                raise RunDirError(
+                    f"{path} was trained with {key}={old!r} but the config now says {new!r}{more}; restore "
+                    f"{CONFIG_FILE} or start afresh with --overwrite"
+                )
+        if "data" in metadata:
+            then = SampleSpace.from_json(metadata["data"])
+            if then.fingerprint and then.fingerprint != self.space.fingerprint:
+                raise RunDirError(
+                    f"the training data changed since {path} was written ({then.summary} then, {self.space.summary} "
+                    "now); put the original data back, or start afresh with --overwrite or another --out"
+                )
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -359,6 +498,36 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self, overwrite: bool = False) -> TrainResult:
+        """Train up to ``train.steps``, holding the run folder's lock throughout (rank 0)."""
+        lock = RunLock(self.run_dir)
+        if self.dist.is_main:
+            check_run_dir(self.config, self.run_dir, overwrite)  # refuse before creating anything
+            lock.acquire()
+        try:
+            return self._run(overwrite)
+        finally:
+            lock.release()
+
+    def _resume_latest(self) -> Path | None:
+        """Restore the newest checkpoint that verifies; a corrupt one is renamed aside with a message."""
+        existing = list_checkpoints(self.run_dir)
+        for path in reversed(existing):
+            try:
+                self.restore(path)
+                return path
+            except CorruptCheckpointError as error:
+                if not self.dist.is_main:
+                    continue
+                aside = path.with_name(path.name + CORRUPT_SUFFIX)
+                with contextlib.suppress(OSError):
+                    path.rename(aside)
+                older = "the previous checkpoint" if path != existing[0] else "nothing: no readable checkpoint"
+                print(f"dumo: warning: {error}; moved it to {aside.name}, resuming from {older}", file=sys.stderr)
+        if existing:
+            raise CheckpointError(f"no checkpoint in {self.run_dir / CHECKPOINT_DIR} could be read (see above)")
+        return None
+
+    def _run(self, overwrite: bool) -> TrainResult:
         cfg = self.config.train
         main = self.dist.is_main
         if main:
@@ -366,11 +535,17 @@ class Trainer:
             remove_torn_writes(self.run_dir)
         self.dist.barrier()
         resumed_from = None
-        existing = list_checkpoints(self.run_dir)
-        if existing:
-            self.restore(existing[-1])
+        restored = self._resume_latest()
+        if restored is not None:
             resumed_from = self.step
-        elif cfg.init_from is not None:
+        if restored is not None and self.step >= cfg.steps:
+            # Already trained this far (say, the original command rerun after a longer --set train.steps):
+            # nothing to train, so leave config.yaml, the logs and the evaluations as they are.
+            return TrainResult(self.run_dir, self.step, {}, resumed_from, already_done=True)
+        if main:
+            save_config(self.config, self.run_dir / CONFIG_FILE)  # only rewritten when it changed
+            record_start(self.run_dir, self.step)
+        if restored is None and cfg.init_from is not None:
             self.initialise_from(cfg.init_from)
         self.dist.barrier()  # the teacher file is written by rank 0
         if self.objective.wants_teacher():
@@ -380,22 +555,29 @@ class Trainer:
             truncate_log(self.run_dir / EVAL_LOG, self.step)
 
         started = time.perf_counter()
+        wall_before = self.wall_seconds
         metrics: dict[str, float] = {}
-        last_saved = self.step if existing else None
-        progress = tqdm(
-            total=cfg.steps, initial=min(self.step, cfg.steps), disable=not (cfg.progress and main), desc="train"
-        )
+        last_saved = self.step if restored is not None else None
+        progress = Progress(cfg.steps, self.step, enabled=cfg.progress and main)
         window_start, window_steps = time.perf_counter(), 0
         with self._signals_to_flag():
             while self.step < cfg.steps and not self._should_stop(started):
                 logged = self.train_step()
+                self.wall_seconds = wall_before + time.perf_counter() - started
                 window_steps += 1
-                progress.update(1)
+                progress.update(self.step)
                 if logged is not None and main and cfg.log_every and self.step % cfg.log_every == 0:
                     rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
                     window_start, window_steps = time.perf_counter(), 0
-                    append_row(self.run_dir / TRAIN_LOG, {"step": self.step, **logged, "steps_per_sec": rate})
-                    progress.set_postfix(loss=f"{logged['loss']:.4f}", rate=f"{rate:.0f}/s")
+                    row = {
+                        "step": self.step,
+                        **logged,
+                        "steps_per_sec": rate,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "wall_seconds": self.wall_seconds,
+                    }
+                    append_row(self.run_dir / TRAIN_LOG, row)
+                    progress.log(self.step, logged, rate)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     metrics = self._evaluate_and_log()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -407,7 +589,23 @@ class Trainer:
             self._save_everywhere()
         if not interrupted and (not metrics or not cfg.eval_every or self.step % cfg.eval_every):
             metrics = self._evaluate_and_log()
-        return TrainResult(self.run_dir, self.step, metrics, resumed_from, interrupted, time.perf_counter() - started)
+        if not interrupted and self.step and self.skipped_steps > cfg.max_skipped_fraction * self.step:
+            raise TrainingError(
+                f"{self.skipped_steps} of {self.step} steps were skipped for a non-finite loss or gradient (more than "
+                f"train.max_skipped_fraction={cfg.max_skipped_fraction}); the weights were saved, but check the data "
+                "and learning rate before trusting them"
+            )
+        return TrainResult(
+            self.run_dir,
+            self.step,
+            metrics,
+            resumed_from,
+            interrupted,
+            time.perf_counter() - started,
+            signal=self._stop_signal,
+            skipped_steps=self.skipped_steps,
+            note=small_data_note(self.dataset) if metrics else None,
+        )
 
     def _save_everywhere(self) -> None:
         """Rank 0 writes (under FSDP after every rank helped gather the state); the others wait."""
@@ -423,8 +621,39 @@ class Trainer:
             metrics = self.evaluate(model)
             if metrics:
                 append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+            self.save_picture(model if model is not None else self.ema.model)
         self.dist.barrier()
         return metrics
+
+    def save_picture(self, model: nn.Module) -> Path:
+        """RUN/samples/step_XXXXXXXX.png: 1-NFE samples of the EMA weights (a grid of images with their
+        classes, or 2-D points over the data density), to watch a run by eye."""
+        from dumo.evaluation import balanced_labels, generate
+        from dumo.plotting import image_grid, scatter_over_density
+
+        num = 40 if self.space.is_images else 1000
+        labels = balanced_labels(num, self.num_classes, self.device)
+        x = generate(
+            model,
+            self.config.objective.name,
+            (num, *self.dataset.shape),
+            1,
+            self.config.sample,
+            0,
+            labels,
+            device=self.device,
+        )
+        path = self.run_dir / SAMPLES_DIR / f"step_{self.step:08d}.png"
+        title = f"{self.config.objective.name}, step {self.step}, 1 NFE (EMA)"
+        path.parent.mkdir(exist_ok=True)
+        with atomic_output(path) as tmp:
+            if self.space.is_images:
+                names = None if labels is None else [self.space.class_name(int(c)) for c in labels]
+                image_grid(self.space.unstandardise(x.cpu()).numpy(), names, tmp, title=title, columns=10)
+            else:
+                reference, _ = self.dataset.sample(20_000, torch.Generator().manual_seed(0))
+                scatter_over_density([(title, self.space.unstandardise(x.cpu()).numpy())], reference.numpy(), tmp)
+        return path
 
     def _should_stop(self, started: float) -> bool:
         """A signal or the time budget on any rank stops every rank after the same step."""
@@ -455,28 +684,105 @@ class Trainer:
         return Handler()
 
 
+SMALL_DATA = 1000  # below this many training images the domain classifier mostly measures memorisation
+
+
+def small_data_note(dataset) -> str | None:
+    if isinstance(dataset, LatentDataset) or not hasattr(dataset, "images") or len(dataset) >= SMALL_DATA:
+        return None
+    return (
+        f"the domain FD and class fidelity use a classifier fit on these same {len(dataset)} training images; "
+        "on so few images they measure closeness to them (memorisation) as much as quality"
+    )
+
+
+def _lookup(raw: dict, dotted: str):
+    node = raw
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+class Progress:
+    """Training progress for a person: a tqdm bar on a terminal, else one plain line per logged step.
+
+    Logs, pipes and batch systems get readable lines instead of tqdm's carriage returns; the
+    bar and the lines show the loss parts (under adaptive weighting the total sits near 1).
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.total = total
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=min(initial, total), desc="train", file=sys.stderr)
+
+    def update(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, logged: dict[str, float], rate: float) -> None:
+        parts = {k: v for k, v in logged.items() if k.startswith("loss")}
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()} | {"rate": f"{rate:.0f}/s"})
+        elif self.enabled:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in parts.items())
+            elapsed = time.perf_counter() - self.started
+            print(f"step {step}/{self.total}  {shown}  {rate:.1f} steps/s  {elapsed:.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def append_row(path: Path, row: dict[str, float]) -> None:
-    """Append to a CSV log, writing the header when the file is new."""
-    new = not path.exists()
+    """Append to a CSV log, writing the header when the file is new (or was left empty).
+
+    A log begun by an older dumo keeps its own columns, so the file stays one table.
+    """
+    fields = list(row)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as handle:
+            header = next(csv.reader(handle), None)
+        if header:
+            fields = header
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(row)
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop rows logged after ``step`` (they belong to steps a resumed run will redo)."""
+    """Drop rows logged after ``step`` (they belong to steps a resumed run will redo), and a torn
+    last row; the file is replaced atomically, so a kill here leaves the old log."""
     if not path.exists():
         return
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    kept = [row for row in rows if int(row["step"]) <= step]
+    text = path.read_text()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    fields = rows[0].keys() if rows else None
+    if rows and not text.endswith("\n"):
+        rows[-1] = {}  # cut off by a kill mid-append (the next row would be glued to it)
+
+    def kept_step(row: dict) -> bool:
+        try:
+            return int(row["step"]) <= step and None not in row.values()
+        except (KeyError, TypeError, ValueError):
+            return False  # a row cut off by a kill mid-append
+
+    kept = [row for row in rows if kept_step(row)]
+    if not rows:
+        if path.stat().st_size:
+            path.unlink()  # a file with no table in it: the next row writes a header again
+        return
     if len(kept) != len(rows):
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(kept)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write(path, buffer.getvalue().encode())
 
 
 def train(config: Config, run_dir: str | Path, overwrite: bool = False) -> TrainResult:
