@@ -277,6 +277,12 @@ def test_sizes_and_outputs_are_checked_before_the_work(run_of_4, tmp_path, capsy
     assert "--nfe must be <= 1000" in capsys.readouterr().err
 
 
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.batch_size=1000000000 needs at least .* GB for one step"):
+        Trainer(config(1, "data.batch_size=1000000000"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_corrected_rerun(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

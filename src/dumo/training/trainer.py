@@ -103,6 +103,39 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "train.device")
     return device
 
 
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_batch_fits(config: Config, shape: tuple[int, ...], shards: int = 1) -> None:
+    """Refuse a batch whose tensors alone exceed this machine's memory, before anything is allocated
+    (a batch of 10**9 would otherwise be killed by the kernel, or end in an allocator traceback).
+
+    The estimate is a lower bound: the data-sized tensors of one step (x, noise, x_t, targets,
+    passes: 16 of them) plus one activation per block of the network (mlp, DiT; width x tokens).
+    """
+    total = physical_memory()
+    if total is None:
+        return
+    rows = config.data.batch_size // max(shards, 1)  # what one accumulated shard of one process runs
+    need = config.data.batch_size * 16 * math.prod(shape) * 4  # the stream draws the global batch at once
+    model, activation = config.model, 0
+    if model.name == "mlp":
+        activation = 4 * (model.hidden_dim or 256) * (model.depth if model.depth is not None else 4) * 4
+    elif model.name != "unet" and len(shape) == 3:
+        size, patch = model.dit_size(), int(model.name.rsplit("/", 1)[1])
+        activation = 4 * (shape[1] // patch) * (shape[2] // patch) * size.hidden_dim * size.depth * 4
+    need += rows * activation
+    if need > total:
+        raise ConfigError(
+            f"data.batch_size={config.data.batch_size} needs at least {need / 1e9:.1f} GB for one step, more than "
+            f"this machine's {total / 1e9:.1f} GB of memory: lower data.batch_size (or use train.grad_accumulation)"
+        )
+
+
 def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
     """Refuse ``run_dir`` if it holds something else than this run, before anything is written there.
 
@@ -256,6 +289,7 @@ class Trainer:
             )
         torch.manual_seed(config.train.seed)
         self.dataset = build_dataset(config.data)
+        check_batch_fits(config, self.dataset.shape, self.shards)
         self.num_classes = conditioning_classes(self.dataset, config.data)
         self.objective = build_objective(config.objective, self.num_classes)
         if self.objective.wants_teacher() and config.train.init_from is None:
