@@ -48,15 +48,18 @@ CANDIDATES = {
     "adaptive p=1": ["objective.adaptive_p=1.0"],
     "clamp 3": ["objective.dudt_clamp=3.0"],
     "clamp 10": ["objective.dudt_clamp=10.0"],
+    "epsilon 0.02": ["objective.epsilon=0.02"],
     "epsilon 0.05": ["objective.epsilon=0.05"],
+    "epsilon 0.1": ["objective.epsilon=0.1"],
     "v-head direction, clamp 3": ["objective.derivative_direction=v_head", "objective.dudt_clamp=3.0"],
 }
-SCRATCH_CANDIDATES = ("plain", "clamp 1", "v-head direction", "adaptive p=1")
+SCRATCH_CANDIDATES = ("plain", "clamp 3", "epsilon 0.05", "adaptive p=1")
 PLAIN = [
     "objective.zeta=0",
     "objective.adaptive_p=0",
     "objective.dudt_clamp=null",
     "objective.derivative_direction=conditional",
+    "objective.epsilon=0.005",  # the paper's stencil; candidates may override it
 ]
 
 
@@ -206,23 +209,38 @@ def stability(args: argparse.Namespace) -> None:
     write(args.out / "stability.md", lines)
 
 
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(objective, label, overrides) of the fine-tuning runs of ``results``, most important first."""
+    found = [("dumo", "zeta 0", ["objective.zeta=0"]), ("meanflow", "zeta 0", ["objective.zeta=0"])]
+    if args.dataset == "moons":  # unconditional: no guidance
+        return found
+    zeta = f"objective.zeta={args.zeta}"
+    for direction in ("conditional", "guided", "v_head"):
+        found.append(
+            ("dumo", f"zeta {args.zeta}, {direction} direction", [zeta, f"objective.derivative_direction={direction}"])
+        )
+    found.insert(3, ("meanflow", f"zeta {args.zeta}", [zeta]))
+    return found
+
+
 def results(args: argparse.Namespace) -> None:
-    rows: dict[tuple[str, str], list[dict]] = {}
     key = metric(args.dataset)
-
-    def one_seed(seed: int) -> None:
-        start = teacher(args, seed)
-        rows.setdefault(("Flow Matching teacher", "-"), []).append(json.loads((start / "scores.json").read_text()))
-        for method, evaluations in (("dumo", DUMO_EVALUATIONS), ("meanflow", FEW_STEP_EVALUATIONS)):
-            for guidance in ("zeta 0", "guided") if args.dataset != "moons" else ("zeta 0",):
-                extra = ["objective.zeta=0"] if guidance == "zeta 0" else []
-                folder = args.out / f"{method}-{guidance.replace(' ', '')}-s{seed}"
-                config = config_path(args.dataset, f"{method}-from-fm")
-                overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
-                scores = score(train(config, folder, overrides), evaluations)
-                rows.setdefault((method, guidance), []).append(scores)
-
-    parallel([lambda s=s: one_seed(s) for s in args.seeds], args.jobs)
+    teachers = parallel([lambda s=s: teacher(args, s) for s in args.seeds], args.jobs)
+    rows: dict[tuple[str, str], list[dict]] = {
+        ("Flow Matching teacher", "-"): [json.loads((run / "scores.json").read_text()) for run in teachers]
+    }
+    jobs = []
+    for method, label, extra in variants(args):
+        for seed, start in zip(args.seeds, teachers):
+            slug = label.replace(" ", "").replace(",", "-")
+            folder = args.out / f"{method}-{slug}-s{seed}"
+            config = config_path(args.dataset, f"{method}-from-fm")
+            overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
+            evaluations = DUMO_EVALUATIONS if method == "dumo" else FEW_STEP_EVALUATIONS
+            jobs.append(lambda c=config, f=folder, o=overrides, e=evaluations: score(train(c, f, o), e))
+    outcomes = parallel(jobs, args.jobs)
+    for (method, label, _), index in zip(variants(args), range(0, len(jobs), len(args.seeds))):
+        rows[(method, label)] = outcomes[index : index + len(args.seeds)]
     titles = {"dumo": "DuMo from the teacher", "meanflow": "MeanFlow from the teacher"}
     lines = [
         f"{args.dataset}: teacher = {config_path(args.dataset, 'fm').relative_to(ROOT)}; DuMo and MeanFlow "
@@ -233,7 +251,7 @@ def results(args: argparse.Namespace) -> None:
         f"| model | guidance (training) | sampler | {key} | class fidelity |",
         "|---|---|---|---|---|",
     ]
-    for (method, guidance), seeds in sorted(rows.items(), key=lambda item: item[0][0] != "Flow Matching teacher"):
+    for (method, guidance), seeds in rows.items():
         for name in seeds[0]:
             if not name.endswith(f"/{key}"):
                 continue
@@ -254,8 +272,9 @@ def grids(args: argparse.Namespace) -> None:
     from dumo.plotting import image_grid
     from dumo.run import load_run
 
-    panels = [("teacher-s0", 50, "euler"), ("dumo-zeta0-s0", 1, "auto"), ("dumo-guided-s0", 1, "auto")]
-    panels += [("meanflow-zeta0-s0", 1, "auto"), ("meanflow-guided-s0", 1, "auto")]
+    slug = f"zeta{args.zeta}"
+    panels = [("teacher-s0", 50, "euler"), ("dumo-zeta0-s0", 1, "auto"), ("dumo-zeta0-s0", 2, "auto")]
+    panels += [(f"dumo-{slug}-conditionaldirection-s0", 1, "auto"), ("meanflow-zeta0-s0", 1, "auto")]
     for folder, nfe, method in panels:
         if not (args.out / folder).is_dir():
             continue
@@ -277,13 +296,17 @@ def guidance(args: argparse.Namespace) -> None:
     points: dict[str, list[tuple[float, float, str]]] = {"training-time zeta": [], "sampling-time w (zeta 0)": []}
     jobs = []
     for zeta in args.zetas:
+        # zeta 0 is the results stage's seed-0 run, when it exists (the same config)
         folder = args.out / f"guidance-zeta{zeta}"
+        if zeta == 0:
+            folder = args.out / "dumo-zeta0-s0"
+        elif zeta == args.zeta:
+            folder = args.out / f"dumo-zeta{zeta}-conditionaldirection-s0"
         overrides = [f"train.init_from={start}", f"objective.zeta={zeta}", *budget(args)]
         jobs.append(lambda f=folder, o=overrides: (f, score(train(config, f, o), {"1 NFE": {"nfe": 1}})))
-    for folder, scores in parallel(jobs, args.jobs):
-        zeta = folder.name[len("guidance-zeta") :]
+    for (_, scores), zeta in zip(parallel(jobs, args.jobs), args.zetas):
         points["training-time zeta"].append((scores["1 NFE/fd"], scores["1 NFE/fidelity"], f"ζ={zeta}"))
-    zero = args.out / f"guidance-zeta{args.zetas[0]}"
+    zero = args.out / "dumo-zeta0-s0"
     evaluations = {f"1 NFE w={w}": {"nfe": 1, "guidance": w} for w in args.scales}
     scores = score(zero, evaluations)
     for w in args.scales:
@@ -392,6 +415,7 @@ def main() -> None:
         stage.add_argument("--teacher-steps", type=int, help="teacher steps (default: the fm config's)")
         stage.add_argument("--steps", type=int, help="fine-tuning steps (default: the from-fm config's)")
         stage.add_argument("--scratch-steps", type=int, default=1500, help="stability: steps of the runs from scratch")
+        stage.add_argument("--zeta", type=float, default=0.5, help="results: training-time guidance of the guided runs")
         stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
         stage.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
     stage = stages.add_parser("derivative")
