@@ -220,7 +220,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
             ("dumo", f"zeta {args.zeta}, {direction} direction", [zeta, f"objective.derivative_direction={direction}"])
         )
     found.insert(3, ("meanflow", f"zeta {args.zeta}", [zeta]))
-    return found
+    return found[: args.variants] if args.variants else found
 
 
 def results(args: argparse.Namespace) -> None:
@@ -415,6 +415,7 @@ def main() -> None:
         stage.add_argument("--teacher-steps", type=int, help="teacher steps (default: the fm config's)")
         stage.add_argument("--steps", type=int, help="fine-tuning steps (default: the from-fm config's)")
         stage.add_argument("--scratch-steps", type=int, default=1500, help="stability: steps of the runs from scratch")
+        stage.add_argument("--variants", type=int, help="results: only the first N fine-tuning variants")
         stage.add_argument("--zeta", type=float, default=0.5, help="results: training-time guidance of the guided runs")
         stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
         stage.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
