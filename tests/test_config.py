@@ -30,14 +30,33 @@ def test_every_shipped_config_loads_and_builds(path):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-@pytest.mark.parametrize("family", ["toy", "digits"])
+@pytest.mark.parametrize("family", ["toy", "digits", "fashion_mnist"])
 def test_comparison_configs_share_network_data_and_budget(family):
-    loaded = [load_config(p) for p in CONFIGS if p.parent.name == family]
+    comparison = [p for p in CONFIGS if p.parent.name == family and not p.stem.endswith("-from-fm")]
+    loaded = [load_config(p) for p in comparison]
     assert len(loaded) == 3
     for other in loaded[1:]:
         for section in ("data", "model", "optim", "train"):
             assert getattr(other, section) == getattr(loaded[0], section), section
         assert other.objective.time == loaded[0].objective.time
+
+
+@pytest.mark.parametrize("family", ["toy", "digits", "fashion_mnist"])
+def test_from_teacher_configs_start_from_the_fm_config_with_half_its_steps(family):
+    """DuMo and MeanFlow fine-tuning share the network, data and budget; the network is the teacher's."""
+    paths = sorted(p for p in CONFIGS if p.parent.name == family and p.stem.endswith("-from-fm"))
+    teacher = load_config(
+        next(p for p in CONFIGS if p.parent.name == family and p.stem.endswith("fm") and "from" not in p.stem)
+    )
+    students = [load_config(p) for p in paths]
+    assert [s.objective.name for s in students] == ["dumo", "meanflow"]
+    for student in students:
+        assert student.train.init_from is not None
+        assert 2 * student.train.steps == teacher.train.steps
+        assert (student.data, student.optim.lr) == (teacher.data, teacher.optim.lr)
+        shared = ("name", "hidden_dim", "depth", "num_heads", "time_embedding_scale", "position_order")
+        assert all(getattr(student.model, k) == getattr(teacher.model, k) for k in shared)
+        assert student.objective.epsilon == students[0].objective.epsilon
 
 
 def test_meanflow_toy_config_uses_rho_08():
