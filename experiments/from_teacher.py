@@ -71,6 +71,9 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     if (run_dir / "scores.json").is_file():
         return run_dir
+    wait_while_training(run_dir)
+    if (run_dir / "scores.json").is_file():
+        return run_dir
     command = [*DUMO, "train", str(config), "--out", str(run_dir)]
     for item in [*overrides, "train.progress=false"]:
         command += ["--set", item]
@@ -80,6 +83,26 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
     if result.returncode != 0:
         raise RuntimeError(f"training failed: {' '.join(command)} (see {run_dir.parent / run_dir.name}.log)")
     return run_dir
+
+
+def wait_while_training(run_dir: Path) -> None:
+    """Wait while another process (an earlier invocation of this script) trains ``run_dir``."""
+    import fcntl
+    import time
+
+    from dumo.training.trainer import LOCK_FILE
+
+    lock = run_dir / LOCK_FILE
+    if not lock.is_file():
+        return
+    with lock.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                time.sleep(10)
 
 
 def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
@@ -209,17 +232,18 @@ def stability(args: argparse.Namespace) -> None:
     write(args.out / "stability.md", lines)
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
-    """(objective, label, overrides) of the fine-tuning runs of ``results``, most important first."""
-    found = [("dumo", "zeta 0", ["objective.zeta=0"]), ("meanflow", "zeta 0", ["objective.zeta=0"])]
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[int]]]:
+    """(objective, label, overrides, seeds) of the fine-tuning runs of ``results``, most important first."""
+    seeds = args.seeds
+    found = [("dumo", "zeta 0", ["objective.zeta=0"], seeds), ("meanflow", "zeta 0", ["objective.zeta=0"], seeds)]
     if args.dataset == "moons":  # unconditional: no guidance
         return found
     zeta = f"objective.zeta={args.zeta}"
     for direction in ("conditional", "guided", "v_head"):
-        found.append(
-            ("dumo", f"zeta {args.zeta}, {direction} direction", [zeta, f"objective.derivative_direction={direction}"])
-        )
-    found.insert(3, ("meanflow", f"zeta {args.zeta}", [zeta]))
+        label = f"zeta {args.zeta}, {direction} direction"
+        extra = [zeta, f"objective.derivative_direction={direction}"]
+        found.append(("dumo", label, extra, seeds if direction == "conditional" else args.direction_seeds or seeds))
+    found.insert(3, ("meanflow", f"zeta {args.zeta}", [zeta], seeds))
     return found[: args.variants] if args.variants else found
 
 
@@ -229,27 +253,29 @@ def results(args: argparse.Namespace) -> None:
     rows: dict[tuple[str, str], list[dict]] = {
         ("Flow Matching teacher", "-"): [json.loads((run / "scores.json").read_text()) for run in teachers]
     }
-    jobs = []
-    for method, label, extra in variants(args):
+    jobs, labels = [], []
+    for method, label, extra, seeds in variants(args):
         for seed, start in zip(args.seeds, teachers):
+            if seed not in seeds:
+                continue
+            labels.append((method, label))
             slug = label.replace(" ", "").replace(",", "-")
             folder = args.out / f"{method}-{slug}-s{seed}"
             config = config_path(args.dataset, f"{method}-from-fm")
             overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
             evaluations = DUMO_EVALUATIONS if method == "dumo" else FEW_STEP_EVALUATIONS
             jobs.append(lambda c=config, f=folder, o=overrides, e=evaluations: score(train(c, f, o), e))
-    outcomes = parallel(jobs, args.jobs)
-    for (method, label, _), index in zip(variants(args), range(0, len(jobs), len(args.seeds))):
-        rows[(method, label)] = outcomes[index : index + len(args.seeds)]
+    for key_, outcome in zip(labels, parallel(jobs, args.jobs)):
+        rows.setdefault(key_, []).append(outcome)
     titles = {"dumo": "DuMo from the teacher", "meanflow": "MeanFlow from the teacher"}
     lines = [
         f"{args.dataset}: teacher = {config_path(args.dataset, 'fm').relative_to(ROOT)}; DuMo and MeanFlow "
         f"fine-tuned from its EMA weights with {config_path(args.dataset, 'dumo-from-fm').relative_to(ROOT)} and "
-        f"the meanflow-from-fm config; seeds {args.seeds} (mean ± std); EMA weights, {NUM_SAMPLES} samples; "
-        f"{key} lower is better, class fidelity higher.",
+        f"the meanflow-from-fm config; mean ± std over the seeds in the table (of {args.seeds}); EMA weights, "
+        f"{NUM_SAMPLES} samples; {key} lower is better, class fidelity higher.",
         "",
-        f"| model | guidance (training) | sampler | {key} | class fidelity |",
-        "|---|---|---|---|---|",
+        f"| model | guidance (training) | sampler | seeds | {key} | class fidelity |",
+        "|---|---|---|---|---|---|",
     ]
     for (method, guidance), seeds in rows.items():
         for name in seeds[0]:
@@ -260,7 +286,9 @@ def results(args: argparse.Namespace) -> None:
             fidelity = (
                 mean_std([s[f"{evaluation}/fidelity"] for s in seeds]) if f"{evaluation}/fidelity" in seeds[0] else "-"
             )
-            lines.append(f"| {titles.get(method, method)} | {guidance} | {evaluation} | {quality} | {fidelity} |")
+            lines.append(
+                f"| {titles.get(method, method)} | {guidance} | {evaluation} | {len(seeds)} | {quality} | {fidelity} |"
+            )
     write(args.out / "results.md", lines)
     if key == "fd":
         grids(args)
@@ -415,6 +443,7 @@ def main() -> None:
         stage.add_argument("--teacher-steps", type=int, help="teacher steps (default: the fm config's)")
         stage.add_argument("--steps", type=int, help="fine-tuning steps (default: the from-fm config's)")
         stage.add_argument("--scratch-steps", type=int, default=1500, help="stability: steps of the runs from scratch")
+        stage.add_argument("--direction-seeds", type=int, nargs="+", help="results: seeds of the other directions")
         stage.add_argument("--variants", type=int, help="results: only the first N fine-tuning variants")
         stage.add_argument("--zeta", type=float, default=0.5, help="results: training-time guidance of the guided runs")
         stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
