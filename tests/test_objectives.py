@@ -43,12 +43,41 @@ def test_finite_difference_matches_jvp_and_converges_at_second_order():
     assert errors[1] < errors[0] / 3 and errors[2] < errors[1] / 3, errors
 
 
-def test_finite_difference_matches_jvp_in_float32_at_default_epsilon():
+def test_finite_difference_matches_jvp_in_float32_at_the_papers_epsilon():
     model = small_model()
     batch = batch_of(64)
     exact = run(DuMoObjective(DuMoConfig(derivative="jvp", time=MIDDLE)), model, batch).targets["du_dt"]
-    approx = run(DuMoObjective(DuMoConfig(time=MIDDLE)), model, batch).targets["du_dt"]
+    approx = run(DuMoObjective(DuMoConfig(epsilon=0.005, time=MIDDLE)), model, batch).targets["du_dt"]
     assert ((approx - exact).norm() / exact.norm()).item() < 5e-2
+
+
+class OscillatingInTime(torch.nn.Module):
+    """u(x, t) = sin(w t) in every coordinate: du/dt = w cos(w t), whatever the direction in x."""
+
+    def __init__(self, frequency):
+        super().__init__()
+        self.frequency = frequency
+
+    def forward(self, x, t, r=None, labels=None):
+        wave = torch.sin(self.frequency * t.reshape(-1, 1).to(x.dtype)).expand_as(x)
+        return ModelOutput(v=torch.zeros_like(x), u=wave)
+
+
+@pytest.mark.parametrize("epsilon", [0.005, 0.05])
+def test_the_stencil_sees_a_fast_mode_as_sin_we_over_e(epsilon):
+    """The central difference returns cos(w t) sin(w e) / e: at most 1/e, however fast u varies in t,
+    while the exact derivative grows with w (what makes a narrow stencil feed fast wiggles back)."""
+    batch = Batch(x=torch.randn(256, 2, dtype=torch.float64))
+    for frequency in (3.0, 400.0):
+        model = OscillatingInTime(frequency)
+        out = run(DuMoObjective(DuMoConfig(epsilon=epsilon, time=MIDDLE)), model, batch)
+        t = out.targets["t"].double()
+        expected = torch.cos(frequency * t) * math.sin(frequency * epsilon) / epsilon
+        # the stencil's times are fp32: a relative 1e-7 in t, magnified by w / e
+        assert torch.allclose(out.targets["du_dt"][:, 0].double(), expected, rtol=1e-4, atol=1e-3)
+        exact = run(DuMoObjective(DuMoConfig(derivative="jvp", time=MIDDLE)), model, batch).targets["du_dt"]
+        assert torch.allclose(exact[:, 0].double(), frequency * torch.cos(frequency * t), rtol=1e-4, atol=1e-3)
+    assert out.targets["du_dt"].abs().max() <= 1 / epsilon + 1e-9  # the cap, for the fast mode
 
 
 class AnalyticFlowMap(torch.nn.Module):
@@ -62,7 +91,9 @@ class AnalyticFlowMap(torch.nn.Module):
 @pytest.mark.parametrize("derivative,tolerance", [("jvp", 1e-10), ("finite_difference", 1e-3)])
 def test_dumo_targets_on_an_analytic_model(derivative, tolerance):
     x = torch.randn(32, 2, dtype=torch.float64)
-    objective = DuMoObjective(DuMoConfig(derivative=derivative, time=TimeConfig(distribution="uniform")))
+    # the paper's narrow stencil: the tolerance below is the difference's second-order error at e = 0.005
+    config = DuMoConfig(derivative=derivative, epsilon=0.005, time=TimeConfig(distribution="uniform"))
+    objective = DuMoObjective(config)
     torch.manual_seed(0)
     out = objective(AnalyticFlowMap(), Batch(x=x))
     torch.manual_seed(0)
@@ -95,7 +126,10 @@ def test_stencil_stays_inside_the_interval_and_is_exact_for_linear_functions():
 def test_dumo_oracle_has_zero_loss_on_point_mass(derivative):
     a = torch.tensor([[1.5, -0.5]])
     x = a.expand(64, 2).clone()
-    objective = DuMoObjective(DuMoConfig(derivative=derivative, time=TimeConfig(distribution="uniform")))
+    # The oracle divides by t, so it cannot be queried at t = 0, where the stencil of any t < e ends;
+    # e = 0.005 keeps the 64 uniform draws of this seed clear of it.
+    config = DuMoConfig(derivative=derivative, epsilon=0.005, time=TimeConfig(distribution="uniform"))
+    objective = DuMoObjective(config)
     torch.manual_seed(0)
     out = objective(PointMassOracle(a), Batch(x=x))
     torch.manual_seed(0)
@@ -268,7 +302,7 @@ def test_meanflow_time_pairs():
 def test_meanflow_finite_difference_matches_jvp():
     model = small_model(heads=("u",), time_inputs=2)
     batch = batch_of(64)
-    cfg = dict(rho=0.0, time=MIDDLE)
+    cfg = dict(rho=0.0, time=MIDDLE, epsilon=0.005)
     exact = run(MeanFlowObjective(MeanFlowConfig(derivative="jvp", **cfg)), model, batch)
     approx = run(MeanFlowObjective(MeanFlowConfig(derivative="finite_difference", **cfg)), model, batch)
     rel = (approx.targets["du_dt"] - exact.targets["du_dt"]).norm() / exact.targets["du_dt"].norm()

@@ -71,7 +71,11 @@ class FewStepConfig(ObjectiveConfig):
     """Keys shared by the flow-map objectives (DuMo, MeanFlow)."""
 
     derivative: Literal["finite_difference", "jvp"] = "finite_difference"
-    epsilon: float = 0.005  # half-width of the central difference in t
+    # Half-width of the central difference in t. The paper uses 0.005; dumo's default is 0.05: a mode
+    # of u oscillating in t at frequency w enters the difference as sin(w e) / e instead of w, so a
+    # wider stencil caps how much fast wiggles of u are fed back into its own target (t du/dt), which
+    # made plain-L2 training blow up at 0.005 (README "Make your flow model one-step").
+    epsilon: float = 0.05
     dudt_clamp: float | None = None  # clamp |du/dt| elementwise; null = off
     # theta^- for the derivative (and guidance) passes: the stop-gradient online weights, their
     # EMA, or the frozen initial weights of a run started with train.init_from (the teacher).
