@@ -50,10 +50,9 @@ CANDIDATES = {
     "clamp 10": ["objective.dudt_clamp=10.0"],
     "epsilon 0.02": ["objective.epsilon=0.02"],
     "epsilon 0.05": ["objective.epsilon=0.05"],
-    "epsilon 0.1": ["objective.epsilon=0.1"],
     "v-head direction, clamp 3": ["objective.derivative_direction=v_head", "objective.dudt_clamp=3.0"],
 }
-SCRATCH_CANDIDATES = ("plain", "clamp 3", "epsilon 0.05", "adaptive p=1")
+SCRATCH_CANDIDATES = ("plain", "epsilon 0.05")
 PLAIN = [
     "objective.zeta=0",
     "objective.adaptive_p=0",
