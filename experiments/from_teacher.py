@@ -52,7 +52,7 @@ CANDIDATES = {
     "epsilon 0.05": ["objective.epsilon=0.05"],
     "v-head direction, clamp 3": ["objective.derivative_direction=v_head", "objective.dudt_clamp=3.0"],
 }
-SCRATCH_CANDIDATES = ("plain", "epsilon 0.05")
+SCRATCH_CANDIDATES = ("plain", "clamp 3", "epsilon 0.05")
 PLAIN = [
     "objective.zeta=0",
     "objective.adaptive_p=0",
@@ -204,6 +204,8 @@ def stability(args: argparse.Namespace) -> None:
             if origin == "scratch":
                 init.append(f"train.steps={args.scratch_steps}")
             folder = args.out / "stability" / f"{origin}-{name.replace(' ', '_').replace('=', '')}"
+            if args.table_only and not (folder / "train_log.csv").is_file():
+                continue
             runs[(origin, name)] = (folder, [*PLAIN, *extra, *init, "train.checkpoint_every=500"])
     jobs = [lambda f=f, o=o: score(train(base, f, o), FEW_STEP_EVALUATIONS) for f, o in runs.values()]
     parallel(jobs, args.jobs)
@@ -438,6 +440,7 @@ def main() -> None:
         stage.add_argument("--out", type=Path, help="default: experiments/results/from_teacher/DATASET")
         stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
         stage.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        stage.add_argument("--table-only", action="store_true", help="stability: tabulate the runs that exist")
         stage.add_argument("--only", nargs="+", help="stability: run only these candidates (no table)")
         stage.add_argument("--teacher-steps", type=int, help="teacher steps (default: the fm config's)")
         stage.add_argument("--steps", type=int, help="fine-tuning steps (default: the from-fm config's)")
