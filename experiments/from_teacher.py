@@ -364,8 +364,9 @@ def guidance(args: argparse.Namespace) -> None:
         axis.plot([e[1] for e in entries], [e[0] for e in entries], marker, label=kind)
         for fd, fidelity, label in entries:
             axis.annotate(label, (fidelity, fd), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_yscale("log")  # a diverged run sits far above the others
     axis.set_xlabel("class fidelity (higher: more class-typical)")
-    axis.set_ylabel("domain FD (lower: closer to the data)")
+    axis.set_ylabel("domain FD, log scale (lower: closer to the data)")
     axis.set_title(f"{args.dataset}: DuMo 1 NFE, guidance trade-off")
     axis.legend()
     figure.tight_layout()
