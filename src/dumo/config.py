@@ -50,6 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     device: str = "auto"  # auto: cuda when available, else cpu
     progress: bool = True  # progress bar on the terminal
+    tensorboard: bool = False  # also write the logged scalars and scores to RUN_DIR/tensorboard (needs tensorboard)
     max_nonfinite_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
     # a run that skipped more than this fraction of its steps (non-finite loss or gradient) ends in an error
     max_skipped_fraction: float = 0.01

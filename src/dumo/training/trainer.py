@@ -65,6 +65,7 @@ TEACHER_FILE = "teacher.safetensors"  # the frozen initial weights, kept with th
 LOCK_FILE = ".dumo.lock"  # held (flock) by the process training the run, for the whole run
 HISTORY_FILE = "history.txt"  # one line per start: time, dumo version, command line, starting step
 SAMPLES_DIR = "samples"  # a picture of samples at every evaluation
+TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: the logged scalars and scores as TensorBoard events
 #: exit status of ``dumo train`` when it stopped before train.steps because train.max_minutes was spent
 #: (a signal gives 128 + its number: 130 for SIGINT, 143 for SIGTERM)
 EXIT_OUT_OF_TIME = 3
@@ -80,6 +81,7 @@ RESUMABLE_KEYS = tuple(
         "keep_checkpoints",
         "device",
         "progress",
+        "tensorboard",
         "max_nonfinite_steps",
         "max_skipped_fraction",
         "max_minutes",
@@ -287,6 +289,9 @@ class Trainer:
                 f"data.batch_size {config.data.batch_size} (the global batch) must be divisible by "
                 f"{self.dist.world_size} ranks x train.grad_accumulation {config.train.grad_accumulation}"
             )
+        if config.train.tensorboard and self.dist.is_main:
+            summary_writer_class()  # a missing package fails here, before the run folder is touched
+        self.tensorboard = None  # the SummaryWriter of a run with train.tensorboard (rank 0, while it runs)
         torch.manual_seed(config.train.seed)
         self.dataset = build_dataset(config.data)
         check_batch_fits(config, self.dataset.shape, self.shards)
@@ -540,6 +545,9 @@ class Trainer:
         try:
             return self._run(overwrite)
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
             lock.release()
 
     def _resume_latest(self) -> Path | None:
@@ -587,6 +595,11 @@ class Trainer:
         if main:
             truncate_log(self.run_dir / TRAIN_LOG, self.step)
             truncate_log(self.run_dir / EVAL_LOG, self.step)
+            if cfg.tensorboard:
+                # a resumed run drops the events logged after its checkpoint, as the CSV logs do
+                self.tensorboard = summary_writer_class()(
+                    str(self.run_dir / TENSORBOARD_DIR), purge_step=self.step if restored is not None else None
+                )
 
         started = time.perf_counter()
         wall_before = self.wall_seconds
@@ -611,6 +624,7 @@ class Trainer:
                         "wall_seconds": self.wall_seconds,
                     }
                     append_row(self.run_dir / TRAIN_LOG, row)
+                    self._add_scalars("train", row)
                     progress.log(self.step, logged, rate)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     metrics = self._evaluate_and_log()
@@ -655,9 +669,19 @@ class Trainer:
             metrics = self.evaluate(model)
             if metrics:
                 append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
+                self._add_scalars("eval", metrics)
             self.save_picture(model if model is not None else self.ema.model)
         self.dist.barrier()
         return metrics
+
+    def _add_scalars(self, group: str, row: dict[str, float]) -> None:
+        """Write a logged row to TensorBoard as ``group/name`` scalars at the current step."""
+        if self.tensorboard is None:
+            return
+        for name, value in row.items():
+            if name != "step":
+                self.tensorboard.add_scalar(f"{group}/{name}", float(value), self.step)
+        self.tensorboard.flush()
 
     def save_picture(self, model: nn.Module) -> Path:
         """RUN/samples/step_XXXXXXXX.png: 1-NFE samples of the EMA weights (a grid of images with their
@@ -716,6 +740,18 @@ class Trainer:
                     signal.signal(sig, handler)
 
         return Handler()
+
+
+def summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``, or a one-line ConfigError when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ConfigError(
+            f"train.tensorboard is true but the tensorboard package is missing ({error}): pip install tensorboard "
+            "(or set train.tensorboard=false)"
+        ) from None
+    return SummaryWriter
 
 
 SMALL_DATA = 1000  # below this many training images the domain classifier mostly measures memorisation
