@@ -126,3 +126,31 @@ def test_trajectories_for_2d_runs(trained_run, tmp_path):
     result = dumo("trajectories", trained_run, "--out", out, "--num", 50, "--nfe", 1, 2)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_2d_trajectories_draw_each_samplers_states_as_paths(trained_run, tmp_path, monkeypatch):
+    import dumo.plotting
+    from dumo.cli import main
+
+    drawn = {}
+    original = dumo.plotting.paths_over_density
+
+    def record(panels, reference, path, **kwargs):
+        drawn.update(panels)
+        original(panels, reference, path, **kwargs)
+
+    monkeypatch.setattr(dumo.plotting, "paths_over_density", record)
+    out = tmp_path / "paths.png"
+    assert main(["trajectories", str(trained_run), "--out", str(out), "--nfe", "1", "4"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    # one panel per (head, NFE); each holds the noise, the state at every later time, and the samples
+    shapes = {label: states.shape for label, states in drawn.items()}
+    assert shapes == {
+        "u-head, 1 NFE": (2, 32, 2),
+        "u-head, 4 NFE": (5, 32, 2),
+        "v-head Euler, 1 NFE": (2, 32, 2),
+        "v-head Euler, 4 NFE": (5, 32, 2),
+    }
+    # the same noise starts every path
+    starts = [states[0] for states in drawn.values()]
+    assert all(np.allclose(start, starts[0]) for start in starts)

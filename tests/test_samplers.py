@@ -4,7 +4,15 @@ from conftest import PointMassOracle
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dumo.samplers import check_times, flow_map_sample, meanflow_sample, ode_sample, sample, uniform_times
+from dumo.samplers import (
+    check_times,
+    flow_map_sample,
+    meanflow_sample,
+    ode_sample,
+    sample,
+    sample_path,
+    uniform_times,
+)
 
 POINT = torch.tensor([[0.7, -1.2]])
 
@@ -98,3 +106,51 @@ def test_any_decreasing_schedule_samples_an_oracle_exactly(values):
     times = sorted(values, reverse=True)
     out = flow_map_sample(PointMassOracle(POINT), noise(4), times, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(out, POINT.expand(4, 2), atol=1e-4)
+
+
+class ConstantField(torch.nn.Module):
+    """v = u = c everywhere: Euler paths are straight lines x_1 - (1 - t) c with known points."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, t, r=None, labels=None):
+        return type("Out", (), {"u": self.c.expand_as(x), "v": self.c.expand_as(x)})()
+
+
+C = torch.tensor([0.8, -0.5])
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_ode_path_holds_the_state_at_every_grid_time(method):
+    x1 = noise()
+    states = []
+    out = ode_sample(ConstantField(C), x1, 4, method, path=states)
+    # dx/dt = c from t = 1 down: at t_j = 1 - j/4 the state is x_1 - (j / 4) c
+    assert len(states) == 5
+    for j, state in enumerate(states):
+        assert torch.allclose(state, x1 - (j / 4) * C, atol=1e-6), j
+    assert torch.equal(states[-1], out)
+
+
+def test_flow_map_and_meanflow_paths_hold_the_state_at_each_time():
+    x1 = noise()
+    # deterministic flow map with u = c: x0 = x_1 - c, implied noise x_1, so x at 0.5 is x_1 - 0.5 c
+    states = sample_path(ConstantField(C), x1, 2, "flow_map", times=[1.0, 0.5], stochasticity=0.0)
+    expected = torch.stack([x1, x1 - 0.5 * C, x1 - C])
+    assert states.shape == (3, 16, 2) and torch.allclose(states, expected, atol=1e-6)
+    states = sample_path(ConstantField(C), x1, 3, "meanflow", times=[1.0, 0.6, 0.2])
+    expected = torch.stack([x1 - (1 - t) * C for t in (1.0, 0.6, 0.2, 0.0)])
+    assert torch.allclose(states, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["flow_map", "meanflow", "euler", "heun"])
+def test_asking_for_the_path_leaves_the_samples_unchanged(method):
+    model = PointMassOracle(POINT)
+    plain = sample(model, noise(), 3, method, generator=torch.Generator().manual_seed(5))
+    states = []
+    traced = sample(model, noise(), 3, method, generator=torch.Generator().manual_seed(5), path=states)
+    assert torch.equal(plain, traced) and torch.equal(states[-1], plain) and torch.equal(states[0], noise())
+    stacked = sample_path(model, noise(), 3, method, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(stacked[-1], plain)

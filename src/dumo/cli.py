@@ -467,9 +467,13 @@ def describe_model(model_config) -> str:
     )
 
 
+TRAJECTORY_IMAGES = 8  # default rows of the trajectories figure of an image run
+TRAJECTORY_PATHS = 32  # default paths per panel of the trajectories figure of a 2-D run
+
+
 def command_trajectories(args: argparse.Namespace) -> int:
     from dumo.evaluation import balanced_labels, generate, sampler_for
-    from dumo.plotting import image_grid, scatter_over_density
+    from dumo.plotting import image_grid, paths_over_density
     from dumo.run import load_run
     from dumo.training.checkpoint import atomic_output
 
@@ -484,25 +488,31 @@ def command_trajectories(args: argparse.Namespace) -> int:
         heads.append((f"v-head {'Euler' if args.method == 'auto' else args.method}", sampler_for("fm", args.method)))
     if not heads:
         raise UsageError(f"--method {args.method} needs a head this model lacks (it has {', '.join(run.model.heads)})")
-    labels = balanced_labels(args.num, run.num_classes)
-    columns = {}  # (head, nfe) -> samples in the data's own space
+    num = args.num or (TRAJECTORY_IMAGES if run.space.is_images else TRAJECTORY_PATHS)
+    labels = balanced_labels(num, run.num_classes)
+    columns = {}  # (head, nfe) -> samples in the data's own space (2-D: every state of the sampler)
     for name, method in heads:
         for nfe in args.nfe:
+            states: list = []
             x = generate(
                 run.model,
                 run.objective_name,
-                (args.num, *run.space.shape),
+                (num, *run.space.shape),
                 nfe,
                 run.config.sample,
                 args.seed,
                 labels,
                 method,
+                path=None if run.space.is_images else states,
             )
-            columns[name, nfe] = run.space.unstandardise(x).numpy()
-    title = f"{run.objective_name}, step {run.step}: the same noise at each NFE"
+            if run.space.is_images:
+                columns[name, nfe] = run.space.unstandardise(x).numpy()
+            else:
+                columns[name, nfe] = np.stack([run.space.unstandardise(state).numpy() for state in states])
     if run.space.is_images:
+        title = f"{run.objective_name}, step {run.step}: the same noise at each NFE"
         # one row per sample (its class on the left), one column per (head, NFE)
-        grid = [columns[key][i] for i in range(args.num) for key in columns]
+        grid = [columns[key][i] for i in range(num) for key in columns]
         column_titles = [f"{name}\n{nfe} NFE" for name, nfe in columns]
         rows = [run.space.class_name(int(c)) for c in labels] if labels is not None else None
         with atomic_output(out) as tmp:
@@ -516,10 +526,12 @@ def command_trajectories(args: argparse.Namespace) -> int:
                 row_titles=rows,
             )
     else:
+        # one row per head, one column per NFE: each noise point's path through the sampler's states
+        title = f"{run.objective_name}, step {run.step}: {num} paths from noise (grey) to sample (red)"
         reference = run.space.reference_points(50_000)
-        panels = [(f"{name}, {nfe} NFE", points) for (name, nfe), points in columns.items()]
+        panels = [(f"{name}, {nfe} NFE", states) for (name, nfe), states in columns.items()]
         with atomic_output(out) as tmp:
-            scatter_over_density(panels, reference.numpy(), tmp, columns=len(args.nfe), title=title, paths=True)
+            paths_over_density(panels, reference.numpy(), tmp, columns=len(args.nfe), title=title)
     print(f"wrote trajectories ({', '.join(name for name, _ in heads)}; NFE {', '.join(map(str, args.nfe))}) to {out}")
     return 0
 
@@ -775,14 +787,18 @@ def build_parser() -> argparse.ArgumentParser:
         "trajectories",
         help="picture of samples against NFE, from the u-head and the v-head ODE",
         description="Draw the same noise with 1, 2, 4, 8, ... NFE. Images: one row per sample (labelled with its "
-        "class), one column per (head, NFE), labelled. 2-D data: one panel per (head, NFE) over the data density, "
-        "each point joined by a line to where the same noise lands at the previous NFE.",
+        "class), one column per (head, NFE), labelled. 2-D data: one row of panels per head, one column per NFE, "
+        "over the data density; each noise point's path is a line through the sampler's states (v-head ODE: x at "
+        "each step's time; u-head flow map: x at each time of the k-step schedule), from the noise to the sample.",
     )
     add_sampling_arguments(trajectories)
-    trajectories.set_defaults(num=8)
+    trajectories.set_defaults(num=None)
     for action in trajectories._actions:
         if action.dest == "num":
-            action.help = "samples, one row each (default 8; 2-D: points, joined by a line from NFE to NFE)"
+            action.help = (
+                f"samples (images: one row each, default {TRAJECTORY_IMAGES}; 2-D: paths per panel, "
+                f"default {TRAJECTORY_PATHS})"
+            )
         if action.dest == "method":
             action.help = "auto (default): the u-head's sampler and the v-head's Euler; a named sampler draws only it"
     trajectories.add_argument(

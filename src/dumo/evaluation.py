@@ -50,8 +50,12 @@ def generate(
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
+    path: list[Tensor] | None = None,
 ) -> Tensor:
-    """Samples (in the model's standardised space) from noise drawn with ``seed``."""
+    """Samples (in the model's standardised space) from noise drawn with ``seed``.
+
+    ``path``, if given, receives the sampler's states in order, from the noise to the samples.
+    """
     method = sampler_for(objective_name, method if method != "auto" else config.method)
     if config.guidance_scale != 1.0 and labels is not None:
         model = GuidedModel(model, config.guidance_scale, null_label(model))
@@ -69,6 +73,7 @@ def generate(
         t_start=config.t_start,
         stochasticity=config.stochasticity,
         generator=generator,
+        path=path,
     )
 
 

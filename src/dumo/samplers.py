@@ -4,6 +4,9 @@
   the prediction to the next time (consistency-style multistep).
 - :func:`meanflow_sample` - MeanFlow: ``x_r = x_t - (t - r) u(x_t, r, t)`` over a time grid.
 - :func:`ode_sample` - Euler or Heun on the velocity head (Flow Matching, or DuMo's v-head).
+
+Each takes an optional ``path`` list that receives the sampler's states in order: the noise, the
+state at each later time of its grid, and last the returned sample (:func:`sample_path` stacks them).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def flow_map_sample(
     labels: Tensor | None = None,
     stochasticity: float = 1.0,
     generator: torch.Generator | None = None,
+    path: list[Tensor] | None = None,
 ) -> Tensor:
     """Consistency-style sampling with the u-head at ``times`` (t_0 > t_1 > ... > 0).
 
@@ -97,13 +101,18 @@ def flow_map_sample(
     ``t' z' + (1 - t') x0`` with ``z' = s * fresh + sqrt(1 - s^2) * z_hat``, where
     ``z_hat = x_t + (1 - t) u`` is the noise the prediction implies and s = ``stochasticity``
     (1: fresh noise, the usual multistep consistency sampler; 0: deterministic).
+    ``path``, if given, receives x at each of ``times`` (the noise first), then the sample.
     """
     times = check_times(times)
     x = noise
     for i, t in enumerate(times):
+        if path is not None:
+            path.append(x)
         u = model(x, _time(t, x), labels=labels).u.to(x.dtype)
         x0 = x - t * u
         if i + 1 == len(times):
+            if path is not None:
+                path.append(x0)
             return x0
         implied_noise = x + (1 - t) * u
         fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -114,13 +123,23 @@ def flow_map_sample(
 
 
 @torch.no_grad()
-def meanflow_sample(model: nn.Module, noise: Tensor, times: Sequence[float], labels: Tensor | None = None) -> Tensor:
-    """MeanFlow's deterministic k-step map over ``times`` then 0."""
+def meanflow_sample(
+    model: nn.Module,
+    noise: Tensor,
+    times: Sequence[float],
+    labels: Tensor | None = None,
+    path: list[Tensor] | None = None,
+) -> Tensor:
+    """MeanFlow's deterministic k-step map over ``times`` then 0 (``path``: x at each of those times)."""
     grid = check_times(times) + [0.0]
     x = noise
+    if path is not None:
+        path.append(x)
     for t, r in zip(grid[:-1], grid[1:]):
         u = model(x, _time(t, x), r=_time(r, x), labels=labels).u.to(x.dtype)
         x = x - (t - r) * u
+        if path is not None:
+            path.append(x)
     return x
 
 
@@ -132,16 +151,19 @@ def ode_sample(
     method: str = "euler",
     labels: Tensor | None = None,
     t_start: float = 1.0,
+    path: list[Tensor] | None = None,
 ) -> Tensor:
     """Integrate dx/dt = v(x, t) from t_start to 0 in ``steps`` uniform steps.
 
     Euler costs ``steps`` NFE; Heun (trapezoidal correction, none on the last step onto t = 0)
-    costs 2 * steps - 1.
+    costs 2 * steps - 1. ``path``, if given, receives x at each of the ``steps + 1`` grid times.
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}")
     grid = torch.linspace(t_start, 0.0, steps + 1).tolist()
     x = noise
+    if path is not None:
+        path.append(x)
     for t, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t
         v = model(x, _time(t, x), labels=labels).v.to(x.dtype)
@@ -149,6 +171,8 @@ def ode_sample(
             v_next = model(x + dt * v, _time(t_next, x), labels=labels).v.to(x.dtype)
             v = 0.5 * (v + v_next)
         x = x + dt * v
+        if path is not None:
+            path.append(x)
     return x
 
 
@@ -167,19 +191,47 @@ def sample(
     t_start: float = 1.0,
     stochasticity: float = 1.0,
     generator: torch.Generator | None = None,
+    path: list[Tensor] | None = None,
 ) -> Tensor:
-    """Dispatch to a sampler by name with a budget of ``nfe`` network evaluations."""
+    """Dispatch to a sampler by name with a budget of ``nfe`` network evaluations.
+
+    ``path``, if given, receives the sampler's states in order (see :func:`sample_path`).
+    """
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1; got {nfe}")
     if times is not None and len(times) != nfe and method in ("flow_map", "meanflow"):
         raise ValueError(f"{len(times)} times given for nfe={nfe}")
     if method == "flow_map":
         schedule = times if times is not None else uniform_times(nfe, t_start)
-        return flow_map_sample(model, noise, schedule, labels, stochasticity, generator)
+        return flow_map_sample(model, noise, schedule, labels, stochasticity, generator, path)
     if method == "meanflow":
-        return meanflow_sample(model, noise, times if times is not None else uniform_times(nfe, t_start), labels)
+        schedule = times if times is not None else uniform_times(nfe, t_start)
+        return meanflow_sample(model, noise, schedule, labels, path)
     if method == "euler":
-        return ode_sample(model, noise, nfe, "euler", labels, t_start)
+        return ode_sample(model, noise, nfe, "euler", labels, t_start, path)
     if method == "heun":
-        return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", labels, t_start)
+        return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", labels, t_start, path)
     raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
+
+
+def sample_path(
+    model: nn.Module,
+    noise: Tensor,
+    nfe: int,
+    method: str,
+    labels: Tensor | None = None,
+    times: Sequence[float] | None = None,
+    t_start: float = 1.0,
+    stochasticity: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The states a sampler passes through, stacked: shape ``(S, *noise.shape)``.
+
+    ``[0]`` is the noise and ``[-1]`` the sample :func:`sample` returns for the same arguments (and
+    generator state). Between them: Euler/Heun, x at each time of the uniform grid (S = steps + 1);
+    flow_map, x at each later time of the schedule, after the re-noising, (S = k + 1); meanflow,
+    x at each later time (S = k + 1).
+    """
+    states: list[Tensor] = []
+    sample(model, noise, nfe, method, labels, times, t_start, stochasticity, generator, path=states)
+    return torch.stack(states)
