@@ -211,8 +211,9 @@ def stability(args: argparse.Namespace) -> None:
     parallel(jobs, args.jobs)
     if args.only:
         return  # a partial study: the table is written by a run over every candidate
-    steps = (100, 300, 500, 700, 1000, 1500, 2000, 3000)
     key = metric(args.dataset)
+    logs = {run: read_log(folder, "loss_u") for run, (folder, _) in runs.items()}
+    steps = [s for s in (100, 300, 500, 700, 1000, 1500, 2000, 3000, 6000) if any(s in log for log in logs.values())]
     lines = [
         f"Plain-L2 DuMo on {args.dataset} (beta 0.7, zeta 0, adaptive weighting off unless named), one seed: "
         "u-loss (loss_u in train_log.csv, a single batch every 100 steps) by step, and the EMA weights' domain FD "
@@ -222,7 +223,7 @@ def stability(args: argparse.Namespace) -> None:
         "|---|---|" + "---|" * (len(steps) + 2),
     ]
     for (origin, name), (folder, _) in runs.items():
-        loss = read_log(folder, "loss_u")
+        loss = logs[(origin, name)]
         scores = json.loads((folder / "scores.json").read_text())
         shown = [f"{loss[s]:.3g}" if s in loss else "" for s in steps]
         lines.append(
@@ -262,6 +263,8 @@ def results(args: argparse.Namespace) -> None:
             labels.append((method, label))
             slug = label.replace(" ", "").replace(",", "-")
             folder = args.out / f"{method}-{slug}-s{seed}"
+            if args.table_only and not (folder / "train_log.csv").is_file():
+                continue
             config = config_path(args.dataset, f"{method}-from-fm")
             overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
             evaluations = DUMO_EVALUATIONS if method == "dumo" else FEW_STEP_EVALUATIONS
@@ -441,7 +444,7 @@ def main() -> None:
         stage.add_argument("--out", type=Path, help="default: experiments/results/from_teacher/DATASET")
         stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each)")
         stage.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-        stage.add_argument("--table-only", action="store_true", help="stability: tabulate the runs that exist")
+        stage.add_argument("--table-only", action="store_true", help="tabulate the runs that exist")
         stage.add_argument("--only", nargs="+", help="stability: run only these candidates (no table)")
         stage.add_argument("--teacher-steps", type=int, help="teacher steps (default: the fm config's)")
         stage.add_argument("--steps", type=int, help="fine-tuning steps (default: the from-fm config's)")
