@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DUMO = [sys.executable, "-m", "dumo"]
 NUM_SAMPLES = 1000
+TABLE_ONLY = False  # set by --table-only: score existing runs as they are, train nothing
 EULER_STEPS = 50
 
 #: stability candidates: name -> config overrides on top of dumo-from-fm.yaml with guidance off, plain L2
@@ -71,8 +72,8 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
     if (run_dir / "scores.json").is_file():
         return run_dir
     wait_while_training(run_dir)
-    if (run_dir / "scores.json").is_file():
-        return run_dir
+    if (run_dir / "scores.json").is_file() or (TABLE_ONLY and (run_dir / "train_log.csv").is_file()):
+        return run_dir  # table-only: score whatever the run reached
     command = [*DUMO, "train", str(config), "--out", str(run_dir)]
     for item in [*overrides, "train.progress=false"]:
         command += ["--set", item]
@@ -135,6 +136,13 @@ def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
                 scores[f"{name}/{key.rsplit('_', 1)[0]}"] = value
         path.write_text(json.dumps(scores, indent=1))
     return scores
+
+
+def last_step(run_dir: Path) -> int:
+    """The step a run's latest checkpoint holds."""
+    from dumo.training.checkpoint import list_checkpoints
+
+    return int(list_checkpoints(run_dir)[-1].stem.split("_")[1])
 
 
 def read_log(run_dir: Path, column: str) -> dict[int, float]:
@@ -253,7 +261,9 @@ def results(args: argparse.Namespace) -> None:
     key = metric(args.dataset)
     teachers = parallel([lambda s=s: teacher(args, s) for s in args.seeds], args.jobs)
     rows: dict[tuple[str, str], list[dict]] = {
-        ("Flow Matching teacher", "-"): [json.loads((run / "scores.json").read_text()) for run in teachers]
+        ("Flow Matching teacher", "-"): [
+            {**json.loads((run / "scores.json").read_text()), "step": last_step(run)} for run in teachers
+        ]
     }
     jobs, labels = [], []
     for method, label, extra, seeds in variants(args):
@@ -268,7 +278,12 @@ def results(args: argparse.Namespace) -> None:
             config = config_path(args.dataset, f"{method}-from-fm")
             overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
             evaluations = DUMO_EVALUATIONS if method == "dumo" else FEW_STEP_EVALUATIONS
-            jobs.append(lambda c=config, f=folder, o=overrides, e=evaluations: score(train(c, f, o), e))
+            jobs.append(
+                lambda c=config, f=folder, o=overrides, e=evaluations: {
+                    **score(train(c, f, o), e),
+                    "step": last_step(f),
+                }
+            )
     for key_, outcome in zip(labels, parallel(jobs, args.jobs)):
         rows.setdefault(key_, []).append(outcome)
     titles = {"dumo": "DuMo from the teacher", "meanflow": "MeanFlow from the teacher"}
@@ -278,8 +293,8 @@ def results(args: argparse.Namespace) -> None:
         f"the meanflow-from-fm config; mean ± std over the seeds in the table (of {args.seeds}); EMA weights, "
         f"{NUM_SAMPLES} samples; {key} lower is better, class fidelity higher.",
         "",
-        f"| model | guidance (training) | sampler | seeds | {key} | class fidelity |",
-        "|---|---|---|---|---|---|",
+        f"| model | guidance (training) | sampler | seeds | steps | {key} | class fidelity |",
+        "|---|---|---|---|---|---|---|",
     ]
     for (method, guidance), seeds in rows.items():
         for name in seeds[0]:
@@ -290,8 +305,11 @@ def results(args: argparse.Namespace) -> None:
             fidelity = (
                 mean_std([s[f"{evaluation}/fidelity"] for s in seeds]) if f"{evaluation}/fidelity" in seeds[0] else "-"
             )
+            trained = sorted({s["step"] for s in seeds})
+            shown_steps = str(trained[0]) if len(trained) == 1 else f"{trained[0]}-{trained[-1]}"
             lines.append(
-                f"| {titles.get(method, method)} | {guidance} | {evaluation} | {len(seeds)} | {quality} | {fidelity} |"
+                f"| {titles.get(method, method)} | {guidance} | {evaluation} | {len(seeds)} | {shown_steps} "
+                f"| {quality} | {fidelity} |"
             )
     write(args.out / "results.md", lines)
     if key == "fd":
@@ -457,6 +475,8 @@ def main() -> None:
     stage = stages.add_parser("derivative")
     stage.add_argument("run_dir", type=Path)
     args = parser.parse_args()
+    global TABLE_ONLY
+    TABLE_ONLY = getattr(args, "table_only", False)
     if args.stage != "derivative":
         args.out = args.out or ROOT / "experiments" / "results" / "from_teacher" / args.dataset
     {"stability": stability, "results": results, "guidance": guidance, "derivative": derivative}[args.stage](args)
