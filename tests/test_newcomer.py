@@ -108,8 +108,12 @@ def test_info_counts_an_image_folders_classes(tmp_path, capsys):
     assert "image_folder (3, 16, 16) (2 classes)" in capsys.readouterr().out
     assert main(["info", str(FOLDER), "--set", "data.resolution=16"]) == 2
     assert "set data.path (an existing folder)" in capsys.readouterr().err
-    assert main(["info", "configs/digits/dumo.yaml"]) == 0  # a small DiT says so rather than borrow a 33M name
-    assert "DiT-S/2 with a custom size (width 96, depth 4, 4 heads" in capsys.readouterr().out
+    assert main(["info", "configs/digits/dumo.yaml"]) == 0  # the small preset has its own name, not a 33M one
+    shown = capsys.readouterr().out
+    assert "model DiT-XS/2" in shown and "DiT-S/2" not in shown
+    overridden = ["info", "configs/digits/dumo.yaml", "--set", "model.name=DiT-S/2", "model.hidden_dim=96"]
+    assert main(overridden) == 0  # an override says so rather than borrow the preset's name
+    assert "DiT-S/2 with a custom size (width 96, depth 12, 6 heads" in capsys.readouterr().out
 
 
 def test_a_run_prints_plain_lines_with_the_loss_parts_and_logs_lr_and_time(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """Networks: a backbone plus one or two output heads (v, u).
 
 ``model.name`` picks the backbone: ``mlp`` for 2-D data, or a DiT name such as ``DiT-XL/2``
-(sizes S, B, L, XL; patch 1, 2 or 4) for images and latents.
+(sizes S, B, L, XL, and dumo's small XS; patch 1, 2 or 4) for images and latents.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ MODEL_NAMES = ("mlp", "unet", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp, or DiT-{S,B,L,XL}/{1,2,4}
+    name: str = "mlp"  # mlp, unet, or DiT-{XS,S,B,L,XL}/{1,2,4}
     hidden_dim: int | None = None  # width; null = the size's own (mlp: 256)
     depth: int | None = None  # blocks; null = the size's own (mlp: 4)
     num_heads: int | None = None  # DiT attention heads; null = the size's own

@@ -1,6 +1,7 @@
 """Diffusion Transformer (DiT) backbone with adaLN-zero blocks, and its patch output head.
 
-Sizes follow DiT (S, B, L, XL) with patch sizes 1, 2 or 4, named like ``DiT-XL/2``. For DuMo the
+Sizes follow DiT (S, B, L, XL) with patch sizes 1, 2 or 4, named like ``DiT-XL/2``; ``DiT-XS`` is
+dumo's own small preset (width 96, depth 4) for 8x8 to 28x28 data on a CPU. For DuMo the
 u-head is a second copy of the final layer (adaLN modulation + linear): about 3M parameters on
 DiT-XL/2. Attention uses ``scaled_dot_product_attention``, so the no-grad passes of the
 finite-difference target get PyTorch's fused kernels.
@@ -26,12 +27,13 @@ class DiTSize:
 
 
 DIT_SIZES = {
+    "XS": DiTSize(96, 4, 4),  # dumo's preset for 8x8-28x28 data on a CPU (not a size of the DiT paper)
     "S": DiTSize(384, 12, 6),
     "B": DiTSize(768, 12, 12),
     "L": DiTSize(1024, 24, 16),
     "XL": DiTSize(1152, 28, 16),
 }
-DIT_NAME = re.compile(r"^DiT-(S|B|L|XL)/([124])$")
+DIT_NAME = re.compile(r"^DiT-(XS|S|B|L|XL)/([124])$")
 
 
 def parse_dit_name(name: str) -> tuple[DiTSize, int] | None:
