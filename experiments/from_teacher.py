@@ -270,11 +270,11 @@ def results(args: argparse.Namespace) -> None:
         for seed, start in zip(args.seeds, teachers):
             if seed not in seeds:
                 continue
-            labels.append((method, label))
             slug = label.replace(" ", "").replace(",", "-")
             folder = args.out / f"{method}-{slug}-s{seed}"
             if args.table_only and not (folder / "train_log.csv").is_file():
                 continue
+            labels.append((method, label))
             config = config_path(args.dataset, f"{method}-from-fm")
             overrides = [f"train.init_from={start}", f"train.seed={seed}", *extra, *budget(args)]
             evaluations = DUMO_EVALUATIONS if method == "dumo" else FEW_STEP_EVALUATIONS
@@ -298,8 +298,8 @@ def results(args: argparse.Namespace) -> None:
     ]
     for (method, guidance), seeds in rows.items():
         for name in seeds[0]:
-            if not name.endswith(f"/{key}"):
-                continue
+            if not name.endswith(f"/{key}") or not all(name in scores for scores in seeds):
+                continue  # another stage's extra evaluation of one seed
             evaluation = name[: -len(f"/{key}")]
             quality = mean_std([s[name] for s in seeds])
             fidelity = (
