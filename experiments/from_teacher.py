@@ -436,7 +436,9 @@ def derivative(args: argparse.Namespace) -> None:
             fd = DuMoObjective(config, run.num_classes).loss(model, x, z, t, labels).targets["du_dt"]
             jvp_config = DuMoConfig(time=TimeConfig("uniform"), derivative="jvp")
             exact = DuMoObjective(jvp_config, run.num_classes).loss(model, x, z, t, labels).targets["du_dt"]
-            head_config = DuMoConfig(time=TimeConfig("uniform"), derivative_direction="v_head")
+            head_config = DuMoConfig(
+                time=TimeConfig("uniform"), epsilon=run.config.objective.epsilon, derivative_direction="v_head"
+            )
             along_v = DuMoObjective(head_config, run.num_classes).loss(model, x, z, t, labels).targets["du_dt"]
             scale = t.view(-1, *[1] * (x.dim() - 1))
             rms = (scale * fd).square().mean().sqrt().item()
