@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +60,15 @@ def jvp_vs_difference_error(model, batch, num_classes=3, epsilon=0.001):
     torch.manual_seed(1)
     approx = DuMoObjective(DuMoConfig(epsilon=epsilon, time=middle), num_classes)(model, batch).targets["du_dt"]
     return ((approx - exact).norm() / exact.norm()).item()
+
+
+MOONS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy" / "moons-dumo.yaml"
+#: overrides that shrink the moons demo config to a run of a few seconds
+TINY_MOONS = [
+    "model.hidden_dim=16",
+    "model.depth=1",
+    "data.batch_size=32",
+    "train.eval_samples=100",
+    "train.log_every=1",
+    "train.progress=false",
+]

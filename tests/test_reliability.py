@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MOONS_CONFIG, TINY_MOONS
 from PIL import Image
 
 from dumo.config import load_config
@@ -21,15 +22,8 @@ from dumo.training import Trainer
 from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "toy" / "moons-dumo.yaml"
-TINY = [
-    "model.hidden_dim=16",
-    "model.depth=1",
-    "data.batch_size=32",
-    "train.eval_samples=100",
-    "train.log_every=1",
-    "train.progress=false",
-]
+CONFIG = MOONS_CONFIG
+TINY = TINY_MOONS
 
 
 def config(steps, *extra):

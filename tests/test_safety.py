@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MOONS_CONFIG, TINY_MOONS
 from PIL import Image
 
 from dumo.cli import build_parser, main
@@ -26,15 +27,8 @@ from dumo.training.checkpoint import list_checkpoints, load_checkpoint, save_che
 from dumo.training.trainer import CONFIG_FILE, TRAIN_LOG, RunLock, TrainResult, truncate_log
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "toy" / "moons-dumo.yaml"
-TINY = [
-    "model.hidden_dim=16",
-    "model.depth=1",
-    "data.batch_size=32",
-    "train.eval_samples=50",
-    "train.log_every=1",
-    "train.progress=false",
-]
+CONFIG = MOONS_CONFIG
+TINY = [*TINY_MOONS, "train.eval_samples=50"]  # later overrides win
 
 
 def config(steps, *extra):

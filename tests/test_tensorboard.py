@@ -1,23 +1,17 @@
 """train.tensorboard: the logged scalars and scores as TensorBoard events, and a missing package named."""
 
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import MOONS_CONFIG, TINY_MOONS
 
 from dumo.config import load_config
 from dumo.errors import ConfigError
 from dumo.training import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "toy" / "moons-dumo.yaml"
+CONFIG = MOONS_CONFIG
 TINY = [
-    "model.hidden_dim=16",
-    "model.depth=1",
-    "data.batch_size=32",
-    "train.eval_samples=100",
-    "train.log_every=1",
-    "train.progress=false",
+    *TINY_MOONS,
     "train.steps=3",
     "train.checkpoint_every=0",
 ]
