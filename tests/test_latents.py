@@ -40,10 +40,14 @@ def dumo(*args):
 def encoded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
     tiny_vae().save_pretrained(folder / "sd-vae")
-    out = folder / "digits-latents.safetensors"
-    result = dumo("encode", "--data", "digits", "--kind", "sd-vae", "--autoencoder", folder / "sd-vae", "--out", out)
+    out = folder / "digits-latents"
+    result = dumo(
+        "encode", "--data", "digits", "--kind", "sd-vae", "--autoencoder", folder / "sd-vae", "--out", out,
+        "--shard-size", 1000, "--workers", 0,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "encoded 1797 images (3594 latents with flips)" in result.stdout
+    assert "encoded 1797 images (3594 latents with flips) of digits with sd-vae" in result.stdout
+    assert "2 shards" in result.stdout
     return folder, out
 
 
@@ -53,11 +57,34 @@ def test_latents_are_scaled_and_flipped(encoded):
     assert dataset.shape == (4, 4, 4) and len(dataset) == 2 * 1797 and dataset.num_classes == 10
     vae = load_autoencoder("sd-vae", folder / "sd-vae")
     digits = build_dataset(config_from_dict({"data": {"name": "digits"}}).data)
-    x = digits.images[:3].expand(-1, 3, -1, -1) * 2 - 1
+    x = digits.images[[0, 1, 999, 1000, 1796]].expand(-1, 3, -1, -1) * 2 - 1
     expected = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-    assert torch.allclose(dataset.images[:3], expected, atol=1e-5)  # the first batch: originals first
     mirrored = vae.encode(x.flip(-1)).latent_dist.mean * vae.config.scaling_factor
-    assert torch.allclose(dataset.images[64:67], mirrored, atol=1e-5)  # then the batch's mirrors
+    # shard 0: images 0..999, then their mirrors; shard 1: images 1000..1796, then theirs
+    assert torch.allclose(dataset.images[[0, 1, 999]], expected[:3], atol=1e-5)
+    assert torch.allclose(dataset.images[[1000, 1001, 1999]], mirrored[:3], atol=1e-5)
+    assert torch.allclose(dataset.images[[2000, 2796]], expected[3:], atol=1e-5)
+    assert torch.allclose(dataset.images[[2797, 3593]], mirrored[3:], atol=1e-5)
+    labels = digits.labels
+    assert torch.equal(dataset.labels, torch.cat([labels[:1000], labels[:1000], labels[1000:], labels[1000:]]))
+
+
+def test_latent_files_of_earlier_versions_are_still_read(encoded, tmp_path):
+    """The single-file format (one safetensors file, read whole) that dumo encode wrote before shards."""
+    from dumo.training.checkpoint import save_checkpoint
+
+    _, out = encoded
+    sharded = LatentDataset(out)
+    everything = sharded.images[:]
+    metadata = {key: str(sharded.metadata[key]) for key in ("autoencoder_kind", "autoencoder_path", "num_classes")}
+    metadata.update(scaling_factor=repr(sharded.metadata["scaling_factor"]), shift_factor="0.0")
+    single = tmp_path / "digits.safetensors"
+    save_checkpoint(single, {"latents": everything, "labels": sharded.labels}, metadata, kind="dumo-latents")
+    dataset = LatentDataset(single)
+    assert torch.equal(dataset.images, everything) and torch.equal(dataset.labels, sharded.labels)
+    assert dataset.shape == sharded.shape and dataset.num_classes == 10
+    for mine, theirs in zip(dataset.statistics, sharded.statistics):
+        assert torch.allclose(mine, theirs, atol=1e-5)  # float32 vs float64 sums
 
 
 def test_decode_inverts_the_scaling(encoded):

@@ -271,14 +271,10 @@ def read_rgb(file: Path, resolution: int | None) -> tuple[np.ndarray, bool]:
         return array.astype(np.float32) / 255.0, had_alpha
 
 
-def load_image_folder(path: str | None, resolution: int | None = None) -> ImageDataset:
-    """An image folder with one subfolder per class (or images directly, one class).
-
-    Without ``resolution`` all images must have one size; with it, each is centre-cropped
-    (ADM preprocessing) to resolution x resolution. Images are read as RGB (see :func:`read_rgb`).
-    """
-    import sys
-
+def list_image_folder(path: str | None) -> tuple[Path, list[tuple[Path, int]], list[str]]:
+    """The folder, its image files with their labels (class subfolders and files in sorted order, so
+    the order is the same on every machine) and the class names (the folder's own name if it has
+    no subfolders)."""
     if path is None:
         raise DataError("the image_folder dataset needs data.path (a folder with one subfolder of images per class)")
     root = Path(path).expanduser()
@@ -291,6 +287,18 @@ def load_image_folder(path: str | None, resolution: int | None = None) -> ImageD
     ]
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
+    return root, files, classes if classes else [root.name]
+
+
+def load_image_folder(path: str | None, resolution: int | None = None) -> ImageDataset:
+    """An image folder with one subfolder per class (or images directly, one class).
+
+    Without ``resolution`` all images must have one size; with it, each is centre-cropped
+    (ADM preprocessing) to resolution x resolution. Images are read as RGB (see :func:`read_rgb`).
+    """
+    import sys
+
+    root, files, names = list_image_folder(path)
     arrays, labels, first_size, transparent = [], [], None, 0
     for file, label in files:
         try:
@@ -310,5 +318,4 @@ def load_image_folder(path: str | None, resolution: int | None = None) -> ImageD
     if transparent:
         print(f"dumo: note: {transparent} images in {root} have transparency; composited over white", file=sys.stderr)
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().contiguous()
-    names = classes if classes else [root.name]
     return ImageDataset("image_folder", tensor, torch.tensor(labels), len(names), class_names=names)

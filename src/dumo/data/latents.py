@@ -1,24 +1,35 @@
 """Latent datasets: images encoded once by a pretrained autoencoder, trained on in latent space.
 
-``dumo encode`` writes a safetensors file with ``latents`` (N, C, h, w), already multiplied by
-the autoencoder's scaling factor (after subtracting its shift factor, where it has one), and
-``labels`` (N,); horizontally flipped copies are included by default, as is standard. The
-metadata records the autoencoder (kind and local folder) so samples can be decoded back to
-images: ``x = decode(z / scale + shift)``. Weights are only ever read from a local folder.
+``dumo encode`` (:mod:`dumo.data.encode`) writes a folder of safetensors shards plus an
+``index.json``: shard k holds the latents of images [k*S, (k+1)*S) of the sorted image list
+(S: the shard size), already multiplied by the autoencoder's scaling factor (after subtracting its
+shift factor, where it has one), then those of their horizontal mirror images (included by default,
+as is standard), and their ``labels``. The index records the autoencoder (kind and local folder) so
+samples can be decoded back to images, ``x = decode(z / scale + shift)``, and the per-channel mean
+and std of the latents. :class:`LatentDataset` memory-maps the shards (nothing is read into memory
+but the labels); it also reads the single-file format of earlier versions. Weights are only ever
+read from a local folder.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from dumo.data.images import DataError, ImageDataset
 from dumo.errors import CheckpointError
 
-LATENTS_FORMAT = "dumo-latents"
+LATENTS_FORMAT = "dumo-latents"  # the single file of earlier versions (read, no longer written)
+SHARD_FORMAT = "dumo-latents-shard"
+INDEX_FORMAT = "dumo-latents-index"
+INDEX_NAME = "index.json"
+SHARDED_VERSION = 1
 AUTOENCODER_KINDS = ("sd-vae", "dc-ae")
 
 
@@ -67,59 +78,205 @@ class LatentCodec:
         return ((images + 1) / 2).clamp(0, 1)
 
 
-def encode_dataset(
-    dataset: ImageDataset, codec: LatentCodec, out: Path, autoencoder_path: str, flip: bool = True, batch_size: int = 64
-) -> int:
-    """Encode every image (and its mirror image) and write the latents file; returns its length."""
-    latents, labels = [], []
-    for start in range(0, len(dataset), batch_size):
-        images = dataset.images[start : start + batch_size]
-        batch_labels = dataset.labels[start : start + batch_size]
-        views = [images, images.flip(-1)] if flip else [images]
-        for view in views:
-            latents.append(codec.encode(view).float().cpu())
-            labels.append(batch_labels)
-    tensors = {"latents": torch.cat(latents), "labels": torch.cat(labels)}
-    metadata = {
-        "autoencoder_kind": codec.kind,
-        "autoencoder_path": str(Path(autoencoder_path).resolve()),
-        "scaling_factor": repr(codec.scale),
-        "shift_factor": repr(codec.shift),
-        "image_shape": json.dumps(list(dataset.shape)),
-        "source": dataset.name,
-        "num_classes": str(dataset.num_classes),
-        "flipped_copies": str(flip).lower(),
-    }
-    from dumo.training.checkpoint import save_checkpoint  # the same atomic safetensors writer
+# -- the sharded format ------------------------------------------------------------------------------
 
-    save_checkpoint(out, tensors, metadata, kind=LATENTS_FORMAT)
-    return len(tensors["latents"])
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_shard_header(path: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """A shard's metadata and tensor shapes, from its header alone (no tensor is read).
+
+    :class:`DataError` (one line) for a file that is not a readable dumo latent shard.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises several types for torn or foreign files
+        raise DataError(
+            f"{path} is not a readable safetensors file (truncated, corrupt or another format: {first_line(error)}); "
+            "delete it and rerun 'dumo encode' to encode its images again"
+        ) from None
+    if metadata.get("format") != SHARD_FORMAT:
+        found = metadata.get("format", "no format tag")
+        raise DataError(f"{path} is a safetensors file but not a dumo latent shard ({found})")
+    if metadata.get("version") != str(SHARDED_VERSION):
+        raise DataError(f"{path} has latent shard version {metadata.get('version')}; expected {SHARDED_VERSION}")
+    return metadata, shapes
+
+
+def check_shard(path: Path, encoding: dict, index: int, images: int) -> dict[str, list[int]]:
+    """Refuse (one line) a shard that is unreadable, of another encoding, or not shard ``index`` of
+    ``images`` images; return its tensor shapes."""
+    metadata, shapes = read_shard_header(path)
+    try:
+        recorded = json.loads(metadata.get("encoding", ""))
+    except ValueError:
+        recorded = {}
+    differing = [key for key in sorted(set(encoding) | set(recorded)) if recorded.get(key) != encoding.get(key)]
+    if differing:
+        key = differing[0]
+        raise DataError(
+            f"{path} belongs to another encoding ({key} {recorded.get(key)!r}, not {encoding.get(key)!r}); "
+            "write to another folder or delete its shards"
+        )
+    rows = images * (2 if encoding.get("flip") else 1)
+    latents, labels = shapes.get("latents", []), shapes.get("labels", [])
+    if metadata.get("shard") != str(index) or latents[:1] != [rows] or labels != [rows]:
+        raise DataError(
+            f"{path} is not shard {index} of {images} images ({rows} latents) of this encoding; "
+            "delete it and rerun 'dumo encode' to encode its images again"
+        )
+    return shapes
+
+
+def read_index(folder: Path) -> dict:
+    """The ``index.json`` of a shard folder; :class:`DataError` if it is missing or not one."""
+    file = folder / INDEX_NAME
+    if not file.is_file():
+        if any(folder.glob("shard-*.safetensors")):
+            raise DataError(
+                f"{folder} has shards but no {INDEX_NAME}: the encoding did not finish; "
+                "rerun the same 'dumo encode' command to complete it"
+            )
+        raise DataError(f"{folder} is not a latent folder written by 'dumo encode' (no {INDEX_NAME})")
+    try:
+        index = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{file} is not readable JSON: {first_line(error)}") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        raise DataError(f"{file} is not a dumo latent index")
+    if index.get("version") != SHARDED_VERSION:
+        raise DataError(f"{file} has latent index version {index.get('version')}; expected {SHARDED_VERSION}")
+    return index
+
+
+def memory_map(path: Path, name: str) -> np.ndarray:
+    """Tensor ``name`` of a safetensors file as a read-only float32 numpy memmap.
+
+    The file's layout (an 8-byte header length, a JSON header of dtypes, shapes and byte offsets,
+    then the data) is the documented safetensors format; safetensors itself reads tensors only
+    into memory, which is what a data set larger than RAM must avoid.
+    """
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        entry = json.loads(handle.read(size))[name]
+    if entry["dtype"] != "F32":
+        raise DataError(f"{path}: {name} is {entry['dtype']}, not float32")
+    begin, _ = entry["data_offsets"]
+    return np.memmap(path, dtype=np.float32, mode="r", offset=8 + size + begin, shape=tuple(entry["shape"]))
+
+
+class ShardedLatents:
+    """The latents of several shards as one read-only (N, C, h, w) array.
+
+    Each shard is memory-mapped; indexing (an int, a slice or a tensor of indices) reads just
+    those rows into a new float32 tensor, so the set is never held in memory as a whole.
+    """
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+        lengths = np.array([len(array) for array in arrays], dtype=np.int64)
+        self.ends = np.cumsum(lengths)
+        self.starts = self.ends - lengths
+        self.shape = torch.Size((int(self.ends[-1]), *arrays[0].shape[1:]))
+        self.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int | slice | Tensor | np.ndarray | list[int]) -> Tensor:
+        if isinstance(index, int):
+            return self[[index]][0]
+        if isinstance(index, slice):
+            rows = np.arange(*index.indices(len(self)), dtype=np.int64)
+        else:
+            rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index, dtype=np.int64).reshape(-1)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"latent index out of range for {len(self)} latents")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.float32)
+        shard_of = np.searchsorted(self.ends, rows, side="right")
+        for shard in np.unique(shard_of):
+            picked = shard_of == shard
+            out[picked] = self.arrays[shard][rows[picked] - self.starts[shard]]
+        return torch.from_numpy(out)
 
 
 class LatentDataset(ImageDataset):
-    """Scaled latents as training data; ``unstandardise`` decodes them to images in [0, 1]."""
+    """Scaled latents as training data; ``unstandardise`` decodes them to images in [0, 1].
+
+    ``path`` is a folder written by ``dumo encode`` (memory-mapped) or a latent file of earlier
+    versions (read whole). ``statistics`` holds the per-channel mean and std of the latents.
+    """
 
     def __init__(self, path: str | Path, autoencoder_path: str | None = None):
+        path = Path(path).expanduser()
+        self.path = path
+        self._codec: LatentCodec | None = None
+        if path.is_dir():
+            self._read_shards(path)
+        else:
+            self._read_file(path)
+        self.autoencoder_path = autoencoder_path or self.metadata["autoencoder_path"]
+
+    def _read_shards(self, folder: Path) -> None:
+        index = read_index(folder)
+        try:
+            shards = index["shards"]
+            encoding = index["encoding"]
+            arrays, labels = [], []
+            for number, entry in enumerate(shards):
+                file = folder / entry["file"]
+                if not file.is_file():
+                    raise DataError(f"{file} is missing (listed in {folder / INDEX_NAME}); rerun 'dumo encode'")
+                check_shard(file, encoding, number, int(entry["images"]))
+                arrays.append(memory_map(file, "latents"))
+                with safe_open(str(file), framework="pt") as handle:
+                    labels.append(handle.get_tensor("labels"))
+            mean, std = index["statistics"]["mean"], index["statistics"]["std"]
+            num_classes = int(index["num_classes"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise DataError(f"{folder / INDEX_NAME} is incomplete ({first_line(error)}); rerun 'dumo encode'") from None
+        if not arrays:
+            raise DataError(f"{folder}: the dataset is empty")
+        self.metadata = index
+        self.name = "latents"
+        self.images = ShardedLatents(arrays)
+        self.labels = torch.cat(labels).long()
+        self.num_classes = num_classes
+        self.class_names = index.get("class_names")
+        self.shape = tuple(self.images.shape[1:])
+        self.statistics = (torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
+
+    def _read_file(self, path: Path) -> None:
         from dumo.training.checkpoint import load_checkpoint
 
-        path = Path(path).expanduser()
         try:
             tensors, metadata = load_checkpoint(path, kind=LATENTS_FORMAT)
         except CheckpointError as error:
             raise DataError(str(error)) from None
         # NaN or inf in the data would make every step that draws it non-finite and be skipped
-        # silently, step after step: refuse the file instead.
+        # silently, step after step: refuse the file instead. (``dumo encode`` refuses them when it
+        # writes shards.)
         bad = int((~torch.isfinite(tensors["latents"])).sum())
         if bad:
             raise DataError(
                 f"{path} holds {bad} non-finite latent values (NaN or inf); re-encode it with 'dumo encode'"
             )
-        self.path = path
         self.metadata = metadata
-        self.autoencoder_path = autoencoder_path or metadata["autoencoder_path"]
-        self._codec: LatentCodec | None = None
         super().__init__("latents", tensors["latents"], tensors["labels"], int(metadata["num_classes"]))
         self.images = tensors["latents"].float()  # latents are not images: no clamp to [0, 1]
+        dims = [0, *range(2, self.images.dim())]
+        variance, mean = torch.var_mean(self.images, dim=dims, correction=0)
+        self.statistics = (mean.double(), variance.double().sqrt())
 
     def standardise(self, latents: Tensor) -> Tensor:
         return latents
@@ -149,6 +306,7 @@ class RandomLatentDataset(LatentDataset):
         labels = torch.randint(num_classes, (self.SIZE,), generator=generator)
         ImageDataset.__init__(self, "random_latents", latents, labels, num_classes)
         self.images = latents  # not images: no clamp to [0, 1]
+        self.statistics = (torch.zeros(shape[0], dtype=torch.float64), torch.ones(shape[0], dtype=torch.float64))
         self.path = None
         self.metadata = {}
         self.autoencoder_path = None
