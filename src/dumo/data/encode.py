@@ -38,7 +38,7 @@ from dumo.data.latents import (
 )
 from dumo.distributed import Distributed
 
-DEFAULT_SHARD_SIZE = 4096  # images per shard: 256 MiB of SD-VAE 4x32x32 float32 latents with flips
+DEFAULT_SHARD_SIZE = 4096  # images per shard: 128 MiB of SD-VAE 4x32x32 float32 latents with flips
 
 
 class Item(NamedTuple):
