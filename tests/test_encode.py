@@ -112,12 +112,15 @@ def test_a_rerun_writes_only_the_missing_shards(folder, one_rank, tmp_path, caps
     shutil.copytree(one_rank, out)
     (out / "index.json").unlink()  # as if interrupted before the end
     (out / "shard-00001.safetensors").unlink()
+    torn = out / ".shard-00001.safetensors.k1ll3d.tmp"  # what a killed atomic write leaves
+    torn.write_bytes(b"partial")
     with pytest.raises(DataError, match="the encoding did not finish"):
         LatentDataset(out)
     kept = {name: (out / name).stat().st_mtime_ns for name in ("shard-00000.safetensors", "shard-00002.safetensors")}
     assert main(encode_args(folder, out)) == 0
     assert "3 shards, 2 already there" in capsys.readouterr().out
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # not rewritten
+    assert not torn.exists()
     again, reference = shards(out), shards(one_rank)
     assert torch.equal(again["shard-00001.safetensors"]["latents"], reference["shard-00001.safetensors"]["latents"])
     assert (out / "index.json").read_text() == (one_rank / "index.json").read_text()

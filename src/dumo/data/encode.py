@@ -204,6 +204,9 @@ def encode_images(
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's barrier runs on the current device
     out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # temporary files of shards whose writing was killed (nothing is writing yet)
+        for stale in out.glob(".shard-*.tmp"):
+            stale.unlink(missing_ok=True)
     done = [k for k in range(num_shards) if (out / shard_name(k)).exists()]
     for k in done:
         check_shard(out / shard_name(k), encoding, k, shard_images(k, count, shard_size))

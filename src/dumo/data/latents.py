@@ -198,7 +198,8 @@ class ShardedLatents:
         if isinstance(index, slice):
             rows = np.arange(*index.indices(len(self)), dtype=np.int64)
         else:
-            rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index, dtype=np.int64).reshape(-1)
+            rows = np.asarray(index.cpu() if isinstance(index, Tensor) else index).reshape(-1)
+            rows = np.flatnonzero(rows) if rows.dtype == np.bool_ else rows.astype(np.int64)
         rows = np.where(rows < 0, rows + len(self), rows)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"latent index out of range for {len(self)} latents")
