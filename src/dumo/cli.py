@@ -646,6 +646,27 @@ def command_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_plan(args: argparse.Namespace) -> int:
+    from dumo.config import load_config
+    from dumo.plan import format_plan, make_plan
+
+    config = load_config(args.config, args.set)
+    plan = make_plan(config, args.gpus, args.gpu, args.mfu, args.dataset_size, config_path=args.config)
+    print(format_plan(plan, args.config))
+    return 0
+
+
+def command_eval_snapshots(args: argparse.Namespace) -> int:
+    from dumo.training.snapshots import SCORES_FILE, SNAPSHOT_DIR, score_snapshots
+    from dumo.training.trainer import resolve_device
+
+    device = resolve_device(args.device, option="--device")
+    print(f"{args.run_dir}: EMA snapshots, {args.num} samples each, seed {args.seed}")
+    score_snapshots(args.run_dir, args.nfe, args.num, args.seed, args.batch_size, str(device), args.inception, args.ref)
+    print(f"scores: {Path(args.run_dir) / SNAPSHOT_DIR / SCORES_FILE}")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -891,6 +912,51 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("config", help="YAML config")
     add_set_argument(info)
     info.set_defaults(handler=command_info)
+
+    plan = commands.add_parser(
+        "plan",
+        help="parameters, FLOPs, images/s, memory per GPU, days and GPU-hours of a config's run",
+        description="Estimate a configured run before starting it, on the CPU in seconds: parameters, FLOPs per "
+        "image per training step (counted on fake tensors: every pass of the objective), images/s and step time "
+        "(a measured throughput from dumo/plan_table.yaml where it has one for this GPU, network, objective and "
+        "precision; else the GPU's peak FLOP/s times an assumed MFU), memory per GPU under DDP and FSDP (states "
+        "plus a rough activation estimate), and the days, GPU-hours and epochs of train.steps.",
+    )
+    plan.add_argument("config", help="YAML config, e.g. configs/imagenet256/dumo-xl2.yaml")
+    plan.add_argument("--gpus", type=positive("--gpus"), default=1, help="number of GPUs (default 1)")
+    plan.add_argument(
+        "--gpu", default="h100", help="GPU kind from dumo/plan_table.yaml: h100 (default), h100-pcie, h200, a100"
+    )
+    plan.add_argument("--mfu", type=float, help="assume this MFU instead of the table's (a fraction, e.g. 0.4)")
+    plan.add_argument(
+        "--dataset-size", type=positive("--dataset-size"), help="training images per epoch (default: from the data)"
+    )
+    add_set_argument(plan)
+    plan.set_defaults(handler=command_plan)
+
+    eval_snapshots = commands.add_parser(
+        "eval-snapshots",
+        help="score every EMA snapshot of a run (train.snapshot_steps), for a curve of quality against steps",
+        description="Draw the same samples (seed, -n) from each RUN_DIR/snapshots/ema_step_*.safetensors and score "
+        "them as 'dumo eval' does (2-D: MMD, sliced W2; images: domain FD, class fidelity; with --inception: FID "
+        "and IS). The rows go to RUN_DIR/snapshots/scores.csv (step, nfe, metrics). One process.",
+    )
+    eval_snapshots.add_argument("run_dir", help="run directory written by 'dumo train' with snapshots")
+    eval_snapshots.add_argument(
+        "-n",
+        "--num",
+        type=positive("--num"),
+        default=DATA_SAMPLES,
+        help=f"samples per snapshot (default {DATA_SAMPLES})",
+    )
+    eval_snapshots.add_argument("--nfe", type=positive("--nfe"), nargs="+", default=[1], help="NFE (default 1)")
+    eval_snapshots.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    eval_snapshots.add_argument("--batch-size", type=positive("--batch-size"), default=256, help="samples per call")
+    add_inception_arguments(
+        eval_snapshots, "reference statistics from 'dumo fid-stats' (default: --num of the run's training images)"
+    )
+    add_device_argument(eval_snapshots)
+    eval_snapshots.set_defaults(handler=command_eval_snapshots)
 
     export = commands.add_parser(
         "export",

@@ -62,6 +62,10 @@ class TrainConfig:
     # Start from these weights (a dumo run or export directory, or a .safetensors file) instead of
     # a random initialisation; see dumo.training.initialise for how they are fitted to the model.
     init_from: str | None = None
+    # EMA snapshots (fp16, RUN/snapshots/ema_step_XXXXXXXX.safetensors) after these steps and/or every
+    # snapshot_every steps (0: none); kept whatever checkpoint rotation deletes, for FID against steps.
+    snapshot_steps: list[int] = field(default_factory=list)
+    snapshot_every: int = 0
 
     def validate(self, prefix: str) -> None:
         require(self.steps >= 0, f"{prefix}.steps must be >= 0; got {self.steps}")
@@ -74,6 +78,11 @@ class TrainConfig:
             require(getattr(self, key) >= 0, f"{prefix}.{key} must be >= 0; got {getattr(self, key)}")
         require(self.eval_samples >= 2, f"{prefix}.eval_samples must be >= 2; got {self.eval_samples}")
         require(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
+        require(
+            all(step >= 1 for step in self.snapshot_steps),
+            f"{prefix}.snapshot_steps must be steps >= 1; got {self.snapshot_steps}",
+        )
+        require(self.snapshot_every >= 0, f"{prefix}.snapshot_every must be >= 0; got {self.snapshot_every}")
 
 
 @dataclass

@@ -75,6 +75,18 @@ def check_config_matches_weights(config: Config, metadata: dict[str, str], confi
             )
 
 
+def is_model_file(path: Path) -> bool:
+    """Whether ``path`` is a weights-only dumo file (an export or an EMA snapshot), by its format tag;
+    anything unreadable is left to :func:`load_checkpoint` to report."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == MODEL_FORMAT
+    except Exception:  # not a file, or not safetensors: load_checkpoint names the problem
+        return False
+
+
 def load_run(
     run_dir: str | Path, checkpoint: str | Path | None = None, weights: str = "ema", device: str = "cpu"
 ) -> LoadedRun:
@@ -102,8 +114,15 @@ def load_run(
             if not found:
                 raise RunDirError(f"{run_dir} has no checkpoints yet; train it first")
             checkpoint = found[-1]
-        tensors, metadata = load_checkpoint(Path(checkpoint).expanduser())
-        weights = f"{weights}."
+        checkpoint = Path(checkpoint).expanduser()
+        if is_model_file(checkpoint):  # an EMA snapshot (RUN/snapshots, fp16) or an export's weights
+            if weights != "ema":
+                raise RunDirError(f"{checkpoint} holds only EMA weights; leave out --weights {weights}")
+            tensors, metadata = load_checkpoint(checkpoint, kind=MODEL_FORMAT)
+            weights = ""
+        else:
+            tensors, metadata = load_checkpoint(checkpoint)
+            weights = f"{weights}."
     check_config_matches_weights(config, metadata, run_dir / CONFIG_FILE, Path(checkpoint))
     dataset = None
     if "data" in metadata:

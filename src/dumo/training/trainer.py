@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dumo import __version__
 from dumo.config import Config, config_differences, config_from_dict, load_config, save_config
 from dumo.data import LatentDataset, SampleSpace, build_dataset, build_stream, conditioning_classes
 from dumo.distributed import from_environment, shard_randomness, shard_seed
-from dumo.errors import CheckpointError, ConfigError, RunDirError, TrainingError
+from dumo.errors import CheckpointError, ConfigError, DumoError, RunDirError, TrainingError
 from dumo.evaluation import evaluate
 from dumo.models import build_model
 from dumo.objectives import build_objective
@@ -57,6 +57,15 @@ from dumo.training.parallel import (
     set_gradient_sync,
     wrap_for_training,
 )
+from dumo.training.snapshots import (
+    SNAPSHOT_DIR,
+    list_snapshots,
+    save_snapshot,
+    snapshot_due,
+    snapshot_metadata,
+    snapshot_path,
+)
+from dumo.training.throughput import ThroughputMeter
 
 CONFIG_FILE = "config.yaml"
 TRAIN_LOG = "train_log.csv"
@@ -82,6 +91,8 @@ RESUMABLE_KEYS = tuple(
         "device",
         "progress",
         "tensorboard",
+        "snapshot_steps",
+        "snapshot_every",
         "max_nonfinite_steps",
         "max_skipped_fraction",
         "max_minutes",
@@ -241,6 +252,9 @@ def clear_run(run_dir: Path) -> None:
                 path.unlink()
         if not any(folder.iterdir()):
             folder.rmdir()
+    if (run_dir / SNAPSHOT_DIR).is_dir() and not (run_dir / SNAPSHOT_DIR).is_symlink():
+        for _, path in list_snapshots(run_dir):  # the old run's EMA snapshots would be scored as this one's
+            path.unlink()
 
 
 def record_start(run_dir: Path, step: int) -> None:
@@ -605,7 +619,15 @@ class Trainer:
         wall_before = self.wall_seconds
         metrics: dict[str, float] = {}
         last_saved = self.step if restored is not None else None
+        evaluated_at: int | None = None
         progress = Progress(cfg.steps, self.step, enabled=cfg.progress and main)
+        meter = None  # the throughput columns: FLOPs counted once here, the rest read at log steps only
+        if main and cfg.log_every:
+            meter, line = ThroughputMeter.for_run(
+                self.config, self.dataset.shape, self.num_classes, self.device, self.dist.world_size
+            )
+            if cfg.progress:
+                print(line, flush=True)
         window_start, window_steps = time.perf_counter(), 0
         with self._signals_to_flag():
             while self.step < cfg.steps and not self._should_stop(started):
@@ -614,7 +636,9 @@ class Trainer:
                 window_steps += 1
                 progress.update(self.step)
                 if logged is not None and main and cfg.log_every and self.step % cfg.log_every == 0:
-                    rate = window_steps / max(time.perf_counter() - window_start, 1e-9)
+                    seconds = max(time.perf_counter() - window_start, 1e-9)
+                    rate = window_steps / seconds
+                    throughput = meter.measure(window_steps, seconds) if meter is not None else {}
                     window_start, window_steps = time.perf_counter(), 0
                     row = {
                         "step": self.step,
@@ -622,20 +646,32 @@ class Trainer:
                         "steps_per_sec": rate,
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "wall_seconds": self.wall_seconds,
+                        **throughput,
                     }
                     append_row(self.run_dir / TRAIN_LOG, row)
                     self._add_scalars("train", row)
-                    progress.log(self.step, logged, rate)
+                    progress.log(self.step, logged, rate, throughput)
+                paused = False  # evaluations and saves are not training time: the window restarts after them
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     metrics = self._evaluate_and_log()
+                    evaluated_at = self.step
+                    paused = True
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self._save_everywhere()
                     last_saved = self.step
+                    paused = True
+                if snapshot_due(self.step, cfg.snapshot_steps, cfg.snapshot_every):
+                    self._save_snapshot()
+                    paused = True
+                if paused:
+                    window_start, window_steps = time.perf_counter(), 0
+                    if meter is not None:
+                        meter.restart_memory()
         progress.close()
         interrupted = self.step < cfg.steps
         if last_saved != self.step:
             self._save_everywhere()
-        if not interrupted and (not metrics or not cfg.eval_every or self.step % cfg.eval_every):
+        if not interrupted and evaluated_at != self.step:  # the last step's evaluation, unless the loop made it
             metrics = self._evaluate_and_log()
         if not interrupted and self.step and self.skipped_steps > cfg.max_skipped_fraction * self.step:
             raise TrainingError(
@@ -661,31 +697,61 @@ class Trainer:
         self.dist.barrier()
 
     def _evaluate_and_log(self) -> dict[str, float]:
+        """Score the EMA weights (pixel and 2-D data), log the scores and save a picture of samples
+        (latent runs: decoded through the autoencoder; random latents have none, so no picture)."""
         metrics = {}
-        if isinstance(self.dataset, LatentDataset):
+        latent = isinstance(self.dataset, LatentDataset)
+        if latent and self.space.autoencoder is None:
             return metrics
-        model = self.sampling_model()
+        model = self.sampling_model()  # collective under FSDP: every rank takes the same branch
         if self.dist.is_main:
-            metrics = self.evaluate(model)
+            if not latent:
+                metrics = self.evaluate(model)
             if metrics:
                 append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
                 self._add_scalars("eval", metrics)
-            self.save_picture(model if model is not None else self.ema.model)
+            self._save_picture_logged(model if model is not None else self.ema.model)
         self.dist.barrier()
         return metrics
 
-    def _add_scalars(self, group: str, row: dict[str, float]) -> None:
-        """Write a logged row to TensorBoard as ``group/name`` scalars at the current step."""
+    #: why pictures of this run cannot be drawn (a latent run whose decoder is missing), once known
+    _picture_error: str | None = None
+
+    def _save_picture_logged(self, model: nn.Module) -> Path | None:
+        """:meth:`save_picture`, also to TensorBoard; a missing decoder is reported once, not fatal
+        (a two-week run should not stop at its first evaluation because a VAE folder moved)."""
+        if self._picture_error is not None:
+            return None
+        try:
+            path = self.save_picture(model)
+        except DumoError as error:
+            self._picture_error = str(error)
+            print(f"dumo: warning: no sample pictures for this run: {error}", file=sys.stderr, flush=True)
+            return None
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.tensorboard.add_image("samples", pixels, self.step, dataformats="HWC")
+            self.tensorboard.flush()
+        return path
+
+    def _add_scalars(self, group: str, row: dict[str, float | None]) -> None:
+        """Write a logged row to TensorBoard as ``group/name`` scalars at the current step (an empty
+        value, such as the MFU of a device without a peak figure, is left out)."""
         if self.tensorboard is None:
             return
         for name, value in row.items():
-            if name != "step":
+            if name != "step" and value is not None:
                 self.tensorboard.add_scalar(f"{group}/{name}", float(value), self.step)
         self.tensorboard.flush()
 
     def save_picture(self, model: nn.Module) -> Path:
         """RUN/samples/step_XXXXXXXX.png: 1-NFE samples of the EMA weights (a grid of images with their
-        classes, or 2-D points over the data density), to watch a run by eye."""
+        classes, decoded by the autoencoder for latent runs, or 2-D points over the data density), to
+        watch a run by eye."""
         from dumo.evaluation import balanced_labels, generate
         from dumo.plotting import image_grid, scatter_over_density
 
@@ -701,16 +767,42 @@ class Trainer:
             labels,
             device=self.device,
         )
+        data = self._to_data(x)
         path = self.run_dir / SAMPLES_DIR / f"step_{self.step:08d}.png"
         title = f"{self.config.objective.name}, step {self.step}, 1 NFE (EMA)"
         path.parent.mkdir(exist_ok=True)
         with atomic_output(path) as tmp:
             if self.space.is_images:
                 names = None if labels is None else [self.space.class_name(int(c)) for c in labels]
-                image_grid(self.space.unstandardise(x.cpu()).numpy(), names, tmp, title=title, columns=10)
+                image_grid(data.numpy(), names, tmp, title=title, columns=10)
             else:
                 reference, _ = self.dataset.sample(20_000, torch.Generator().manual_seed(0))
-                scatter_over_density([(title, self.space.unstandardise(x.cpu()).numpy())], reference.numpy(), tmp)
+                scatter_over_density([(title, data.numpy())], reference.numpy(), tmp)
+        return path
+
+    def _to_data(self, x: Tensor, chunk: int = 8) -> Tensor:
+        """Samples in model space as data on the CPU; latents are decoded on the training device, a few
+        at a time, and the autoencoder goes back to the CPU afterwards (training keeps the memory)."""
+        if self.space.kind != "latents":
+            return self.space.unstandardise(x.cpu())
+        autoencoder = self.space.codec().autoencoder
+        autoencoder.to(self.device)
+        try:
+            return torch.cat([self.space.unstandardise(part) for part in x.split(chunk)])
+        finally:
+            autoencoder.to("cpu")
+
+    def _save_snapshot(self) -> Path | None:
+        """RUN/snapshots/ema_step_XXXXXXXX.safetensors: the EMA weights in fp16, kept whatever checkpoint
+        rotation deletes (see dumo.training.snapshots). Every rank calls it (FSDP gathers); rank 0 writes."""
+        state = full_model_state(self.ema.model)
+        path = None
+        if self.dist.is_main:
+            metadata = snapshot_metadata(
+                self.step, json.dumps(self.config.to_dict()), self.space.to_json(), __version__
+            )
+            path = save_snapshot(snapshot_path(self.run_dir, self.step), state, metadata)
+        self.dist.barrier()
         return path
 
     def _should_stop(self, started: float) -> bool:
@@ -792,14 +884,26 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
 
-    def log(self, step: int, logged: dict[str, float], rate: float) -> None:
+    def log(
+        self, step: int, logged: dict[str, float], rate: float, throughput: dict[str, float | None] | None = None
+    ) -> None:
+        """Show a logged step; ``throughput`` adds images/s and, where known, the MFU."""
         parts = {k: v for k, v in logged.items() if k.startswith("loss")}
+        throughput = throughput or {}
+        images, mfu = throughput.get("images_per_sec"), throughput.get("mfu")
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()} | {"rate": f"{rate:.0f}/s"})
+            extra = {"rate": f"{rate:.0f}/s"}
+            if images is not None:
+                extra["img/s"] = f"{images:.0f}"
+            if mfu is not None:
+                extra["MFU"] = f"{100 * mfu:.0f}%"
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()} | extra)
         elif self.enabled:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in parts.items())
             elapsed = time.perf_counter() - self.started
-            print(f"step {step}/{self.total}  {shown}  {rate:.1f} steps/s  {elapsed:.0f} s", flush=True)
+            speed = f"{rate:.1f} steps/s" + (f"  {images:.1f} img/s" if images is not None else "")
+            speed += f"  MFU {100 * mfu:.1f}%" if mfu is not None else ""
+            print(f"step {step}/{self.total}  {shown}  {speed}  {elapsed:.0f} s", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
