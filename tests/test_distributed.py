@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MOONS_CONFIG, TINY_MOONS
 
 from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 
@@ -151,3 +152,40 @@ def test_sampling_split_over_two_ranks_equals_one_process(tmp_path):
     scored = torchrun("-m", "dumo", "eval", tmp_path / "run", "-n", "60", "--batch-size", "16", "--nfe", "1")
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert scored.stdout.count("NFE  MMD") == 1 and "2 processes" in scored.stdout
+
+
+def test_two_ranks_resumed_on_one_rank_accumulating_two_equal_an_uninterrupted_run(tmp_path):
+    """2 ranks for 3 steps, then 1 rank with train.grad_accumulation=2 to step 6 (a job moved from 8
+    GPUs to 4 accumulating 2), equals 6 steps of 1 rank accumulating 2: the same global batch and shards."""
+    tiny = [*TINY_MOONS, "train.checkpoint_every=0"]
+    first = torchrun("-m", "dumo", "train", MOONS_CONFIG, "--out", tmp_path / "moved", *sets([*tiny, "train.steps=3"]))
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = ["--resume", "--out", tmp_path / "moved", "--set", "train.steps=6", "--set", "train.grad_accumulation=2"]
+    second = subprocess.run([sys.executable, "-m", "dumo", "train", *map(str, resumed)], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    assert "finished at step 6 (resumed from step 3)" in second.stdout
+    train_single_process(MOONS_CONFIG, tmp_path / "one", [*tiny, "train.steps=6", "train.grad_accumulation=2"])
+    moved, step_moved = weights(tmp_path / "moved")
+    one, step_one = weights(tmp_path / "one")
+    assert step_moved == step_one == "6" and moved.keys() == one.keys()
+    assert any(k.startswith("ema.") for k in one) and any(k.startswith("optimizer.") for k in one)
+    worst = max((moved[k].double() - one[k].double()).abs().max().item() for k in one)
+    assert worst < 1e-6, worst  # stated tolerance: float32 reduction order only
+    at_step_3 = load_checkpoint(list_checkpoints(tmp_path / "moved")[0])[0]
+    assert max((one[k] - at_step_3[k]).abs().max().item() for k in one if k.startswith("model.")) > 1e-4
+
+
+def test_a_rank_that_does_not_see_the_checkpoint_stops_every_rank_in_one_line(tmp_path):
+    """Node-local run folders: rank 0's holds a checkpoint of step 3, rank 1's holds none. Before,
+    rank 1 silently started from step 0; now both ranks stop, each with a one-line error."""
+    tiny = [*TINY_MOONS, "train.checkpoint_every=0"]
+    train_single_process(MOONS_CONFIG, tmp_path / "node0", [*tiny, "train.steps=3"])
+    script = ROOT / "tests" / "helpers" / "train_node_local.py"
+    result = torchrun(script, MOONS_CONFIG, tmp_path, *sets([*tiny, "train.steps=6"]))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dumo: error:")]
+    folder = tmp_path / "node1" / "checkpoints"
+    assert f"dumo: error: rank 1 expected checkpoint step 3 in {folder} but it has none" in result.stderr, errors
+    assert "dumo: error: rank 0 stopped without resuming: rank 1 could not resume checkpoint step 3" in result.stderr
+    assert len(errors) == 2 and "src/dumo" not in result.stderr  # no traceback from dumo (torchrun prints its own)
+    assert [p.name for p in list_checkpoints(tmp_path / "node0")] == ["step_00000003.safetensors"]  # nothing trained

@@ -59,6 +59,21 @@ class Distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def broadcast_int(self, value: int, device: torch.device, source: int = 0) -> int:
+        """Rank ``source``'s ``value`` on every rank (the others pass anything; identity in a single process)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(tensor, src=source)
+        return int(tensor.item())
+
+    def flags(self, flag: bool, device: torch.device) -> list[bool]:
+        """Every rank's ``flag`` in rank order, on every rank: a collective that all ranks reach, so
+        that they can agree on success (and name the ranks that failed) before going on together."""
+        if not self.enabled:
+            return [flag]
+        return [bool(f) for f in self.gather_all(torch.tensor([int(flag)], device=device)).flatten().tolist()]
+
 
 def from_environment() -> Distributed:
     """Join the process group that torchrun describes in the environment, if there is one."""

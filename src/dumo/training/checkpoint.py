@@ -52,6 +52,35 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's file name (``step_00000042.safetensors`` -> 42)."""
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not named like a checkpoint (step_XXXXXXXX.safetensors)")
+    return int(match.group(1))
+
+
+def agreed_checkpoint(run_dir: Path, step: int | None, rank: int) -> Path | None:
+    """This rank's checkpoint of the ``step`` that rank 0 resumes from (None: rank 0 starts afresh).
+
+    Every rank reads the checkpoint from its own view of the run folder. A rank whose newest
+    checkpoint is not ``step`` (a node-local folder, a copy that lags behind or runs ahead) would
+    silently train from other weights than rank 0, so it gets a one-line :class:`CheckpointError`
+    naming the rank, its folder and the step it expected.
+    """
+    existing = list_checkpoints(run_dir)
+    latest = checkpoint_step(existing[-1]) if existing else None
+    if latest == step:
+        return None if step is None else checkpoint_path(run_dir, step)
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    expected = f"checkpoint step {step}" if step is not None else "no checkpoint (rank 0 starts at step 0)"
+    found = f"its newest is step {latest}" if latest is not None else "it has none"
+    raise CheckpointError(
+        f"rank {rank} expected {expected} in {folder} but {found}: every rank must see the same run folder "
+        "(put --out on a shared file system, or copy rank 0's checkpoints to every node)"
+    )
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

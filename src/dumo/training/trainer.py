@@ -35,6 +35,7 @@ from dumo.training.checkpoint import (
     MODEL_FORMAT,
     TEMP_NAME,
     CorruptCheckpointError,
+    agreed_checkpoint,
     atomic_output,
     atomic_write,
     checkpoint_path,
@@ -78,8 +79,16 @@ TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: the logged scalars and sco
 #: exit status of ``dumo train`` when it stopped before train.steps because train.max_minutes was spent
 #: (a signal gives 128 + its number: 130 for SIGINT, 143 for SIGTERM)
 EXIT_OUT_OF_TIME = 3
-#: keys that may change between a run and its resumption (they do not change the maths)
-RESUMABLE_KEYS = tuple(
+#: what rank 0 broadcasts instead of a checkpoint step when it starts afresh, or could not choose one
+NO_CHECKPOINT, RANK0_FAILED = -1, -2
+#: keys that may change between a run and its resumption (they do not change the maths).
+#: train.grad_accumulation may change, with the number of ranks, as long as the global batch
+#: (data.batch_size) stays: see check_global_batch. data.path may change when the data moved; it
+#: must hold the same data (the fingerprint stored in the checkpoint is checked on resume).
+RESUMABLE_KEYS = (
+    "data.path",
+    "train.grad_accumulation",
+) + tuple(
     f"train.{k}"
     for k in (
         "steps",
@@ -101,6 +110,20 @@ RESUMABLE_KEYS = tuple(
         "init_from",  # only read before step 0: a resumed run no longer needs it
     )
 )
+
+
+def check_global_batch(then: Config, now: Config, source: Path) -> None:
+    """Refuse to resume with another global batch (data.batch_size) in one line.
+
+    The number of ranks and train.grad_accumulation only split the global batch into shards, so
+    they may change on resume; the batch itself is part of the maths (and of the data stream).
+    """
+    if then.data.batch_size != now.data.batch_size:
+        raise RunDirError(
+            f"{source} was trained with a global batch of data.batch_size={then.data.batch_size} but the config now "
+            f"says {now.data.batch_size}: a run resumes only with the same global batch (other numbers of ranks or "
+            "train.grad_accumulation are fine); restore data.batch_size or start afresh with --overwrite"
+        )
 
 
 def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
@@ -165,6 +188,8 @@ def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> Non
             return
         previous = load_config(config_file)
         differences = config_differences(previous, config, ignore=RESUMABLE_KEYS)
+        if differences == ["data.batch_size"]:  # the same run on another number of ranks, say
+            check_global_batch(previous, config, config_file)
         if differences:
             shown = ", ".join(differences[:4]) + (", ..." if len(differences) > 4 else "")
             raise RunDirError(
@@ -423,8 +448,17 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
 
     def restore(self, path: Path) -> None:
+        """Load the training state at ``path`` into this rank (under FSDP every rank must call it)."""
+        self._load_state(path, *self.read_checkpoint(path))
+
+    def read_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors and metadata at ``path``, verified and checked against this run; nothing loaded yet
+        (and nothing collective: ranks may do it apart and then agree on the outcome)."""
         tensors, metadata = load_checkpoint(path)
         self.check_matches(path, metadata)
+        return tensors, metadata
+
+    def _load_state(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         load_weights(self.model, unprefixed(tensors, "model."), str(path))
         load_weights(self.ema.model, unprefixed(tensors, "ema."), str(path))
         optimizer_state = optimizer_state_dict(tensors, metadata["optimizer_param_groups"])
@@ -449,6 +483,8 @@ class Trainer:
             stored = None  # written by a dumo that had other keys: nothing reliable to compare
         if stored is not None:
             differences = config_differences(stored, self.config, ignore=RESUMABLE_KEYS)
+            if differences == ["data.batch_size"]:
+                check_global_batch(stored, self.config, path)
             if differences:
                 key = differences[0]
                 old, new = _lookup(stored.to_dict(), key), _lookup(self.config.to_dict(), key)
@@ -565,15 +601,53 @@ class Trainer:
             lock.release()
 
     def _resume_latest(self) -> Path | None:
-        """Restore the newest checkpoint that verifies; a corrupt one is renamed aside with a message."""
+        """Restore, on every rank, the checkpoint that rank 0 chooses; None when there is none.
+
+        Rank 0 picks its newest checkpoint that verifies (a corrupt one is renamed aside with a
+        message) and broadcasts its step; every other rank reads the checkpoint of that step from
+        its own view of the run folder, and refuses if it sees another newest one (a node-local
+        folder would otherwise silently restart it from other weights). All ranks then agree on
+        success before any of them loads the state, so that one rank's error stops every rank
+        instead of leaving the others waiting at a collective.
+        """
+        chosen: tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None = None
+        failure: Exception | None = None
+        if self.dist.is_main:
+            try:
+                chosen = self._choose_checkpoint()
+            except Exception as error:  # re-raised below, once the other ranks know
+                failure = error
+        code = RANK0_FAILED if failure is not None else NO_CHECKPOINT if chosen is None else int(chosen[2]["step"])
+        step = self.dist.broadcast_int(code, self.device)
+        if not self.dist.is_main and step != RANK0_FAILED:
+            try:
+                path = agreed_checkpoint(self.run_dir, None if step == NO_CHECKPOINT else step, self.dist.rank)
+                chosen = None if path is None else (path, *self.read_checkpoint(path))
+            except Exception as error:
+                failure = error
+        succeeded = self.dist.flags(failure is None, self.device)
+        if failure is not None:
+            raise failure
+        if not all(succeeded):
+            failed = [str(rank) for rank, ok in enumerate(succeeded) if not ok]
+            ranks = f"rank{'s' * (len(failed) > 1)} {', '.join(failed)}"
+            what = f"checkpoint step {step}" if step >= 0 else "the run"
+            raise CheckpointError(
+                f"rank {self.dist.rank} stopped without resuming: {ranks} could not resume {what} (its error says why)"
+            )
+        if chosen is None:
+            return None
+        path, tensors, metadata = chosen
+        self._load_state(path, tensors, metadata)
+        return path
+
+    def _choose_checkpoint(self) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None:
+        """Rank 0: the newest checkpoint that verifies, read; a corrupt one is renamed aside with a message."""
         existing = list_checkpoints(self.run_dir)
         for path in reversed(existing):
             try:
-                self.restore(path)
-                return path
+                return path, *self.read_checkpoint(path)
             except CorruptCheckpointError as error:
-                if not self.dist.is_main:
-                    continue
                 aside = path.with_name(path.name + CORRUPT_SUFFIX)
                 with contextlib.suppress(OSError):
                     path.rename(aside)
