@@ -155,18 +155,25 @@ def class_index(run, text: str | None) -> int | None:
     return label
 
 
+def sample_labels(run, num: int, class_label: int | None):
+    """One class for all samples, or balanced over the classes (None for an unconditional model)."""
+    import torch
+
+    from dumo.evaluation import balanced_labels
+
+    if class_label is not None:
+        return torch.full((num,), class_label, dtype=torch.long)
+    return balanced_labels(num, run.num_classes)
+
+
 def generate_from_run(
     run, nfe: int, num: int, seed: int, method: str, times, class_label: int | None, batch_size: int, dist
 ):
-    """Samples of ``run`` in its model space; under torchrun split over ranks and gathered on each."""
-    import torch
+    """Samples of ``run`` in its model space; under torchrun split over ranks and gathered on each
+    (for what is small: pictures, 2-D points; image files and Inception scores are streamed)."""
+    from dumo.evaluation import generate_many
 
-    from dumo.evaluation import balanced_labels, generate_many
-
-    if class_label is not None:
-        labels = torch.full((num,), class_label, dtype=torch.long)
-    else:
-        labels = balanced_labels(num, run.num_classes)
+    labels = sample_labels(run, num, class_label)
     size = math.prod(run.space.shape) * 4
     check_memory(2 * num * size, f"{num} samples of shape {'x'.join(map(str, run.space.shape))}")
     check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
@@ -190,8 +197,113 @@ def generate_from_run(
     return labels, points.cpu()
 
 
+def stream_from_run(
+    run,
+    nfe: int,
+    num: int,
+    seed: int,
+    method: str,
+    times,
+    labels,
+    batch_size: int,
+    decode_batch: int,
+    dist,
+    image_sinks=(),
+    chunk_sinks=(),
+) -> None:
+    """Draw this rank's chunks of ``num`` samples and hand each chunk (model space) to every
+    ``chunk_sinks(chunk)``, and its images, decoded ``decode_batch`` at a time on this rank's
+    device, to every ``image_sinks(first_index, images in [0, 1], uint8 pixels)``.
+
+    No rank holds more than one chunk of samples and one decode batch of float images at a time.
+    """
+    from dumo.evaluation import decoded_batches, sample_chunks
+    from dumo.metrics.fid_stats import to_uint8
+
+    size = math.prod(run.space.shape) * 4
+    check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
+    chunks = sample_chunks(
+        run.model,
+        run.objective_name,
+        (num, *run.space.shape),
+        nfe,
+        run.config.sample,
+        seed,
+        None if labels is None else labels.to(run.device),
+        method,
+        times,
+        device=run.device,
+        batch_size=batch_size,
+        dist=dist,
+    )
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except ValueError as error:  # bad schedule or sampler choice
+            raise UsageError(str(error)) from None
+        for sink in chunk_sinks:
+            sink(chunk)
+        if image_sinks:
+            for first, images in decoded_batches(run.space, chunk, decode_batch):
+                pixels = to_uint8(images)
+                for sink in image_sinks:
+                    sink(first, images, pixels)
+                del images, pixels  # one decode batch at a time
+
+
+def npz_sink(writer, float_images: bool):
+    """Write decoded batches into a :class:`dumo.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
+
+    def sink(first: int, images, pixels) -> None:
+        writer.write("arr_0", first, pixels.permute(0, 2, 3, 1).cpu().numpy())
+        if float_images:
+            writer.write("images", first, images.float().cpu().numpy())
+
+    return sink
+
+
+def sample_npz(out: Path, run, num: int, batch_size: int, labels, dist, float_images: bool):
+    """The writer of a samples .npz: 'arr_0' (N, H, W, C) uint8, 'labels' (N,) int64 (-1: unconditional)
+    and, with ``float_images``, 'images' (N, C, H, W) float32 in [0, 1]."""
+    from dumo.sample_files import ShardedNpz
+
+    channels, height, width = image_shape(run)
+    arrays = {"arr_0": ((height, width, channels), np.uint8)}
+    if float_images:
+        arrays["images"] = ((channels, height, width), np.float32)
+    return ShardedNpz(out, num, batch_size, dist, arrays, {"labels": label_array(labels, num)})
+
+
+def image_shape(run) -> tuple[int, int, int]:
+    """(C, H, W) of the decoded images: the autoencoder's output for a latent model."""
+    if run.space.kind != "latents":
+        return tuple(run.space.shape)
+    import torch
+
+    from dumo.evaluation import Chunk, decoded_batches
+
+    # the decoder's output size for a latent size is its own business: decode one zero latent to see it
+    probe = Chunk(0, 0, 1, torch.zeros((1, *run.space.shape), device=run.device), None)
+    _, image = next(decoded_batches(run.space, probe, 1))
+    return tuple(image.shape[1:])
+
+
+def label_array(labels, num: int) -> np.ndarray:
+    return np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
+
+
+def png_sink(folder: Path):
+    def sink(first: int, images, pixels) -> None:
+        write_png_folder(folder, pixels.permute(0, 2, 3, 1).cpu().numpy(), first)
+
+    return sink
+
+
 def sampling_session(args: argparse.Namespace):
-    """Join torchrun's process group if there is one, and load the run on this rank's device."""
+    """Join torchrun's process group if there is one, and load the run on this rank's device
+    (cuda:LOCAL_RANK when there is a GPU)."""
     from dumo.distributed import from_environment
     from dumo.run import load_run
     from dumo.training.trainer import resolve_device
@@ -225,6 +337,28 @@ def command_sample(args: argparse.Namespace) -> int:
         picture = out.suffix.lower() == ".png"
         num = args.num or (PICTURE_SAMPLES if picture and images else DATA_SAMPLES)
         label = class_index(run, args.class_label)
+        ranks = f" on {dist.world_size} processes" if dist.enabled else ""
+        if images and not picture:
+            # a .npz or a folder of PNGs: every rank writes its own chunks as it decodes them
+            labels = sample_labels(run, num, label)
+            if out.suffix == "":
+                sinks = [png_sink(out)]
+                writer = None
+            else:
+                writer = sample_npz(out, run, num, args.batch_size, labels, dist, float_images=not args.uint8)
+                sinks = [npz_sink(writer, float_images=not args.uint8)]
+            dist.barrier()  # every rank has checked --out before any writes to it
+            method, times = args.method, parse_times(args.times)
+            stream_from_run(
+                run, args.nfe, num, args.seed, method, times, labels, args.batch_size, args.decode_batch, dist, sinks
+            )
+            if writer is not None:
+                writer.finish()
+            elif dist.is_main and labels is not None:
+                write_labels_csv(out, label_array(labels, num), run.space)
+            if dist.is_main:
+                print(f"wrote {num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
+            return 0
         labels, points = generate_from_run(
             run, args.nfe, num, args.seed, args.method, parse_times(args.times), label, args.batch_size, dist
         )
@@ -232,160 +366,288 @@ def command_sample(args: argparse.Namespace) -> int:
             return 0
         data = run.space.unstandardise(points).numpy()
         title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
-        label_array = np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
-        if images and out.suffix == "":
-            write_png_folder(out, data, label_array, run.space)
-        elif picture and images:
-            names = None if labels is None else [run.space.class_name(int(c)) for c in label_array]
+        if picture and images:
+            names = None if labels is None else [run.space.class_name(int(c)) for c in labels]
             with atomic_output(out) as tmp:
                 image_grid(data, names, tmp, title=title, columns=8)
         elif picture:
             reference = run.space.reference_points(50_000)
             with atomic_output(out) as tmp:
                 scatter_over_density([(title, data)], reference.numpy(), tmp)
-        elif images:
-            # 'images' (N, C, H, W) float32 in [0, 1] for dumo fid; 'arr_0' (N, H, W, C) uint8, what the
-            # FID scripts of the DiT/SiT/ADM world read
-            as_uint8 = np.clip(np.round(data * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-            with atomic_output(out) as tmp:
-                np.savez(tmp, images=data.astype(np.float32), labels=label_array, arr_0=as_uint8)
         else:
             with atomic_output(out) as tmp:
                 np.save(tmp, data.astype(np.float64))
-        ranks = f" on {dist.world_size} processes" if dist.enabled else ""
         print(f"wrote {num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
         return 0
     finally:
         shutdown()
 
 
-def write_png_folder(folder: Path, images: np.ndarray, labels: np.ndarray, space) -> None:
-    """One PNG per sample (000000.png, ...) and, for class-conditional samples, labels.csv."""
+def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
+    """One PNG per sample of uint8 (N, H, W, C) ``pixels``, named by global sample index: first
+    ``{first:06d}.png``, then the next, ... (each rank writes its own)."""
     from PIL import Image
 
     from dumo.training.checkpoint import atomic_output
 
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = np.clip(np.round(images * 255), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    for i, image in enumerate(pixels):
+    for i, image in enumerate(pixels, start=first):
         with atomic_output(folder / f"{i:06d}.png") as tmp:
             Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
+
+
+def write_labels_csv(folder: Path, labels: np.ndarray, space) -> None:
+    """labels.csv beside the PNGs of class-conditional samples: file, label, class name."""
+    from dumo.training.checkpoint import atomic_output
+
     if (labels >= 0).any():
         rows = "".join(f"{i:06d}.png,{int(c)},{space.class_name(int(c))}\n" for i, c in enumerate(labels))
         with atomic_output(folder / "labels.csv") as tmp:
             tmp.write_text("file,label,class\n" + rows)
 
 
+def check_sample_output(path: Path, option: str, folder: bool) -> None:
+    """--npz / --png-dir of dumo eval: a .npz file (replaced if it exists) or a folder."""
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file; name a folder for the PNGs")
+    if not folder and (path.is_dir() or path.suffix.lower() != ".npz"):
+        raise UsageError(f"{option} {path}: name a file ending in .npz")
+    try:
+        (path if folder else path.parent).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot create the folder: {error.strerror}") from None
+
+
 def command_eval(args: argparse.Namespace) -> int:
-    from dumo.data import LatentDataset, ToyDataset
+    import json
+
+    import torch
+
+    from dumo.data import ToyDataset
     from dumo.distributed import shutdown
-    from dumo.evaluation import image_scorer, toy_scorer
+    from dumo.evaluation import ChunkGather, image_scorer, toy_scorer
     from dumo.training.trainer import small_data_note
 
     dist, run = sampling_session(args)
     try:
-        latent = isinstance(run.dataset, LatentDataset)
+        latent = run.space.kind == "latents"  # its training latents are not read: they can be large
         if latent and args.inception is None:
             raise UsageError("a latent-space run is scored with Inception metrics: give --inception (and --ref)")
-        score, inception, reference = None, None, None
+        if (args.npz or args.png_dir) and len(args.nfe) != 1:
+            raise UsageError("--npz and --png-dir keep the samples of one NFE; give one --nfe")
+        if (args.npz or args.png_dir) and not run.space.is_images:
+            raise UsageError("--npz and --png-dir write images; this run draws 2-D points (use 'dumo sample')")
+        npz = None if args.npz is None else Path(args.npz).expanduser()
+        png_dir = None if args.png_dir is None else Path(args.png_dir).expanduser()
+        if npz is not None:
+            check_sample_output(npz, "--npz", folder=False)
+        if png_dir is not None:
+            check_sample_output(png_dir, "--png-dir", folder=True)
+        score = None
+        if dist.is_main and not latent:  # the small domain metrics: rank 0 scores the gathered samples
+            scorer = toy_scorer if isinstance(run.dataset, ToyDataset) else image_scorer
+            score = scorer(run.dataset, args.num)
+            note = small_data_note(run.dataset)
+            if note:
+                print(f"note: {note}")
+        inception, reference = None, None
+        if args.inception is not None:
+            inception, reference = inception_reference(args, run, dist)
         if dist.is_main:
-            if not latent:
-                scorer = toy_scorer if isinstance(run.dataset, ToyDataset) else image_scorer
-                score = scorer(run.dataset, args.num)
-                note = small_data_note(run.dataset)
-                if note:
-                    print(f"note: {note}")
-            if args.inception is not None:
-                inception, reference = inception_reference(args, run)
             shown = f"{run.objective_name}, step {run.step}, {args.num} samples, seed {args.seed}"
             print(f"{args.run_dir}: {shown}" + (f", {dist.world_size} processes" if dist.enabled else ""))
         names = {"mmd": "MMD", "sw": "SW", "fd": "domain FD", "fidelity": "class fidelity"}
+        results = {}
         for nfe in args.nfe:
-            labels, points = generate_from_run(
-                run, nfe, args.num, args.seed, args.method, None, None, args.batch_size, dist
+            labels = sample_labels(run, args.num, None)
+            gather = None if latent else ChunkGather(args.num, run.space.shape, args.batch_size, dist, run.device)
+            streamed, image_sinks, writer = None, [], None
+            if inception is not None:
+                from dumo.metrics.fid_stats import inception_scores
+
+                streamed = inception_scores(inception, args.num)
+
+                def add_to_scores(first, images, pixels, streamed=streamed):
+                    streamed.add(pixels, torch.arange(first, first + pixels.shape[0]))
+
+                image_sinks.append(add_to_scores)
+            if npz is not None:
+                writer = sample_npz(npz, run, args.num, args.batch_size, labels, dist, float_images=False)
+                image_sinks.append(npz_sink(writer, float_images=False))
+            if png_dir is not None:
+                image_sinks.append(png_sink(png_dir))
+            stream_from_run(
+                run,
+                nfe,
+                args.num,
+                args.seed,
+                args.method,
+                None,
+                labels,
+                args.batch_size,
+                args.decode_batch,
+                dist,
+                image_sinks,
+                [] if gather is None else [gather.add],
             )
+            points = None if gather is None else gather.result().cpu()
+            if streamed is not None:
+                streamed.reduce(dist)
+            if writer is not None:
+                writer.finish()
+            if png_dir is not None and dist.is_main and labels is not None:
+                write_labels_csv(png_dir, label_array(labels, args.num), run.space)
             if not dist.is_main:
                 continue
             metrics = {} if score is None else score(points, labels)
             shown = "  ".join(f"{names[k]} {v:.5f}" for k, v in metrics.items())
-            if inception is not None:
-                from dumo.metrics.inception import score_images
-
-                scores = score_images(inception, run.dataset.unstandardise(points), reference)
+            if streamed is not None:
+                scores = streamed.scores(reference)
+                metrics.update(scores)
                 shown = f"{shown}  {inception_line(scores)}".strip()
+            results[str(nfe)] = metrics
             print(f"  {nfe:3d} NFE  {shown}")
+        if args.json is not None and dist.is_main:
+            from dumo.training.checkpoint import atomic_output
+
+            record = {
+                "run": str(args.run_dir),
+                "step": run.step,
+                "num": args.num,
+                "seed": args.seed,
+                "processes": dist.world_size,
+                "nfe": results,
+            }
+            with atomic_output(Path(args.json).expanduser()) as tmp:
+                tmp.write_text(json.dumps(record, indent=2) + "\n")
+        if dist.is_main and (npz is not None or png_dir is not None):
+            print(f"  samples: {', '.join(str(p) for p in (npz, png_dir) if p is not None)}")
         return 0
     finally:
         shutdown()
 
 
-def inception_reference(args: argparse.Namespace, run):
-    """The Inception network and the reference statistics: --ref, or the run's own training images."""
-    from dumo.data import LatentDataset
+def inception_reference(args: argparse.Namespace, run, dist):
+    """The Inception network (on every rank) and the reference statistics: --ref, or the Inception
+    statistics of --num of the run's own training images, shared among the ranks."""
     from dumo.metrics.inception import InceptionNetwork, Statistics
 
     inception = InceptionNetwork(args.inception, run.device)
     if args.ref is not None:
         return inception, Statistics.load(args.ref)
-    if isinstance(run.dataset, LatentDataset):
+    if run.space.kind == "latents":
         raise UsageError("--ref is required for a latent-space run (make it with 'dumo fid-stats' on the images)")
     from dumo.evaluation import reference_images
+    from dumo.metrics.fid_stats import to_uint8
 
-    return inception, Statistics.of(inception(reference_images(run.dataset, args.num))[0])
+    images = reference_images(run.dataset, args.num)
+    return inception, image_statistics(inception, len(images), lambda part: to_uint8(images[part]), dist, 100)
+
+
+def image_statistics(inception, count: int, pixels, dist, batch_size: int):
+    """Inception statistics of ``count`` images, ``pixels(slice)`` giving uint8 batches; each rank
+    embeds its own batches and the sums are added over ranks."""
+    from dumo.metrics.fid_stats import FeatureMoments, rank_batches
+    from dumo.metrics.inception import FEATURE_DIM
+
+    moments = FeatureMoments(FEATURE_DIM, inception.device)
+    for part in rank_batches(count, batch_size, dist):
+        moments.update(inception.embed(pixels(part))[0])
+    moments.reduce(dist)
+    return moments.statistics()
 
 
 def inception_line(scores: dict[str, float]) -> str:
     return f"FID {scores['fid']:.3f}  IS {scores['is']:.3f} ± {scores['is_std']:.3f}"
 
 
-def command_fid_stats(args: argparse.Namespace) -> int:
-    from dumo.metrics.inception import InceptionNetwork, Statistics
+def inception_session(args: argparse.Namespace):
+    """torchrun's process group, if any, and the Inception network on this rank's device."""
+    from dumo.distributed import from_environment
+    from dumo.metrics.inception import InceptionNetwork
     from dumo.training.trainer import resolve_device
+
+    dist = from_environment()
+    device = resolve_device(args.device, dist.local_rank, option="--device")
+    return dist, InceptionNetwork(args.inception, device, batch_size=args.batch_size)
+
+
+def command_fid_stats(args: argparse.Namespace) -> int:
+    from dumo.distributed import shutdown
 
     out = Path(args.out)
     check_output_file(out, (".npz",))
-    images = read_images(args.source, args.num)
-    inception = InceptionNetwork(args.inception, resolve_device(args.device))
-    Statistics.of(inception(images)[0]).save(out)
-    print(f"wrote Inception statistics of {len(images)} images from {args.source} to {out}")
-    return 0
+    count, pixels = read_pixels(args.source, args.num)
+    dist, inception = inception_session(args)
+    try:
+        statistics = image_statistics(inception, count, pixels, dist, args.batch_size)
+        if dist.is_main:
+            statistics.save(out)
+            print(f"wrote Inception statistics of {count} images from {args.source} to {out}")
+        return 0
+    finally:
+        shutdown()
 
 
 def command_fid(args: argparse.Namespace) -> int:
-    from dumo.metrics.inception import InceptionNetwork, Statistics, score_images
-    from dumo.training.trainer import resolve_device
+    import torch
 
-    images = read_images(args.samples, None)
+    from dumo.distributed import shutdown
+    from dumo.metrics.fid_stats import inception_scores, rank_batches
+    from dumo.metrics.inception import Statistics
+
+    count, pixels = read_pixels(args.samples, None)
     reference = Statistics.load(args.ref)
-    inception = InceptionNetwork(args.inception, resolve_device(args.device))
-    print(f"{args.samples}: {len(images)} images  {inception_line(score_images(inception, images, reference))}")
-    return 0
+    dist, inception = inception_session(args)
+    try:
+        streamed = inception_scores(inception, count)
+        for part in rank_batches(count, args.batch_size, dist):
+            streamed.add(pixels(part), torch.arange(part.start, part.stop))
+        streamed.reduce(dist)
+        if dist.is_main:
+            print(f"{args.samples}: {count} images  {inception_line(streamed.scores(reference))}")
+        return 0
+    finally:
+        shutdown()
 
 
-def read_images(source: str, num: int | None):
-    """Images in [0, 1] from a samples .npz ('images' array) or from the dataset of a config or run."""
+def read_pixels(source: str, num: int | None):
+    """The number of images and a reader of uint8 (N, C, H, W) batches by slice, from a samples .npz
+    (memory-mapped 'arr_0' (N, H, W, C) uint8, else 'images' (N, C, H, W) in [0, 1]) or from the
+    dataset of a config or run (its images in [0, 1], a fixed random subset of ``num``)."""
+    import zipfile
+
     import torch
 
     from dumo.config import load_config
     from dumo.data import ImageDataset, LatentDataset, build_dataset
+    from dumo.metrics.fid_stats import to_uint8
+    from dumo.sample_files import open_npz_array
     from dumo.training.trainer import CONFIG_FILE
 
     path = Path(source)
     if path.suffix == ".npz":
         if not path.is_file():
             raise UsageError(f"samples file not found: {path}")
-        with np.load(path, allow_pickle=False) as data:
-            if "images" in data:
-                images = torch.from_numpy(data["images"].astype(np.float32))
-            elif "arr_0" in data and data["arr_0"].dtype == np.uint8 and data["arr_0"].ndim == 4:
-                # the uint8 (N, H, W, C) layout of the DiT/SiT/ADM sample files
-                images = torch.from_numpy(data["arr_0"]).permute(0, 3, 1, 2).float() / 255
-            else:
-                raise UsageError(
-                    f"{path} has neither 'images' (N, C, H, W) in [0, 1] nor a uint8 'arr_0' (N, H, W, C); write one "
-                    "with 'dumo sample ... --out FILE.npz'"
-                )
-        return images if num is None else images[:num]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                keys = set(data.files)
+            array = open_npz_array(path, "arr_0") if "arr_0" in keys else None
+            uint8 = array is not None and array.dtype == np.uint8 and array.ndim == 4
+            if not uint8 and "images" in keys:
+                array = open_npz_array(path, "images")
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
+            raise UsageError(f"{path} is not a readable .npz file ({error})") from None
+        channels = -1 if array is None or array.ndim != 4 else array.shape[3 if uint8 else 1]
+        if channels not in (1, 3) or not (uint8 or array.dtype.kind == "f"):
+            raise UsageError(
+                f"{path} has neither a uint8 'arr_0' (N, H, W, C) nor 'images' (N, C, H, W) in [0, 1], with C = 1 or "
+                "3; write one with 'dumo sample ... --out FILE.npz'"
+            )
+        count = len(array) if num is None else min(num, len(array))
+        if uint8:
+            return count, lambda part: torch.from_numpy(np.array(array[part])).permute(0, 3, 1, 2)
+        return count, lambda part: to_uint8(torch.from_numpy(np.array(array[part], dtype=np.float32)))
     config_file = path / CONFIG_FILE if path.is_dir() else path
     if not config_file.is_file():
         raise UsageError(f"{source} is neither a samples .npz, a config file nor a run directory")
@@ -394,7 +656,8 @@ def read_images(source: str, num: int | None):
         raise UsageError(f"{source}: reference statistics need an image dataset (for latents: the image folder)")
     from dumo.evaluation import reference_images
 
-    return reference_images(dataset, num or len(dataset))
+    images = reference_images(dataset, num or len(dataset))
+    return len(images), lambda part: to_uint8(images[part])
 
 
 def command_encode(args: argparse.Namespace) -> int:
@@ -712,6 +975,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
 
 
+DECODE_BATCH = 32  # images decoded (and scored) at a time: an SD-VAE decode of 32 at 256 px fits any GPU
+
+
+def add_decode_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--decode-batch",
+        type=positive("--decode-batch"),
+        default=DECODE_BATCH,
+        metavar="N",
+        help=f"images decoded by the autoencoder (latent models), turned into 8 bits, written and scored at a "
+        f"time on each rank's device (default {DECODE_BATCH}): no rank holds more float images than this",
+    )
+
+
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
@@ -738,6 +1015,12 @@ def add_inception_arguments(parser: argparse.ArgumentParser, ref_help: str) -> N
         ".safetensors; read without executing code, never downloaded)",
     )
     parser.add_argument("--ref", metavar="STATS.npz", help=ref_help)
+
+
+def add_inception_batch_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size", type=positive("--batch-size"), default=100, help="images per Inception call (default 100)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -776,10 +1059,15 @@ def build_parser() -> argparse.ArgumentParser:
         "For 2-D data: FILE.npy holds an (N, 2) array in the dataset's own coordinates; FILE.png shows the samples "
         f"over the data density. For images: FILE.npz holds 'images' (N, C, H, W) float32 in [0, 1], 'labels' (N,) "
         "int64 (-1: unconditional) and 'arr_0' (N, H, W, C) uint8 (what DiT/SiT/ADM FID scripts read); FILE.png is "
-        f"a labelled grid (default -n {PICTURE_SAMPLES}); a path without suffix becomes a folder of PNGs. The "
-        "file is written to a temporary name and renamed, so an interrupted write leaves nothing half-written.",
+        f"a labelled grid (default -n {PICTURE_SAMPLES}); a path without suffix becomes a folder of PNGs "
+        "(000000.png, ... by sample index, and labels.csv). The file is written to a temporary name and renamed, so "
+        "an interrupted write leaves nothing half-written. Under torchrun each rank draws, decodes and writes its "
+        "own chunks: a .npz is written as one part file per rank beside it (as much disk as the .npz, on a "
+        "filesystem all ranks share) that rank 0 then copies in order into FILE.npz, one chunk (--batch-size "
+        "samples) in memory at a time; no rank holds all samples.",
     )
     add_sampling_arguments(sample)
+    add_decode_argument(sample)
     sample.set_defaults(num=None)
     sample.add_argument(
         "--nfe", type=positive("--nfe", MAX_NFE), required=True, help=f"network evaluations per sample (1 to {MAX_NFE})"
@@ -791,6 +1079,12 @@ def build_parser() -> argparse.ArgumentParser:
         "missing folders are created",
     )
     sample.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
+    sample.add_argument(
+        "--uint8",
+        action="store_true",
+        help="a .npz with only 'arr_0' and 'labels', the ADM layout, a quarter of the size without the float32 "
+        "'images' (50,000 samples at 256 px: 9.8 GB instead of 49 GB)",
+    )
     sample.add_argument(
         "--times", help="k-step times t_0,...,t_{k-1} in (0, 1], decreasing, e.g. 1.0,0.4 (default: config schedule)"
     )
@@ -808,15 +1102,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score samples of a run against the data. 2-D: MMD (multi-bandwidth RBF) and sliced "
         "Wasserstein-2 on standardised coordinates. Images: Frechet distance in the features of a small "
         "classifier trained once on the dataset (cached), and for class-conditional runs the classifier's "
-        "accuracy on the requested classes.",
+        "accuracy on the requested classes. With --inception: FID and Inception Score; under torchrun each rank "
+        "draws its own chunks, decodes and scores them --decode-batch at a time on its GPU, and only the feature "
+        "sums (float64) are added across ranks, so 50,000 ImageNet-size samples need no more memory than a batch. "
+        "The scores depend on the seed and --batch-size, not on the number of processes.",
     )
     add_sampling_arguments(evaluate)
+    add_decode_argument(evaluate)
     evaluate.add_argument(
         "--nfe", type=positive("--nfe"), nargs="+", default=[1, 2], help="one or more NFE (default 1 2)"
     )
     add_inception_arguments(
         evaluate, "reference statistics from 'dumo fid-stats' (default: --num of the run's own training images)"
     )
+    evaluate.add_argument(
+        "--npz",
+        metavar="FILE.npz",
+        help="also write the scored images (one --nfe) as 'arr_0' (N, H, W, C) uint8 and 'labels', the layout of the "
+        "ADM evaluation suite; each rank writes a part file beside it and rank 0 copies them in order, one chunk in "
+        "memory at a time (the parts take as much disk as the .npz, on a filesystem every rank can write to)",
+    )
+    evaluate.add_argument(
+        "--png-dir",
+        metavar="FOLDER",
+        help="also write the scored images (one --nfe) as 000000.png, ... by sample index (and labels.csv)",
+    )
+    evaluate.add_argument("--json", metavar="FILE.json", help="also write the scores as JSON (by rank 0)")
     evaluate.set_defaults(handler=command_eval)
 
     fid_stats = commands.add_parser(
@@ -829,18 +1140,23 @@ def build_parser() -> argparse.ArgumentParser:
     fid_stats.add_argument("--inception", metavar="WEIGHTS", required=True, help="local Inception-v3 weights")
     fid_stats.add_argument("--out", required=True, help="output .npz")
     fid_stats.add_argument("--num", type=positive("--num"), help="images to use (default: all)")
+    add_inception_batch_argument(fid_stats)
     add_device_argument(fid_stats)
     fid_stats.set_defaults(handler=command_fid_stats)
 
     fid = commands.add_parser(
         "fid",
         help="FID and Inception Score of a samples .npz against reference statistics",
-        description="Score 'images' of a .npz written by 'dumo sample' (e.g. 50,000 of them, drawn under torchrun) "
-        "against STATS.npz from 'dumo fid-stats'.",
+        description="Score the images of a .npz written by 'dumo sample' or an ADM-style sample file (e.g. 50,000 of "
+        "them) against STATS.npz from 'dumo fid-stats'. The file is memory-mapped and read a batch at a time; under "
+        "torchrun each rank scores its share of the batches.",
     )
-    fid.add_argument("samples", help="samples .npz with an 'images' array (N, C, H, W) in [0, 1]")
+    fid.add_argument(
+        "samples", help="samples .npz: a uint8 'arr_0' (N, H, W, C), or 'images' (N, C, H, W) float in [0, 1]"
+    )
     fid.add_argument("--ref", required=True, metavar="STATS.npz", help="reference statistics")
     fid.add_argument("--inception", metavar="WEIGHTS", required=True, help="local Inception-v3 weights")
+    add_inception_batch_argument(fid)
     add_device_argument(fid)
     fid.set_defaults(handler=command_fid)
 

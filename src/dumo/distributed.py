@@ -51,6 +51,18 @@ class Distributed:
         dist.all_gather(gathered, tensor.contiguous())
         return torch.stack(gathered)
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum over ranks of ``tensor`` (same shape on all), on its device (a copy
+        of it in a single process). NCCL reduces only GPU tensors: a CPU tensor goes through this
+        rank's GPU there."""
+        if not self.enabled:
+            return tensor.clone()
+        work = tensor.detach().clone()
+        if dist.get_backend() == "nccl" and work.device.type != "cuda":
+            work = work.to(torch.device("cuda", self.local_rank))
+        dist.all_reduce(work)
+        return work.to(tensor.device)
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on at least one."""
         if not self.enabled:

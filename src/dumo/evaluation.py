@@ -6,13 +6,14 @@ import hashlib
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from dumo.config import SampleConfig
-from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, ToyDataset
+from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, SampleSpace, ToyDataset
 from dumo.distributed import Distributed
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
@@ -87,6 +88,92 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: torch.Generator takes it as is
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Samples ``start`` to ``stop - 1`` of a draw: chunk ``index`` of ``chunk_seed(seed, index)``."""
+
+    index: int
+    start: int
+    stop: int
+    samples: Tensor  # in the model's space, on the sampling device
+    labels: Tensor | None
+
+
+def rank_chunks(num: int, batch_size: int | None, dist: Distributed) -> tuple[int, list[int]]:
+    """The chunk size and the chunks rank ``dist.rank`` draws: r, r + W, r + 2W, ..."""
+    batch = min(batch_size or num, num)  # the buffer holds at most the samples asked for
+    return batch, list(range(dist.rank, math.ceil(num / batch), dist.world_size))
+
+
+def sample_chunks(
+    model: nn.Module,
+    objective_name: str,
+    shape: Sequence[int],
+    nfe: int,
+    config: SampleConfig,
+    seed: int = 0,
+    labels: Tensor | None = None,
+    method: str = "auto",
+    times: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    dist: Distributed | None = None,
+) -> Iterator[Chunk]:
+    """This rank's chunks of ``shape[0]`` samples, drawn one at a time when asked for.
+
+    Chunk c (samples c*B to c*B + B - 1) always gets the noise of ``chunk_seed(seed, c)``, and
+    rank r draws chunks r, r + W, r + 2W, ...; so the samples depend on the seed and batch size,
+    not on the number of processes. With no batch size all samples are one chunk. Sampling that
+    takes long reports its progress on stderr (rank 0).
+    """
+    num, *sample_shape = shape
+    dist = dist or Distributed()
+    batch, mine = rank_chunks(num, batch_size, dist)
+    report = SamplingProgress(len(mine), enabled=dist.is_main)
+    for count, chunk in enumerate(mine, start=1):
+        start, stop = chunk * batch, min((chunk + 1) * batch, num)
+        part = None if labels is None else labels[start:stop]
+        x = generate(
+            model,
+            objective_name,
+            (stop - start, *sample_shape),
+            nfe,
+            config,
+            chunk_seed(seed, chunk),
+            part,
+            method,
+            times,
+            device,
+        )
+        yield Chunk(chunk, start, stop, x, part)
+        report.done(count)
+
+
+class ChunkGather:
+    """Keeps this rank's chunks and puts all ranks' chunks together, in order, on every rank."""
+
+    def __init__(
+        self,
+        num: int,
+        sample_shape: Sequence[int],
+        batch_size: int | None,
+        dist: Distributed,
+        device: torch.device | str = "cpu",
+    ):
+        self.num, self.sample_shape, self.dist = num, tuple(sample_shape), dist
+        self.batch, _ = rank_chunks(num, batch_size, dist)
+        per_rank = math.ceil(math.ceil(num / self.batch) / dist.world_size)
+        self.local = torch.zeros((per_rank, self.batch, *self.sample_shape), device=device)
+
+    def add(self, chunk: Chunk) -> None:
+        self.local[chunk.index // self.dist.world_size, : chunk.stop - chunk.start] = chunk.samples
+
+    def result(self) -> Tensor:
+        """All ``num`` samples in order (every rank must call this)."""
+        gathered = self.dist.gather_all(self.local)  # (world, per_rank, batch, ...): rank r's slot s is chunk s*W + r
+        return gathered.transpose(0, 1).reshape(-1, *self.sample_shape)[: self.num]
+
+
 def generate_many(
     model: nn.Module,
     objective_name: str,
@@ -101,40 +188,31 @@ def generate_many(
     batch_size: int | None = None,
     dist: Distributed | None = None,
 ) -> Tensor:
-    """``shape[0]`` samples drawn ``batch_size`` at a time, split over the ranks of ``dist``.
-
-    Chunk c (samples c*B to c*B + B - 1) always gets the noise of ``chunk_seed(seed, c)``, and
-    rank r draws chunks r, r + W, r + 2W, ...; the chunks are gathered on every rank in order.
-    So the samples depend on the seed and batch size, not on the number of processes. With no
-    batch size all samples are one chunk. Sampling that takes long reports its progress on stderr.
-    """
+    """``shape[0]`` samples drawn ``batch_size`` at a time, split over the ranks of ``dist`` as
+    :func:`sample_chunks` draws them, and gathered on every rank in order."""
     num, *sample_shape = shape
     dist = dist or Distributed()
-    batch = min(batch_size or num, num)  # the buffer holds at most the samples asked for
-    chunks = math.ceil(num / batch)
-    mine = list(range(dist.rank, chunks, dist.world_size))
-    per_rank = math.ceil(chunks / dist.world_size)
-    local = torch.zeros((per_rank, batch, *sample_shape), device=device)
-    report = SamplingProgress(len(mine), enabled=dist.is_main)
-    for slot, chunk in enumerate(mine):
-        start, stop = chunk * batch, min((chunk + 1) * batch, num)
-        part = None if labels is None else labels[start:stop]
-        local[slot, : stop - start] = generate(
-            model,
-            objective_name,
-            (stop - start, *sample_shape),
-            nfe,
-            config,
-            chunk_seed(seed, chunk),
-            part,
-            method,
-            times,
-            device,
-        )
-        report.done(slot + 1)
-    gathered = dist.gather_all(local)  # (world, per_rank, batch, ...): rank r's slot s is chunk s*W + r
-    ordered = gathered.transpose(0, 1).reshape(-1, *sample_shape)
-    return ordered[:num]
+    gather = ChunkGather(num, sample_shape, batch_size, dist, device)
+    for chunk in sample_chunks(
+        model, objective_name, shape, nfe, config, seed, labels, method, times, device, batch_size, dist
+    ):
+        gather.add(chunk)
+    return gather.result()
+
+
+def decoded_batches(space: SampleSpace, chunk: Chunk, decode_batch: int) -> Iterator[tuple[int, Tensor]]:
+    """The chunk's samples as images in [0, 1], ``decode_batch`` at a time, each with the global index
+    of its first sample; decoded on the chunk's device (a latent model's autoencoder moves there)."""
+    for first in range(0, chunk.stop - chunk.start, decode_batch):
+        x = chunk.samples[first : first + decode_batch]
+        if space.kind == "latents":
+            codec = space.codec()
+            if next(codec.autoencoder.parameters()).device != x.device:
+                codec.autoencoder.to(x.device)
+            images = codec.decode(x)
+        else:
+            images = space.unstandardise(x)
+        yield chunk.start + first, images
 
 
 class SamplingProgress:

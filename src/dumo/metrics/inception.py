@@ -26,6 +26,7 @@ from dumo.errors import DumoError
 FEATURES = "2048"  # pool features, for FID
 LOGITS = "logits_unbiased"  # class logits, for the Inception Score
 FEATURE_DIM = 2048
+LOGITS_DIM = 1008  # the TensorFlow Inception's 1008 classes (1000 of ImageNet, 8 unused)
 
 
 class MetricsError(DumoError):
@@ -95,12 +96,27 @@ class InceptionNetwork:
         features, logits = [], []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size]
-            pixels = (chunk.float().clamp(0, 1) * 255).round().to(torch.uint8)
-            if pixels.shape[1] == 1:
-                pixels = pixels.expand(-1, 3, -1, -1)
-            pool, logit = self.network(pixels.to(self.device))
-            features.append(pool.double().cpu())
-            logits.append(logit.double().cpu())
+            pool, logit = self.embed((chunk.float().clamp(0, 1) * 255).round().to(torch.uint8))
+            features.append(pool.cpu())
+            logits.append(logit.cpu())
+        return torch.cat(features), torch.cat(logits)
+
+    @torch.no_grad()
+    def embed(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool features (N, 2048) and logits (N, 1008), float64 on the network's device, of uint8
+        images (N, 1 or 3, H, W), ``batch_size`` at a time."""
+        if pixels.dim() != 4 or pixels.shape[1] not in (1, 3) or pixels.dtype != torch.uint8:
+            raise MetricsError(
+                f"expected uint8 images of shape (N, 1 or 3, H, W); got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        features, logits = [], []
+        for start in range(0, pixels.shape[0], self.batch_size):
+            chunk = pixels[start : start + self.batch_size].to(self.device)
+            if chunk.shape[1] == 1:
+                chunk = chunk.expand(-1, 3, -1, -1)
+            pool, logit = self.network(chunk)
+            features.append(pool.double())
+            logits.append(logit.double())
         return torch.cat(features), torch.cat(logits)
 
 

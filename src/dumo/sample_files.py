@@ -1,0 +1,123 @@
+"""Sample files written by every rank at once, a chunk at a time, with bounded memory.
+
+An ``.npz`` of 50,000 ImageNet samples is 9.8 GB as uint8 (the ``arr_0`` layout of the ADM
+evaluation suite): no rank gathers it. Each rank writes the samples of its own chunks into its
+own memory-mapped ``.npy`` part files in a folder beside the output; at the end rank 0 copies the
+parts into the ``.npz`` in sample order, one chunk at a time, and deletes them. The parts need as
+much disk as the ``.npz`` (on a filesystem every rank can write to), the merge about one chunk
+of memory. The ``.npz`` is an ordinary uncompressed one, as ``np.savez`` writes it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from dumo.distributed import Distributed
+from dumo.evaluation import rank_chunks
+
+
+def parts_folder(out: Path) -> Path:
+    """Where the ranks' part files of ``out`` are kept until they are merged."""
+    return out.parent / f".{out.name}.parts"
+
+
+class ShardedNpz:
+    """``num`` samples of the arrays in ``arrays`` (key -> (per-sample shape, dtype)) written to
+    ``out`` by all ranks of ``dist``, each its own chunks (``batch_size`` samples each, chunk c on
+    rank c % W, as :func:`dumo.evaluation.sample_chunks` deals them); ``whole`` arrays are known
+    in full on rank 0 (labels) and written by it."""
+
+    def __init__(
+        self,
+        out: Path,
+        num: int,
+        batch_size: int,
+        dist: Distributed,
+        arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+        whole: Mapping[str, np.ndarray] | None = None,
+    ):
+        self.out, self.num, self.dist = out, num, dist
+        self.batch, mine = rank_chunks(num, batch_size, dist)
+        self.arrays = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in arrays.items()}
+        self.whole = dict(whole or {})
+        self.folder = parts_folder(out)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        count = sum(min(self.batch, num - chunk * self.batch) for chunk in mine)
+        self.parts = {
+            key: np.lib.format.open_memmap(self.part(key, dist.rank), mode="w+", dtype=dtype, shape=(count, *shape))
+            for key, (shape, dtype) in self.arrays.items()
+        }
+
+    def part(self, key: str, rank: int) -> Path:
+        return self.folder / f"{key}.{rank:05d}.npy"
+
+    def write(self, key: str, start: int, values: np.ndarray) -> None:
+        """Samples ``start`` to ``start + len(values) - 1`` (global indices, within one of this rank's chunks)."""
+        chunk = start // self.batch
+        if chunk % self.dist.world_size != self.dist.rank:
+            raise ValueError(f"sample {start} belongs to chunk {chunk}, not one of rank {self.dist.rank}'s")
+        offset = (chunk // self.dist.world_size) * self.batch + start - chunk * self.batch
+        self.parts[key][offset : offset + len(values)] = values
+
+    def finish(self) -> None:
+        """Wait for every rank's parts; rank 0 merges them into ``out`` and removes them (all ranks call this)."""
+        for part in self.parts.values():
+            part.flush()
+        self.parts = {}  # unmaps the files
+        self.dist.barrier()
+        if self.dist.is_main:
+            try:
+                self.merge()
+            finally:
+                shutil.rmtree(self.folder, ignore_errors=True)
+        self.dist.barrier()  # the .npz exists once any rank returns
+
+    def merge(self) -> None:
+        from dumo.training.checkpoint import atomic_output
+
+        chunks, world = math.ceil(self.num / self.batch), self.dist.world_size
+        with atomic_output(self.out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for key, (shape, dtype) in self.arrays.items():
+                parts = [np.load(self.part(key, rank), mmap_mode="r") for rank in range(world)]
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+                    np.lib.format.write_array_header_1_0(member, {**header, "shape": (self.num, *shape)})
+                    for chunk in range(chunks):  # chunk c is slot c // W of rank c % W
+                        first = (chunk // world) * self.batch
+                        size = min(self.batch, self.num - chunk * self.batch)
+                        member.write(np.ascontiguousarray(parts[chunk % world][first : first + size]).tobytes())
+                del parts
+            for key, value in self.whole.items():
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
+
+
+def open_npz_array(path: Path, key: str) -> np.ndarray:
+    """Array ``key`` of an ``.npz``: memory-mapped, read only, when it is stored uncompressed (as
+    ``np.savez`` and :class:`ShardedNpz` store it), so a 10 GB sample file is read a batch at a
+    time; loaded whole when it is compressed."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            header = np.lib.format
+            read_header = header.read_array_header_1_0 if version == (1, 0) else header.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(member)
+            header_size = member.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {key!r} holds Python objects, not numbers")
+    with open(path, "rb") as handle:  # the member's data follows its local header (30 bytes, name, extra)
+        handle.seek(info.header_offset + 26)
+        name_size, extra_size = np.frombuffer(handle.read(4), dtype="<u2")
+    offset = info.header_offset + 30 + int(name_size) + int(extra_size) + header_size
+    order = "F" if fortran_order else "C"
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
