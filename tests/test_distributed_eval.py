@@ -170,3 +170,19 @@ def test_sample_npz_under_torchrun_equals_one_process(latent_export, tmp_path):
     np.testing.assert_array_equal(both["arr_0"], uint8["arr_0"])
     as_uint8 = np.round(both["images"] * 255).astype(np.uint8).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(both["arr_0"], as_uint8)
+
+
+def test_sample_files_are_read_as_uint8_batches_from_either_layout(tmp_path):
+    from dumo.cli import UsageError, read_pixels
+
+    images = torch.rand(7, 3, 5, 4, generator=torch.Generator().manual_seed(0)).numpy()
+    arr_0 = np.round(images * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.savez(tmp_path / "float.npz", images=images)
+    np.savez(tmp_path / "adm.npz", arr_0=arr_0)
+    for name in ("float.npz", "adm.npz"):
+        count, pixels = read_pixels(str(tmp_path / name), None)
+        assert count == 7
+        np.testing.assert_array_equal(pixels(slice(2, 6)).numpy(), arr_0[2:6].transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(UsageError, match="has neither a uint8 'arr_0'"):
+        read_pixels(str(tmp_path / "other.npz"), None)

@@ -443,6 +443,9 @@ def command_eval(args: argparse.Namespace) -> int:
             check_sample_output(npz, "--npz", folder=False)
         if png_dir is not None:
             check_sample_output(png_dir, "--png-dir", folder=True)
+        if not latent:  # the domain metrics score all samples at once on rank 0: meant for small data
+            size = math.prod(run.space.shape) * 4
+            check_memory(3 * args.num * size, f"{args.num} samples gathered for the domain metrics")
         score = None
         if dist.is_main and not latent:  # the small domain metrics: rank 0 scores the gathered samples
             scorer = toy_scorer if isinstance(run.dataset, ToyDataset) else image_scorer

@@ -13,6 +13,7 @@ to 8 bits (as a PNG would store them) and resized by the network to 299x299.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,10 +115,23 @@ class InceptionNetwork:
             chunk = pixels[start : start + self.batch_size].to(self.device)
             if chunk.shape[1] == 1:
                 chunk = chunk.expand(-1, 3, -1, -1)
-            pool, logit = self.network(chunk)
+            with full_float32():
+                pool, logit = self.network(chunk)
             features.append(pool.double())
             logits.append(logit.double())
         return torch.cat(features), torch.cat(logits)
+
+
+@contextlib.contextmanager
+def full_float32():
+    """Convolutions and matrix products in full float32, not TF32 (cuDNN's default for convolutions
+    on Ampere and later GPUs): Inception features, and so FID, then do not depend on the GPU."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 @dataclass(frozen=True)
