@@ -170,6 +170,12 @@ def test_sample_npz_under_torchrun_equals_one_process(latent_export, tmp_path):
     np.testing.assert_array_equal(both["arr_0"], uint8["arr_0"])
     as_uint8 = np.round(both["images"] * 255).astype(np.uint8).transpose(0, 2, 3, 1)
     np.testing.assert_array_equal(both["arr_0"], as_uint8)
+    # one chunk for two ranks: rank 1 draws nothing, writes an empty part and still takes part
+    few = tiny_inception_cli(*common, "-n", "3", "--out", tmp_path / "few.npz", "--uint8", ranks=2)
+    assert few.returncode == 0, few.stderr[-3000:]
+    first = np.load(tmp_path / "few.npz")["arr_0"]
+    assert first.shape == (3, 8, 8, 3)
+    assert np.abs(first.astype(int) - uint8["arr_0"][:3]).max() <= 1  # chunk 0's noise (batch 3, not 4)
 
 
 def test_sample_files_are_read_as_uint8_batches_from_either_layout(tmp_path):
