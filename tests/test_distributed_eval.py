@@ -192,3 +192,28 @@ def test_sample_files_are_read_as_uint8_batches_from_either_layout(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(UsageError, match="has neither a uint8 'arr_0'"):
         read_pixels(str(tmp_path / "other.npz"), None)
+
+
+def test_pixel_run_domain_metrics_and_fid_against_its_own_data_under_torchrun(tmp_path):
+    """A digits run without --ref: the reference statistics of its training images are shared among
+    the ranks too, and the gathered domain FD and class fidelity are those of one process."""
+    run = tmp_path / "run"
+    tiny = ["train.steps=2", "model.depth=1", "model.hidden_dim=32", "train.progress=false", "train.eval_samples=50"]
+    trained = subprocess.run(
+        [sys.executable, "-m", "dumo", "train", "configs/digits/dumo.yaml", "--out", run]
+        + [item for o in tiny for item in ("--set", o)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    common = ["eval", run, "--nfe", "1", "-n", "30", "--batch-size", "8", "--inception", "tiny"]
+    scores = {}
+    for ranks in (2, 1):
+        result = tiny_inception_cli(*common, "--json", tmp_path / f"{ranks}.json", ranks=ranks)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("domain FD") == 1 and "class fidelity" in result.stdout
+        scores[ranks] = json.loads((tmp_path / f"{ranks}.json").read_text())["nfe"]["1"]
+    assert scores[2].keys() == scores[1].keys() == {"fd", "fidelity", "fid", "is", "is_std"}
+    for key, value in scores[1].items():
+        assert scores[2][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
