@@ -30,8 +30,9 @@ def test_plan_numbers_are_consistent():
     peak = 989.4e12
     cost = count_step_cost(config, (1, 8, 8), 10)  # the training log's counter
     assert plan.cost.flops_per_image == cost.flops_per_image
-    assert plan.images_per_sec == pytest.approx(4 * peak * 0.35 / cost.flops_per_image)  # the assumed MFU
-    assert plan.mfu == pytest.approx(0.35)
+    assumed = throughput.throughput_table()["assumed_mfu"]
+    assert plan.images_per_sec == pytest.approx(4 * peak * assumed / cost.flops_per_image)  # the assumed MFU
+    assert plan.mfu == pytest.approx(assumed)
     assert plan.step_seconds == pytest.approx(64 / plan.images_per_sec)
     assert plan.gpu_hours == pytest.approx(5000 * plan.step_seconds * 4 / 3600)
     assert plan.dataset_size == 1797 and plan.epochs == pytest.approx(5000 * 64 / 1797)

@@ -16,7 +16,7 @@ from dumo.training.checkpoint import MODEL_FORMAT, list_checkpoints, load_checkp
 from dumo.training.snapshots import list_snapshots
 from dumo.training.throughput import ThroughputMeter, count_step_cost, flop_counter, gpu_kind
 
-TINY = [*TINY_MOONS, "train.steps=4", "train.checkpoint_every=0", "train.log_every=2"]
+TINY = [*TINY_MOONS, "train.steps=4", "train.checkpoint_every=0", "train.log_every=2", "train.device=cpu"]
 
 
 def read_rows(path):

@@ -8,8 +8,9 @@ FSDP, and the days, GPU-hours and epochs of ``train.steps`` at ``data.batch_size
 The throughput comes from ``dumo/plan_table.yaml``: a measured single-GPU images/s where the table
 has one for this GPU, network, objective and precision (scaled by the number of GPUs: DDP's
 communication is assumed hidden behind the backward pass), else the GPU's peak dense FLOP/s times
-an assumed MFU (0.35 unless ``--mfu``). Both are estimates; the training log's ``images_per_sec``
-and ``mfu`` columns measure the real thing within the first ``train.log_every`` steps.
+an assumed MFU (the table's, measured for Flow Matching, unless ``--mfu``). Both are estimates; the
+training log's ``images_per_sec`` and ``mfu`` columns measure the real thing within the first
+``train.log_every`` steps.
 
 Memory per GPU: fp32 weights, gradients and the two Adam moments, the EMA copy and a frozen teacher
 where the objective uses one (dumo keeps fp32 master weights; bf16 autocast adds a bf16 copy of the
@@ -154,6 +155,7 @@ def measured_throughput(config: Config, gpu: str, precision: str) -> dict | None
     objective = config.objective
     guided = getattr(objective, "zeta", 0.0) > 0 and config.data.conditional
     derivative = getattr(objective, "derivative", None)
+    target = getattr(objective, "target_precision", None)
     for entry in throughput_table().get("measured") or []:
         if (
             entry["gpu"] == gpu
@@ -165,6 +167,8 @@ def measured_throughput(config: Config, gpu: str, precision: str) -> dict | None
             and bool(entry.get("guided", False)) == guided
             and entry["precision"] == precision
             and bool(entry.get("compile", False)) == config.train.compile
+            # where both name it: the precision of the no-grad target passes (fp32 ones cost more)
+            and (target is None or entry.get("target_precision", target) == target)
         ):
             return entry
     return None
@@ -288,6 +292,13 @@ def format_plan(plan: Plan, config_name: str = "") -> str:
         )
     else:
         lines.append(f"  data         {plan.dataset_source}")
+    target = getattr(objective, "target_precision", None)
+    if plan.precision == "bf16" and target in ("fp32", "tf32") and "measured" not in plan.throughput_source:
+        lines.append(
+            f"  note: the objective's no-grad target passes run in {target} (objective.target_precision), at a "
+            "lower peak than bf16: expect fewer images/s (one H100 measured DuMo with fp32 passes at 5.9x Flow "
+            "Matching's step time)"
+        )
     ddp, fsdp = plan.memory["ddp"], plan.memory["fsdp"]
     lines.append(f"  memory/GPU   {'':34s} {'DDP':>9s} {'FSDP':>9s}   (GiB)")
     for name in ddp.parts:
