@@ -1,7 +1,7 @@
 """Median training-step time of each objective on the same network, batch and machine, in one run.
 
     .venv/bin/python benchmarks/step_cost.py [--networks mlp dit28 dit-s2] [--steps 10] [--device cpu]
-        [--batch N] [--precision bf16] [--compile] [--methods NAME ...]
+        [--batch N] [--precision bf16] [--target-precision fp32|tf32|bf16] [--compile] [--methods NAME ...]
 
 Reports ratios to Flow Matching and to MeanFlow (JVP-free), next to the pass accounting (a
 forward+backward costs about 3 forward passes): with guidance, DuMo = 3 + 3 = 6 units (u at t +- e,
@@ -136,12 +136,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the network")
     parser.add_argument("--compile", action="store_true", help="torch.compile the network of the training step")
+    parser.add_argument(
+        "--target-precision", choices=("fp32", "tf32", "bf16"), help="objective.target_precision of DuMo and MeanFlow"
+    )
     args = parser.parse_args()
+    if args.target_precision:
+        for config in METHODS.values():
+            if hasattr(config, "target_precision"):
+                config.target_precision = args.target_precision
     methods = list(dict.fromkeys(["Flow Matching", "MeanFlow (JVP-free)", *args.methods]))  # the two baselines
     settings = Settings(args.steps, torch.device(args.device), args.batch, args.precision == "bf16", args.compile)
     print(
         f"device {settings.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.precision}, "
-        f"compile {args.compile}, guidance zeta {ZETA}"
+        f"compile {args.compile}, guidance zeta {ZETA}, target passes {args.target_precision or 'fp32'}"
     )
     for network in args.networks:
         measured = {name: time_steps(network, METHODS[name], settings) for name in methods}

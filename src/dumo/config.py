@@ -57,8 +57,13 @@ class TrainConfig:
     grad_accumulation: int = 1  # shards per rank per step: the per-rank batch is split this many times
     max_minutes: float | None = None  # wall-clock budget of this invocation; stops (with a checkpoint) when spent
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
+    # CUDA: TF32 matmuls/convolutions for fp32 computations (the target passes follow objective.target_precision)
+    tf32: bool = False
     compile: bool = False  # torch.compile the network for the training step
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
+    # FSDP2's MixedPrecisionPolicy for the transformer/residual blocks: bf16 parameters in the forward
+    # pass and the all-gather, fp32 gradient reduction; fp32 = gather and compute as stored.
+    fsdp_param_dtype: Literal["fp32", "bf16"] = "fp32"
     # Start from these weights (a dumo run or export directory, or a .safetensors file) instead of
     # a random initialisation; see dumo.training.initialise for how they are fitted to the model.
     init_from: str | None = None
@@ -160,6 +165,11 @@ def config_from_dict(raw: Any) -> Config:
     name = objective_raw.get("name", "dumo")
     if name not in OBJECTIVES:
         raise ConfigError(f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {name!r}")
+    if "fp32_target_passes" in objective_raw:  # the boolean that target_precision replaced (older config.yaml)
+        if "target_precision" in objective_raw:
+            raise ConfigError("give objective.target_precision only; fp32_target_passes is its older form")
+        objective_raw = dict(objective_raw)
+        objective_raw["target_precision"] = "fp32" if objective_raw.pop("fp32_target_passes") else "bf16"
     objective = build(OBJECTIVES[name][0], {**objective_raw, "name": name}, prefix="objective")
     return Config(objective=objective, **sections)
 

@@ -92,9 +92,16 @@ def from_environment() -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        if torch.cuda.is_available():
+            # Each rank's own GPU before anything touches CUDA: FSDP2 puts its shards, and NCCL its
+            # communicator, on the current device, which is cuda:0 on every rank unless set here.
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def shard_seed(seed: int, step: int, shard: int) -> int:

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class EMA:
@@ -26,7 +27,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
-        for average, current in zip(self.model.parameters(), model.parameters()):
-            average.lerp_(current.detach(), weight)
+        averages, currents = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        if any(isinstance(p, DTensor) for p in averages):
+            for average, current in zip(averages, currents):  # sharded: local shards, one op each
+                average.lerp_(current, weight)
+        else:  # one fused kernel launch per group of tensors instead of one per parameter
+            torch._foreach_lerp_(averages, currents, weight)
         for average, current in zip(self.model.buffers(), model.buffers()):
             average.copy_(current)

@@ -31,24 +31,37 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
 
-def shard(model: nn.Module) -> None:
-    """Apply FSDP2's ``fully_shard`` in place: every block, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: nn.Module, param_dtype: torch.dtype | None = None) -> None:
+    """Apply FSDP2's ``fully_shard`` in place: every block, then the root.
 
+    With ``param_dtype`` (bf16) the blocks gather and compute with parameters of that dtype and
+    reduce gradients in fp32; they hand fp32 activations on, so the root (embeddings, heads) keeps
+    computing in fp32 as it does under autocast.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
     for unit in shard_units(model):
-        fully_shard(unit)
+        fully_shard(unit, mp_policy=policy if param_dtype is not None else MixedPrecisionPolicy())
     fully_shard(model)
 
 
-def wrap_for_training(model: nn.Module, dist: Distributed, strategy: Strategy, device: torch.device) -> nn.Module:
+def wrap_for_training(
+    model: nn.Module,
+    dist: Distributed,
+    strategy: Strategy,
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The module the objective calls. A single process uses the model itself.
 
-    FSDP shards ``model`` in place (its parameters become DTensors); DDP wraps it.
+    FSDP shards ``model`` in place (its parameters become DTensors; ``param_dtype`` as in
+    :func:`shard`); DDP wraps it.
     """
     if not dist.enabled:
         return model
     if strategy == "fsdp":
-        shard(model)
+        shard(model, param_dtype)
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)

@@ -322,6 +322,11 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.dist = from_environment()
         self.device = resolve_device(config.train.device, self.dist.local_rank)
+        if config.train.tf32 and self.device.type == "cuda":
+            # TF32 matmuls and convolutions for every fp32 computation; the target passes follow
+            # objective.target_precision (fp32 keeps them exact) whatever this says.
+            torch.set_float32_matmul_precision("high")
+            torch.backends.cudnn.allow_tf32 = True
         self.shards = self.dist.world_size * config.train.grad_accumulation
         if config.data.batch_size % self.shards:
             raise ConfigError(
@@ -353,9 +358,16 @@ class Trainer:
         # The objective calls the DDP-wrapped or FSDP-sharded (and/or compiled) module, so that
         # gradients are reduced over ranks whatever the objective does (its exact-JVP pass
         # included). Under FSDP the EMA copy is sharded the same way, so its update stays local.
-        self.parallel_model = wrap_for_training(self.model, self.dist, config.train.parallel, self.device)
+        param_dtype = torch.bfloat16 if config.train.fsdp_param_dtype == "bf16" else None
+        fsdp_bf16 = config.train.parallel == "fsdp" and param_dtype is not None
+        if fsdp_bf16 and getattr(config.objective, "target_precision", "bf16") != "bf16":
+            raise ConfigError(
+                "train.fsdp_param_dtype=bf16 runs the blocks in bf16 in every pass, the target passes included: "
+                "set objective.target_precision=bf16 to accept that, or keep fsdp_param_dtype=fp32"
+            )
+        self.parallel_model = wrap_for_training(self.model, self.dist, config.train.parallel, self.device, param_dtype)
         if self.sharded:
-            wrap_for_training(self.ema.model, self.dist, "fsdp", self.device)
+            wrap_for_training(self.ema.model, self.dist, "fsdp", self.device, param_dtype)
         self.step_model = torch.compile(self.parallel_model) if config.train.compile else self.parallel_model
         # theta^- for the no-grad target passes. Under DDP they use the unwrapped module: they need
         # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp. Under FSDP
@@ -371,6 +383,7 @@ class Trainer:
             betas=config.optim.betas,
             weight_decay=config.optim.weight_decay,
             eps=config.optim.eps,
+            fused=self.device.type == "cuda",  # one kernel for all parameters; CPU keeps the foreach default
         )
         self.stream = build_stream(self.dataset, config.data, seed=config.train.seed + 1)
         self.space = SampleSpace.of(self.dataset)
@@ -507,15 +520,17 @@ class Trainer:
         """One optimiser step; None when it was skipped for a non-finite loss or gradient."""
         cfg = self.config.train
         self.model.train()
-        batch = self.stream.next_batch(self.device)  # the global batch; this rank keeps its shards
-        self.optimizer.zero_grad(set_to_none=True)
+        # Every rank draws the same global batch on the CPU and copies only its own rows to the device.
+        batch = self.stream.next_batch()
         rows = batch.x.shape[0] // self.shards
-        parts: dict[str, float] = {}
+        first = self.dist.rank * cfg.grad_accumulation
+        batch = batch.slice(first * rows, (first + cfg.grad_accumulation) * rows).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}  # on the device: read back once per step, not once per value
         for j in range(cfg.grad_accumulation):
-            shard = self.dist.rank * cfg.grad_accumulation + j
-            piece = batch.slice(shard * rows, (shard + 1) * rows)
+            piece = batch.slice(j * rows, (j + 1) * rows)
             last = j == cfg.grad_accumulation - 1
-            with set_gradient_sync(self.parallel_model, last), self._randomness(shard):
+            with set_gradient_sync(self.parallel_model, last), self._randomness(first + j):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                     output = self.objective(
                         self.step_model, piece, target_model=self.target_model, teacher_model=self.teacher
@@ -524,9 +539,12 @@ class Trainer:
                 # the all-reduce, so all ranks see the same gradient norm and skip the step together.
                 (output.loss / cfg.grad_accumulation).backward()
             for name, value in {"loss": output.loss, **output.parts}.items():
-                parts[name] = parts.get(name, 0.0) + float(value.detach()) / cfg.grad_accumulation
+                sums[name] = sums.get(name, 0.0) + value.detach().float() / cfg.grad_accumulation
         max_norm = self.config.optim.grad_clip or math.inf
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        # The step's one host synchronisation: the gradient norm decides whether to skip the step.
+        *values, grad_norm = torch.stack([*sums.values(), norm.detach().float()]).tolist()
+        parts = dict(zip(sums, values))
         self.step += 1
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -543,8 +561,9 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.ema.update(self.model, self.step)
-        averaged = self.dist.mean(list(parts.values()), self.device)
-        return {**dict(zip(parts, averaged)), "grad_norm": grad_norm}
+        if cfg.log_every and self.step % cfg.log_every == 0:  # ranks agree on the mean only when it is logged
+            parts = dict(zip(parts, self.dist.mean(list(parts.values()), self.device)))
+        return {**parts, "grad_norm": grad_norm}
 
     def _randomness(self, shard: int):
         """Noise and times of a shard: from the global RNG in a plain single-process run, else from
