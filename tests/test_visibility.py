@@ -2,6 +2,7 @@
 pictures of latent runs, EMA snapshots that outlive checkpoint rotation, and their scores."""
 
 import csv
+import sys
 
 import pytest
 import torch
@@ -205,3 +206,23 @@ def test_tensorboard_gets_throughput_and_pictures(tmp_path):
         assert [event.step for event in events.Scalars(tag)] == [2, 4], tag
     assert "train/mfu" not in scalars  # unknown on a CPU: not written as a number
     assert [event.step for event in events.Images("samples")] == [2, 4]
+
+
+def test_snapshots_and_throughput_under_fsdp_on_two_ranks(tmp_path):
+    """Every rank gathers the sharded EMA for a snapshot; rank 0 writes it and the global images/s."""
+    import subprocess
+
+    run = tmp_path / "run"
+    overrides = [*TINY, "train.parallel=fsdp", "train.snapshot_steps=[2,4]"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "dumo", "train", str(MOONS_CONFIG), "--out", str(run), "--set", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [step for step, _ in list_snapshots(run)] == [2, 4]
+    snapshot = load_checkpoint(list_snapshots(run)[-1][1], kind=MODEL_FORMAT)[0]
+    ema = {k[4:]: v for k, v in load_checkpoint(list_checkpoints(run)[-1])[0].items() if k.startswith("ema.")}
+    assert snapshot.keys() == ema.keys()
+    assert all(torch.allclose(snapshot[k].float(), ema[k], rtol=1e-3, atol=1e-4) for k in ema)
+    rows = read_rows(run / "train_log.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert all(float(r["images_per_sec"]) == pytest.approx(32 * float(r["steps_per_sec"])) for r in rows)

@@ -737,9 +737,9 @@ class Trainer:
                         "step": self.step,
                         **logged,
                         "steps_per_sec": rate,
+                        **throughput,
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "wall_seconds": self.wall_seconds,
-                        **throughput,
                     }
                     append_row(self.run_dir / TRAIN_LOG, row)
                     self._add_scalars("train", row)
