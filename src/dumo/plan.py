@@ -292,6 +292,12 @@ def format_plan(plan: Plan, config_name: str = "") -> str:
         )
     else:
         lines.append(f"  data         {plan.dataset_source}")
+    shards = plan.gpus * config.train.grad_accumulation
+    if plan.batch_size % shards:
+        lines.append(
+            f"  note: data.batch_size {plan.batch_size} is not divisible by {plan.gpus} GPUs x train.grad_accumulation "
+            f"{config.train.grad_accumulation}: dumo train refuses that split"
+        )
     target = getattr(objective, "target_precision", None)
     if plan.precision == "bf16" and target in ("fp32", "tf32") and "measured" not in plan.throughput_source:
         lines.append(
