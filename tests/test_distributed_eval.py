@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.autoencoders import tiny_vae
 
 from dumo.distributed import Distributed
 from dumo.metrics.fid_stats import FeatureMoments, ScoreSplits, StreamingScores, rank_batches, split_of_samples
@@ -62,7 +63,6 @@ def test_scores_refuse_unseen_samples_and_batches_cover_every_item_once():
 @pytest.fixture(scope="module")
 def latent_export(tmp_path_factory):
     """A model folder as 'dumo export' writes it: random DiT weights over 4x4x4 latents of a tiny SD-VAE."""
-    diffusers = pytest.importorskip("diffusers")
     from dumo.config import config_from_dict, save_config
     from dumo.data import SampleSpace
     from dumo.models import build_model
@@ -71,18 +71,7 @@ def latent_export(tmp_path_factory):
     from dumo.training.checkpoint import MODEL_FORMAT, save_checkpoint
 
     folder = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(folder / "sd-vae")
     config = config_from_dict(
         {

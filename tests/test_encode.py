@@ -11,8 +11,8 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+from helpers.autoencoders import tiny_vae  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_latents import tiny_vae  # noqa: E402
 
 from dumo.cli import main  # noqa: E402
 from dumo.data import DataError, LatentDataset  # noqa: E402

@@ -9,27 +9,13 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderDC, AutoencoderKL  # noqa: E402
+from diffusers import AutoencoderDC  # noqa: E402
+from helpers.autoencoders import tiny_vae  # noqa: E402
 
 from dumo.config import config_from_dict  # noqa: E402
 from dumo.data import DataError, LatentDataset, build_dataset  # noqa: E402
 from dumo.data.latents import LatentCodec, load_autoencoder  # noqa: E402
 from dumo.training import Trainer  # noqa: E402
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
 
 
 def dumo(*args):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from conftest import MOONS_CONFIG, TINY_MOONS
+from helpers.autoencoders import tiny_vae
 
 from dumo.cli import main
 from dumo.config import config_from_dict, load_config
@@ -135,21 +136,9 @@ def test_snapshot_keys_are_validated():
 
 def latent_run_config(tmp_path, autoencoder_path=None):
     """A latent file of random codes for a tiny random SD-VAE saved in tmp_path (nothing downloaded)."""
-    diffusers = pytest.importorskip("diffusers")
     from dumo.training.checkpoint import save_checkpoint
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=8,
-    )
+    vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     metadata = {
         "autoencoder_kind": "sd-vae",
