@@ -168,7 +168,7 @@ def test_sample_npz_under_torchrun_equals_one_process(latent_export, tmp_path):
 
 
 def test_sample_files_are_read_as_uint8_batches_from_either_layout(tmp_path):
-    from dumo.cli import UsageError, read_pixels
+    from dumo.generation import SamplingError, read_pixels
 
     images = torch.rand(7, 3, 5, 4, generator=torch.Generator().manual_seed(0)).numpy()
     arr_0 = np.round(images * 255).astype(np.uint8).transpose(0, 2, 3, 1)
@@ -179,7 +179,7 @@ def test_sample_files_are_read_as_uint8_batches_from_either_layout(tmp_path):
         assert count == 7
         np.testing.assert_array_equal(pixels(slice(2, 6)).numpy(), arr_0[2:6].transpose(0, 3, 1, 2))
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
-    with pytest.raises(UsageError, match="has neither a uint8 'arr_0'"):
+    with pytest.raises(SamplingError, match="has neither a uint8 'arr_0'"):
         read_pixels(str(tmp_path / "other.npz"), None)
 
 

@@ -19,6 +19,14 @@ import numpy as np
 
 from dumo import __version__
 from dumo.errors import DumoError
+from dumo.generation import (  # the library side of sampling a run (read_pixels re-exported for older imports)
+    check_memory,
+    generate_from_run,
+    image_shape,
+    read_pixels,
+    sample_labels,
+    stream_from_run,
+)
 
 EXIT_USAGE = 2
 DEMO_MARKER = ".dumo-demo"
@@ -63,17 +71,6 @@ def check_output_file(
         raise UsageError(f"--out {path}: cannot create its folder {path.parent}: {error.strerror}") from None
 
 
-def check_memory(nbytes: int, what: str) -> None:
-    """Refuse work whose arrays alone would not fit in this machine's memory (instead of a traceback
-    from the allocator, or swapping, after minutes of work)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if nbytes > total:
-        raise UsageError(f"{what} need {nbytes / 1e9:.1f} GB, more than this machine's {total / 1e9:.1f} GB of memory")
-
-
 def parse_times(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -89,8 +86,8 @@ def parse_times(text: str | None) -> list[float] | None:
 def command_train(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.distributed import shutdown
+    from dumo.run_dir import CONFIG_FILE
     from dumo.training import train
-    from dumo.training.trainer import CONFIG_FILE
 
     out = Path(args.out)
     if args.config is None:
@@ -155,104 +152,6 @@ def class_index(run, text: str | None) -> int | None:
     return label
 
 
-def sample_labels(run, num: int, class_label: int | None):
-    """One class for all samples, or balanced over the classes (None for an unconditional model)."""
-    import torch
-
-    from dumo.evaluation import balanced_labels
-
-    if class_label is not None:
-        return torch.full((num,), class_label, dtype=torch.long)
-    return balanced_labels(num, run.num_classes)
-
-
-def generate_from_run(
-    run, nfe: int, num: int, seed: int, method: str, times, class_label: int | None, batch_size: int, dist
-):
-    """Samples of ``run`` in its model space; under torchrun split over ranks and gathered on each
-    (for what is small: pictures, 2-D points; image files and Inception scores are streamed)."""
-    from dumo.evaluation import generate_many
-
-    labels = sample_labels(run, num, class_label)
-    size = math.prod(run.space.shape) * 4
-    check_memory(2 * num * size, f"{num} samples of shape {'x'.join(map(str, run.space.shape))}")
-    check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
-    try:
-        points = generate_many(
-            run.model,
-            run.objective_name,
-            (num, *run.space.shape),
-            nfe,
-            run.config.sample,
-            seed,
-            None if labels is None else labels.to(run.device),
-            method,
-            times,
-            device=run.device,
-            batch_size=batch_size,
-            dist=dist,
-        )
-    except ValueError as error:  # bad schedule or sampler choice
-        raise UsageError(str(error)) from None
-    return labels, points.cpu()
-
-
-def stream_from_run(
-    run,
-    nfe: int,
-    num: int,
-    seed: int,
-    method: str,
-    times,
-    labels,
-    batch_size: int,
-    decode_batch: int,
-    dist,
-    image_sinks=(),
-    chunk_sinks=(),
-) -> None:
-    """Draw this rank's chunks of ``num`` samples and hand each chunk (model space) to every
-    ``chunk_sinks(chunk)``, and its images, decoded ``decode_batch`` at a time on this rank's
-    device, to every ``image_sinks(first_index, images in [0, 1], uint8 pixels)``.
-
-    No rank holds more than one chunk of samples and one decode batch of float images at a time.
-    """
-    from dumo.evaluation import decoded_batches, sample_chunks
-    from dumo.metrics.fid_stats import to_uint8
-
-    size = math.prod(run.space.shape) * 4
-    check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
-    chunks = sample_chunks(
-        run.model,
-        run.objective_name,
-        (num, *run.space.shape),
-        nfe,
-        run.config.sample,
-        seed,
-        None if labels is None else labels.to(run.device),
-        method,
-        times,
-        device=run.device,
-        batch_size=batch_size,
-        dist=dist,
-    )
-    while True:
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return
-        except ValueError as error:  # bad schedule or sampler choice
-            raise UsageError(str(error)) from None
-        for sink in chunk_sinks:
-            sink(chunk)
-        if image_sinks:
-            for first, images in decoded_batches(run.space, chunk, decode_batch):
-                pixels = to_uint8(images)
-                for sink in image_sinks:
-                    sink(first, images, pixels)
-                del images, pixels  # one decode batch at a time
-
-
 def npz_sink(writer, float_images: bool):
     """Write decoded batches into a :class:`dumo.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
 
@@ -276,20 +175,6 @@ def sample_npz(out: Path, run, num: int, batch_size: int, labels, dist, float_im
     return ShardedNpz(out, num, batch_size, dist, arrays, {"labels": label_array(labels, num)})
 
 
-def image_shape(run) -> tuple[int, int, int]:
-    """(C, H, W) of the decoded images: the autoencoder's output for a latent model."""
-    if run.space.kind != "latents":
-        return tuple(run.space.shape)
-    import torch
-
-    from dumo.evaluation import Chunk, decoded_batches
-
-    # the decoder's output size for a latent size is its own business: decode one zero latent to see it
-    probe = Chunk(0, 0, 1, torch.zeros((1, *run.space.shape), device=run.device), None)
-    _, image = next(decoded_batches(run.space, probe, 1))
-    return tuple(image.shape[1:])
-
-
 def label_array(labels, num: int) -> np.ndarray:
     return np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
 
@@ -304,9 +189,8 @@ def png_sink(folder: Path):
 def sampling_session(args: argparse.Namespace):
     """Join torchrun's process group if there is one, and load the run on this rank's device
     (cuda:LOCAL_RANK when there is a GPU)."""
-    from dumo.distributed import from_environment
+    from dumo.distributed import from_environment, resolve_device
     from dumo.run import load_run
-    from dumo.training.trainer import resolve_device
 
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank, option="--device")
@@ -566,9 +450,8 @@ def inception_line(scores: dict[str, float]) -> str:
 
 def inception_session(args: argparse.Namespace):
     """torchrun's process group, if any, and the Inception network on this rank's device."""
-    from dumo.distributed import from_environment
+    from dumo.distributed import from_environment, resolve_device
     from dumo.metrics.inception import InceptionNetwork
-    from dumo.training.trainer import resolve_device
 
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank, option="--device")
@@ -614,55 +497,6 @@ def command_fid(args: argparse.Namespace) -> int:
         shutdown()
 
 
-def read_pixels(source: str, num: int | None):
-    """The number of images and a reader of uint8 (N, C, H, W) batches by slice, from a samples .npz
-    (memory-mapped 'arr_0' (N, H, W, C) uint8, else 'images' (N, C, H, W) in [0, 1]) or from the
-    dataset of a config or run (its images in [0, 1], a fixed random subset of ``num``)."""
-    import zipfile
-
-    import torch
-
-    from dumo.config import load_config
-    from dumo.data import ImageDataset, LatentDataset, build_dataset
-    from dumo.metrics.fid_stats import to_uint8
-    from dumo.sample_files import open_npz_array
-    from dumo.training.trainer import CONFIG_FILE
-
-    path = Path(source)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise UsageError(f"samples file not found: {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                keys = set(data.files)
-            array = open_npz_array(path, "arr_0") if "arr_0" in keys else None
-            uint8 = array is not None and array.dtype == np.uint8 and array.ndim == 4
-            if not uint8 and "images" in keys:
-                array = open_npz_array(path, "images")
-        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
-            raise UsageError(f"{path} is not a readable .npz file ({error})") from None
-        channels = -1 if array is None or array.ndim != 4 else array.shape[3 if uint8 else 1]
-        if channels not in (1, 3) or not (uint8 or array.dtype.kind == "f"):
-            raise UsageError(
-                f"{path} has neither a uint8 'arr_0' (N, H, W, C) nor 'images' (N, C, H, W) in [0, 1], with C = 1 or "
-                "3; write one with 'dumo sample ... --out FILE.npz'"
-            )
-        count = len(array) if num is None else min(num, len(array))
-        if uint8:
-            return count, lambda part: torch.from_numpy(np.array(array[part])).permute(0, 3, 1, 2)
-        return count, lambda part: to_uint8(torch.from_numpy(np.array(array[part], dtype=np.float32)))
-    config_file = path / CONFIG_FILE if path.is_dir() else path
-    if not config_file.is_file():
-        raise UsageError(f"{source} is neither a samples .npz, a config file nor a run directory")
-    dataset = build_dataset(load_config(config_file).data)
-    if not isinstance(dataset, ImageDataset) or isinstance(dataset, LatentDataset):
-        raise UsageError(f"{source}: reference statistics need an image dataset (for latents: the image folder)")
-    from dumo.evaluation import reference_images
-
-    images = reference_images(dataset, num or len(dataset))
-    return len(images), lambda part: to_uint8(images[part])
-
-
 def command_encode(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.suffix.lower() == ".safetensors":
@@ -678,8 +512,7 @@ def command_encode(args: argparse.Namespace) -> int:
         raise UsageError(f"--workers must be >= 0; got {args.workers}")
     from dumo.data.encode import DEFAULT_SHARD_SIZE, encode_images, image_source
     from dumo.data.latents import LatentCodec, load_autoencoder
-    from dumo.distributed import from_environment, shutdown
-    from dumo.training.trainer import resolve_device
+    from dumo.distributed import from_environment, resolve_device, shutdown
 
     dist = from_environment()
     try:
@@ -724,7 +557,8 @@ def command_info(args: argparse.Namespace) -> int:
     import yaml
 
     from dumo.config import load_config
-    from dumo.models import build_model, count_parameters
+    from dumo.models import count_parameters
+    from dumo.network import build_network
     from dumo.objectives import objective_class
 
     config = load_config(args.config, args.set)
@@ -741,7 +575,7 @@ def command_info(args: argparse.Namespace) -> int:
             )
         raise UsageError(f"the data's shape or classes are known only from its files: set {' and '.join(missing)}")
     with torch.device("meta"):  # counts parameters without allocating them
-        model = build_model(config.model, shape, objective.heads, classes, objective.time_inputs)
+        model = build_network(config, shape, classes)
     total = count_parameters(model)
     print(
         f"model {describe_model(config.model)}, data {config.data.name} {shape} ({classes} classes), "
@@ -781,19 +615,34 @@ def command_trajectories(args: argparse.Namespace) -> int:
     from dumo.evaluation import balanced_labels, generate, sampler_for
     from dumo.plotting import image_grid, paths_over_density
     from dumo.run import load_run
+    from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER
     from dumo.training.checkpoint import atomic_output
 
     out = Path(args.out).expanduser()
     check_output_file(out, (".png",))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
-    # --method auto draws both heads; a named sampler draws only that one (euler/heun: the v-head ODE)
+    # --method auto draws the objective's own sampler and, where that reads another head than a
+    # v-head the model also has, the velocity sampler (Euler) on the v-head; a named sampler draws
+    # only the head it reads
+    if args.method == "auto":
+        own = sampler_for(run.objective_name)
+        methods = [own]
+        if SAMPLERS[own].head != "v" and "v" in run.model.heads:
+            methods.append(VELOCITY_SAMPLER)
+    else:
+        methods = [args.method]
     heads = []
-    if "u" in run.model.heads and args.method in ("auto", "flow_map", "meanflow"):
-        heads.append(("u-head", sampler_for(run.objective_name) if args.method == "auto" else args.method))
-    if "v" in run.model.heads and args.method in ("auto", "euler", "heun"):
-        heads.append((f"v-head {'Euler' if args.method == 'auto' else args.method}", sampler_for("fm", args.method)))
-    if not heads:
-        raise UsageError(f"--method {args.method} needs a head this model lacks (it has {', '.join(run.model.heads)})")
+    for method in methods:
+        head = SAMPLERS[method].head
+        if head not in run.model.heads:
+            raise UsageError(
+                f"--method {method} needs a {head}-head, which this model lacks (it has {', '.join(run.model.heads)})"
+            )
+        if head == "v":  # velocity samplers are told apart by their integrator
+            shown = "Euler" if args.method == "auto" and method == VELOCITY_SAMPLER else method
+            heads.append((f"v-head {shown}", method))
+        else:
+            heads.append((f"{head}-head", method))
     num = args.num or (TRAJECTORY_IMAGES if run.space.is_images else TRAJECTORY_PATHS)
     labels = balanced_labels(num, run.num_classes)
     columns = {}  # (head, nfe) -> samples in the data's own space (2-D: every state of the sampler)
@@ -865,6 +714,7 @@ def command_demo(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.evaluation import generate, toy_scorer
     from dumo.plotting import scatter_over_density
+    from dumo.samplers import VELOCITY_SAMPLER
     from dumo.training import Trainer
 
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
@@ -890,9 +740,9 @@ def command_demo(args: argparse.Namespace) -> int:
     for label, nfe, method in (
         ("DuMo u-head, 1 NFE", 1, "auto"),
         ("DuMo u-head, 2 NFE", 2, "auto"),
-        ("same model, v-head Euler 32 NFE", 32, "euler"),
+        ("same model, v-head Euler 32 NFE", 32, VELOCITY_SAMPLER),
     ):
-        points = generate(trainer.ema.model, "dumo", (num, 2), nfe, config.sample, method=method)
+        points = generate(trainer.ema.model, config.objective.name, (num, 2), nfe, config.sample, method=method)
         results.append((label, points, score(points, None)))
     reference, _ = trainer.dataset.sample(50_000)
     picture = out / "samples.png"
@@ -923,8 +773,8 @@ def command_plan(args: argparse.Namespace) -> int:
 
 
 def command_eval_snapshots(args: argparse.Namespace) -> int:
+    from dumo.distributed import resolve_device
     from dumo.training.snapshots import SCORES_FILE, SNAPSHOT_DIR, score_snapshots
-    from dumo.training.trainer import resolve_device
 
     device = resolve_device(args.device, option="--device")
     print(f"{args.run_dir}: EMA snapshots, {args.num} samples each, seed {args.seed}")
@@ -937,6 +787,11 @@ def command_eval_snapshots(args: argparse.Namespace) -> int:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    from dumo.objectives import OBJECTIVES
+    from dumo.samplers import SAMPLERS
+
+    own = ", ".join(f"{name}: {cls.default_sampler}" for name, (_, cls) in OBJECTIVES.items())
+    velocity = "/".join(name for name, sampler in SAMPLERS.items() if sampler.head == "v")
     parser.add_argument("run_dir", help="run directory written by 'dumo train', or a folder from 'dumo export'")
     parser.add_argument(
         "-n",
@@ -949,10 +804,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     parser.add_argument(
         "--method",
-        choices=("auto", "flow_map", "meanflow", "euler", "heun"),
+        choices=("auto", *SAMPLERS),
         default="auto",
-        help="sampler: auto picks the objective's own (DuMo: flow_map on the u-head, MeanFlow: meanflow, "
-        "Flow Matching: euler); euler/heun integrate the v-head ODE (default: the config's sample.method)",
+        help=f"sampler: auto picks the objective's own ({own}); {velocity} integrate the v-head ODE "
+        "(default: the config's sample.method)",
     )
     parser.add_argument(
         "--guidance",

@@ -17,7 +17,8 @@ import yaml
 from dumo.data import DataConfig
 from dumo.errors import ConfigError
 from dumo.models import ModelConfig
-from dumo.objectives import OBJECTIVES, DuMoConfig, ObjectiveConfig
+from dumo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveConfig, objective_config_class
+from dumo.samplers import SAMPLERS
 from dumo.schema import build, require, to_dict
 
 
@@ -94,7 +95,7 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for ``dumo sample`` and evaluations."""
 
-    method: Literal["auto", "flow_map", "meanflow", "euler", "heun"] = "auto"  # auto: by objective
+    method: str = "auto"  # a name in dumo.samplers.SAMPLERS; auto: the objective's default_sampler
     t_start: float = 1.0  # first time of the few-step samplers (slightly below 1 is an option)
     schedule_power: float = 1.0  # k-step times t_i = t_start * (1 - i/k)^power; > 1 moves them toward 0
     stochasticity: float = 1.0  # flow-map re-noising: 1 fresh noise, 0 the noise the prediction implies
@@ -104,6 +105,11 @@ class SampleConfig:
     guidance_scale: float = 1.0
 
     def validate(self, prefix: str) -> None:
+        choices = ("auto", *SAMPLERS)
+        require(
+            self.method in choices,
+            f"config key '{prefix}.method' must be one of {', '.join(choices)}; got {self.method!r}",
+        )
         require(0 < self.t_start <= 1, f"{prefix}.t_start must be in (0, 1]; got {self.t_start}")
         require(self.schedule_power > 0, f"{prefix}.schedule_power must be > 0; got {self.schedule_power}")
         require(0 <= self.stochasticity <= 1, f"{prefix}.stochasticity must be in [0, 1]; got {self.stochasticity}")
@@ -114,7 +120,7 @@ class SampleConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=DuMoConfig)
+    objective: ObjectiveConfig = field(default_factory=lambda: objective_config_class(DEFAULT_OBJECTIVE)())
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -162,7 +168,7 @@ def config_from_dict(raw: Any) -> Config:
     objective_raw = raw.get("objective") or {}
     if not isinstance(objective_raw, dict):
         raise ConfigError("'objective' must be a mapping of keys to values")
-    name = objective_raw.get("name", "dumo")
+    name = objective_raw.get("name", DEFAULT_OBJECTIVE)
     if name not in OBJECTIVES:
         raise ConfigError(f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {name!r}")
     if "fp32_target_passes" in objective_raw:  # the boolean that target_precision replaced (older config.yaml)
@@ -271,7 +277,7 @@ def config_text(config: Config) -> str:
 def save_config(config: Config, path: str | Path) -> bool:
     """Write ``config`` to ``path`` atomically (temp file, fsync, rename), only if the file's
     content would change; a cut-off write leaves the previous file. True when it was written."""
-    from dumo.training.checkpoint import atomic_write
+    from dumo.safetensors_io import atomic_write
 
     path = Path(path)
     text = config_text(config)

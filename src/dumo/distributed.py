@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dumo.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -130,3 +132,16 @@ def shutdown() -> None:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
+    """The device ``name`` (auto: this rank's GPU, else cpu); ``option`` is what the user set, for errors."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{option}: unknown device {name!r} (auto, cpu, cuda, cuda:0, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{option} is {name!r} but CUDA is not available on this machine; use cpu or auto")
+    return device

@@ -17,15 +17,15 @@ from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, SampleSpa
 from dumo.distributed import Distributed
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
-from dumo.samplers import GuidedModel, check_times, null_label, sample
+from dumo.objectives import objective_class
+from dumo.samplers import GuidedModel, check_times, null_label, sample, sampler_named
 
-#: the sampler each objective's model is meant for
-DEFAULT_SAMPLER = {"dumo": "flow_map", "meanflow": "meanflow", "fm": "euler"}
 REFERENCE_SEED = 1_000_003  # reference points are drawn apart from any training seed
 
 
 def sampler_for(objective_name: str, method: str = "auto") -> str:
-    return DEFAULT_SAMPLER[objective_name] if method == "auto" else method
+    """``method``, or with ``auto`` the sampler the objective's model is meant for (its ``default_sampler``)."""
+    return objective_class(objective_name).default_sampler if method == "auto" else method
 
 
 def schedule(nfe: int, config: SampleConfig) -> list[float]:
@@ -62,7 +62,7 @@ def generate(
         model = GuidedModel(model, config.guidance_scale, null_label(model))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=generator).to(device)
-    if times is None and method in ("flow_map", "meanflow"):
+    if times is None and sampler_named(method).scheduled:
         times = schedule(nfe, config)
     return sample(
         model,

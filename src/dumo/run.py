@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from dumo.config import Config, config_from_dict, load_config, save_config
 from dumo.data import Dataset, SampleSpace, build_dataset
 from dumo.errors import ConfigError, RunDirError
-from dumo.models import build_model
-from dumo.objectives import objective_class
+from dumo.network import build_network
+from dumo.run_dir import CONFIG_FILE
 from dumo.training.checkpoint import (
     MODEL_FORMAT,
     list_checkpoints,
@@ -23,7 +23,6 @@ from dumo.training.checkpoint import (
     save_checkpoint,
     unprefixed,
 )
-from dumo.training.trainer import CONFIG_FILE
 
 EXPORTED_WEIGHTS = "model.safetensors"
 #: config keys that decide what the weights are; config.yaml may not contradict the weights' own record
@@ -133,8 +132,7 @@ def load_run(
     if space.autoencoder is not None and config.data.autoencoder_path:
         space.autoencoder["path"] = config.data.autoencoder_path  # the decoder moved
     classes = space.num_classes if config.data.conditional else 0
-    objective = objective_class(config.objective.name)
-    model = build_model(config.model, space.shape, objective.heads, classes, objective.time_inputs)
+    model = build_network(config, space.shape, classes)
     load_weights(model, unprefixed(tensors, weights), str(checkpoint))
     model.to(torch.device(device)).eval().requires_grad_(False)
     return LoadedRun(config, model, space, classes, int(metadata["step"]), Path(checkpoint), dataset)

@@ -5,22 +5,23 @@
 - :func:`meanflow_sample` - MeanFlow: ``x_r = x_t - (t - r) u(x_t, r, t)`` over a time grid.
 - :func:`ode_sample` - Euler or Heun on the velocity head (Flow Matching, or DuMo's v-head).
 
+:data:`SAMPLERS` is the registry of sampler names (``sample.method``, ``--method``, an objective's
+``default_sampler``); :func:`register_sampler` adds one.
+
 Each takes an optional ``path`` list that receives the sampler's states in order: the noise, the
 state at each later time of its grid, and last the returned sample (:func:`sample_path` stacks them).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from dumo.models.embeddings import LabelEmbedding
 from dumo.models.output import ModelOutput
-
-SAMPLERS = ("flow_map", "meanflow", "euler", "heun")
 
 
 class GuidedModel(nn.Module):
@@ -47,11 +48,12 @@ class GuidedModel(nn.Module):
             labels=torch.cat([labels, null]),
         )
         conditional, unconditional = both.split([rows, rows])
-        guided = {}
-        for head in dataclasses.fields(conditional):
-            cond, uncond = getattr(conditional, head.name), getattr(unconditional, head.name)
-            guided[head.name] = None if cond is None else uncond + self.scale * (cond - uncond)
-        return ModelOutput(**guided)
+        return ModelOutput(
+            {
+                name: unconditional.outputs[name] + self.scale * (cond - unconditional.outputs[name])
+                for name, cond in conditional.outputs.items()
+            }
+        )
 
 
 def null_label(model: nn.Module) -> int:
@@ -181,6 +183,72 @@ def heun_steps_for_nfe(nfe: int) -> int:
     return max(1, (nfe + 1) // 2)
 
 
+#: ``run(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> samples``
+SamplerFunction = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler under its registry name.
+
+    ``head``: the head it reads (a model without it cannot use it). ``scheduled``: it takes one
+    time per NFE (``times``, default :func:`uniform_times`); otherwise it integrates a uniform grid.
+    """
+
+    name: str
+    head: str
+    run: SamplerFunction
+    scheduled: bool = False
+
+
+#: every sampler by name; the one place the names are listed
+SAMPLERS: dict[str, Sampler] = {}
+
+
+def register_sampler(name: str, head: str, scheduled: bool = False) -> Callable[[SamplerFunction], SamplerFunction]:
+    """Decorator: register ``run`` as the sampler ``name`` (see :class:`Sampler`)."""
+
+    def register(run: SamplerFunction) -> SamplerFunction:
+        if name in SAMPLERS:
+            raise ValueError(f"a sampler named {name!r} is already registered")
+        SAMPLERS[name] = Sampler(name, head, run, scheduled)
+        return run
+
+    return register
+
+
+def sampler_named(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+@register_sampler("flow_map", head="u", scheduled=True)
+def _flow_map(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
+    schedule = times if times is not None else uniform_times(nfe, t_start)
+    return flow_map_sample(model, noise, schedule, labels, stochasticity, generator, path)
+
+
+@register_sampler("meanflow", head="u", scheduled=True)
+def _meanflow(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
+    schedule = times if times is not None else uniform_times(nfe, t_start)
+    return meanflow_sample(model, noise, schedule, labels, path)
+
+
+@register_sampler("euler", head="v")
+def _euler(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
+    return ode_sample(model, noise, nfe, "euler", labels, t_start, path)
+
+
+@register_sampler("heun", head="v")
+def _heun(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
+    return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", labels, t_start, path)
+
+
+#: the sampler of a velocity head (a v-head drawn next to an objective's own sampler)
+VELOCITY_SAMPLER = "euler"
+
+
 def sample(
     model: nn.Module,
     noise: Tensor,
@@ -199,19 +267,10 @@ def sample(
     """
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1; got {nfe}")
-    if times is not None and len(times) != nfe and method in ("flow_map", "meanflow"):
+    sampler = sampler_named(method)
+    if times is not None and len(times) != nfe and sampler.scheduled:
         raise ValueError(f"{len(times)} times given for nfe={nfe}")
-    if method == "flow_map":
-        schedule = times if times is not None else uniform_times(nfe, t_start)
-        return flow_map_sample(model, noise, schedule, labels, stochasticity, generator, path)
-    if method == "meanflow":
-        schedule = times if times is not None else uniform_times(nfe, t_start)
-        return meanflow_sample(model, noise, schedule, labels, path)
-    if method == "euler":
-        return ode_sample(model, noise, nfe, "euler", labels, t_start, path)
-    if method == "heun":
-        return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", labels, t_start, path)
-    raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
+    return sampler.run(model, noise, nfe, labels, times, t_start, stochasticity, generator, path)
 
 
 def sample_path(

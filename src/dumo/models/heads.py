@@ -1,4 +1,4 @@
-"""Output heads and the model that joins a backbone to one or two of them."""
+"""Output heads and the model that joins a backbone to the heads an objective names."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from torch import Tensor, nn
 
 from dumo.models.embeddings import modulate
 from dumo.models.output import ModelOutput
-
-HEAD_NAMES = ("v", "u")
 
 
 def at_least_fp32(x: Tensor) -> Tensor:
@@ -34,7 +32,8 @@ class OutputHead(nn.Module):
 
 
 class FlowModel(nn.Module):
-    """A backbone shared by the heads named in ``heads`` ("v": velocity, "u": flow map).
+    """A backbone shared by the heads named in ``heads`` (DuMo's "v": velocity, "u": flow map; any
+    name an objective declares).
 
     ``backbone(x, t, r, labels)`` returns (features, conditioning); every head reads both,
     so a dual-head model costs one backbone pass for v and u together.
@@ -42,9 +41,7 @@ class FlowModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, head: type[nn.Module] | None, heads: tuple[str, ...], **head_kwargs):
         super().__init__()
-        unknown = set(heads) - set(HEAD_NAMES)
-        if unknown or not heads:
-            raise ValueError(f"heads must be a non-empty subset of {HEAD_NAMES}; got {heads}")
+        check_head_names(heads)
         self.backbone = backbone
         head = OutputHead if head is None else head
         self.heads = nn.ModuleDict({name: head(**head_kwargs) for name in heads})
@@ -60,4 +57,15 @@ class FlowModel(nn.Module):
         # They are a small share of the compute (one linear layer per head).
         with torch.autocast(device_type=x.device.type, enabled=False):
             features, cond = at_least_fp32(features), at_least_fp32(cond)
-            return ModelOutput(**{name: head(features, cond) for name, head in self.heads.items()})
+            return ModelOutput({name: head(features, cond) for name, head in self.heads.items()})
+
+
+def check_head_names(heads: tuple[str, ...]) -> None:
+    """Head names become ``ModelOutput`` attributes and state-dict keys (``heads.<name>.``): they must
+    be distinct Python identifiers that do not shadow an attribute of the output."""
+    if not heads or len(set(heads)) != len(heads):
+        raise ValueError(f"heads must be a non-empty tuple of distinct names; got {heads}")
+    for name in heads:
+        reserved = name == "outputs" or hasattr(ModelOutput, name)
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or reserved:
+            raise ValueError(f"head name {name!r} must be an identifier, not starting with _ nor 'outputs' or 'split'")

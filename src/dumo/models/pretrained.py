@@ -336,16 +336,18 @@ def import_official_weights(
     """
     from dumo.config import save_config
     from dumo.errors import RunDirError
-    from dumo.models import build_model
-    from dumo.objectives import objective_class
+    from dumo.network import build_network
+    from dumo.objectives import OBJECTIVES
     from dumo.run import EXPORTED_WEIGHTS
+    from dumo.run_dir import CONFIG_FILE
     from dumo.training.checkpoint import MODEL_FORMAT, load_weights, save_checkpoint
-    from dumo.training.trainer import CONFIG_FILE
 
-    if config.objective.name != "fm":
+    # The imported network is a velocity field of (x, t): only an objective that trains exactly that fits.
+    velocity_only = [name for name, (_, cls) in OBJECTIVES.items() if cls.heads == ("v",) and cls.time_inputs == 1]
+    if config.objective.name not in velocity_only:
         raise ConfigError(
-            f"the imported weights make a Flow Matching model (v-head only): the config needs objective.name fm, "
-            f"not {config.objective.name}"
+            "the imported weights make a Flow Matching model (v-head only): the config needs objective.name "
+            f"{' or '.join(velocity_only)}, not {config.objective.name}"
         )
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -374,8 +376,7 @@ def import_official_weights(
             f"{checkpoint} is a network for {imported.num_classes} classes; the config's data has {classes}"
         )
     config = dataclasses.replace(config, model=imported.config)
-    objective = objective_class(config.objective.name)
-    model = build_model(config.model, shape, objective.heads, classes, objective.time_inputs)
+    model = build_network(config, shape, classes)
     load_weights(model, imported.state, str(checkpoint))  # the converted dict must fit dumo's model exactly
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)

@@ -1,4 +1,8 @@
-"""Training objectives, one per module, behind :class:`~dumo.objectives.base.Objective`."""
+"""Training objectives, one per module, behind :class:`~dumo.objectives.base.Objective`.
+
+:data:`OBJECTIVES` is the one place an objective is registered: config parsing, the trainer,
+sampling and the CLI find its config class, network and sampler through it.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,25 @@ from dumo.objectives.dumo import DuMoConfig, DuMoObjective
 from dumo.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from dumo.objectives.meanflow import MeanFlowConfig, MeanFlowObjective
 
-#: objective name -> (config dataclass, objective class)
+#: objective name (``objective.name``) -> (config dataclass, objective class)
 OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {
     "dumo": (DuMoConfig, DuMoObjective),
     "meanflow": (MeanFlowConfig, MeanFlowObjective),
     "fm": (FlowMatchingConfig, FlowMatchingObjective),
 }
+#: the objective of a config that names none
+DEFAULT_OBJECTIVE = "dumo"
 
 
 def objective_class(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose from {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name][1]
+
+
+def objective_config_class(name: str) -> type[ObjectiveConfig]:
+    objective_class(name)  # the same one-line error for an unknown name
+    return OBJECTIVES[name][0]
 
 
 def build_objective(config: ObjectiveConfig, num_classes: int = 0) -> Objective:
@@ -25,6 +38,7 @@ def build_objective(config: ObjectiveConfig, num_classes: int = 0) -> Objective:
 
 
 __all__ = [
+    "DEFAULT_OBJECTIVE",
     "OBJECTIVES",
     "DuMoConfig",
     "DuMoObjective",
@@ -38,4 +52,5 @@ __all__ = [
     "TimeConfig",
     "build_objective",
     "objective_class",
+    "objective_config_class",
 ]

@@ -131,10 +131,18 @@ class Objective(ABC):
 
     ``target_model`` is theta^- where the trainer keeps a separate copy (EMA, or the unwrapped
     module under DDP); ``teacher_model`` the frozen initial weights of a run started from a checkpoint.
+
+    Everything the rest of dumo needs to know about an objective is declared here: the network it
+    trains (``heads``, ``time_inputs``), how its model samples (``default_sampler``) and what the
+    trainer must provide (``target_network``, ``wants_teacher``, ``needs_forward_ad``,
+    ``target_precision``). A new objective is a subclass in its own module plus one line in
+    :data:`dumo.objectives.OBJECTIVES`.
     """
 
-    heads: tuple[str, ...] = ()  # heads the network must have
+    heads: tuple[str, ...] = ()  # heads the network must have (names of ModelOutput attributes)
     time_inputs: int = 1  # 2 when the network also takes the second time r (MeanFlow)
+    #: name in :data:`dumo.samplers.SAMPLERS` of the sampler this objective's model is meant for
+    default_sampler: str = ""
 
     def __init__(self, config: ObjectiveConfig, num_classes: int = 0):
         self.config = config
@@ -147,9 +155,24 @@ class Objective(ABC):
         """Index of the null (unconditional) class: one past the real classes."""
         return self.num_classes
 
-    #: whether the objective can use a frozen teacher (the trainer keeps one only when asked)
     def wants_teacher(self) -> bool:
+        """Whether the objective uses a frozen teacher (the trainer keeps one only when asked)."""
         return False
+
+    def target_network(self) -> Literal["online", "ema", "teacher"] | None:
+        """Which network serves as theta^- in the no-grad target passes: the stop-gradient online
+        weights, their EMA, or the frozen teacher; None when the objective has no target passes."""
+        return None
+
+    def needs_forward_ad(self) -> bool:
+        """Whether the loss runs forward-mode AD (torch.func.jvp) through the network, which FSDP's
+        parameter gathering cannot do."""
+        return False
+
+    def target_precision(self) -> Literal["fp32", "tf32", "bf16"] | None:
+        """Precision of the no-grad target passes (see :func:`derivative_precision`); None when
+        there are none."""
+        return None
 
     @abstractmethod
     def __call__(
@@ -285,6 +308,15 @@ class FewStepObjective(Objective):
     velocity target, and the optional clamp of du/dt."""
 
     config: FewStepConfig
+
+    def target_network(self) -> Literal["online", "ema", "teacher"]:
+        return self.config.target_network
+
+    def needs_forward_ad(self) -> bool:
+        return self.config.derivative == "jvp"
+
+    def target_precision(self) -> Literal["fp32", "tf32", "bf16"]:
+        return self.config.target_precision
 
     def wants_teacher(self) -> bool:
         return self.config.target_network == "teacher" or (

@@ -61,6 +61,7 @@ class DuMoConfig(FewStepConfig):
 class DuMoObjective(FewStepObjective):
     heads = ("v", "u")
     time_inputs = 1
+    default_sampler = "flow_map"
     config: DuMoConfig
 
     def __call__(

@@ -20,6 +20,7 @@ class FlowMatchingConfig(ObjectiveConfig):
 class FlowMatchingObjective(Objective):
     heads = ("v",)
     time_inputs = 1
+    default_sampler = "euler"
 
     def __call__(
         self,

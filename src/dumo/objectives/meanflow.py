@@ -48,6 +48,7 @@ class MeanFlowConfig(FewStepConfig):
 class MeanFlowObjective(FewStepObjective):
     heads = ("u",)
     time_inputs = 2
+    default_sampler = "meanflow"
     config: MeanFlowConfig
 
     def sample_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:

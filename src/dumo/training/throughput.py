@@ -139,13 +139,14 @@ def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activation
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dumo.models import build_model, count_parameters
+    from dumo.models import count_parameters
+    from dumo.network import build_network
     from dumo.objectives import build_objective
 
     bf16 = config.train.precision == "bf16"
     objective = build_objective(config.objective, num_classes)
     with torch.random.fork_rng(devices=[]), FakeTensorMode(), _fixed_times(objective):
-        model = build_model(config.model, shape, objective.heads, num_classes, objective.time_inputs)
+        model = build_network(config, shape, num_classes)
         teacher = model if objective.wants_teacher() else None
         parameters = count_parameters(model)
 

@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -21,19 +20,35 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dumo import __version__
-from dumo.config import Config, config_differences, config_from_dict, load_config, save_config
+from dumo.config import Config, config_differences, config_from_dict, save_config
 from dumo.data import LatentDataset, SampleSpace, build_dataset, build_stream, conditioning_classes
-from dumo.distributed import from_environment, shard_randomness, shard_seed
+from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
 from dumo.errors import CheckpointError, ConfigError, DumoError, RunDirError, TrainingError
 from dumo.evaluation import evaluate
-from dumo.models import build_model
+from dumo.network import build_network
 from dumo.objectives import build_objective
+from dumo.run_dir import (  # noqa: F401 (the run folder's bookkeeping; re-exported for older imports)
+    CONFIG_FILE,
+    EVAL_LOG,
+    HISTORY_FILE,
+    LOCK_FILE,
+    RESUMABLE_KEYS,
+    SAMPLES_DIR,
+    TEACHER_FILE,
+    TENSORBOARD_DIR,
+    TRAIN_LOG,
+    RunLock,
+    check_global_batch,
+    check_run_dir,
+    clear_run,
+    prepare_run_dir,
+    record_start,
+    remove_torn_writes,
+)
 from dumo.training.checkpoint import (
     CHECKPOINT_DIR,
-    CHECKPOINT_NAME,
     CORRUPT_SUFFIX,
     MODEL_FORMAT,
-    TEMP_NAME,
     CorruptCheckpointError,
     agreed_checkpoint,
     atomic_output,
@@ -59,8 +74,6 @@ from dumo.training.parallel import (
     wrap_for_training,
 )
 from dumo.training.snapshots import (
-    SNAPSHOT_DIR,
-    list_snapshots,
     save_snapshot,
     snapshot_due,
     snapshot_metadata,
@@ -68,75 +81,11 @@ from dumo.training.snapshots import (
 )
 from dumo.training.throughput import ThroughputMeter
 
-CONFIG_FILE = "config.yaml"
-TRAIN_LOG = "train_log.csv"
-EVAL_LOG = "eval_log.csv"
-TEACHER_FILE = "teacher.safetensors"  # the frozen initial weights, kept with the run so that it resumes alone
-LOCK_FILE = ".dumo.lock"  # held (flock) by the process training the run, for the whole run
-HISTORY_FILE = "history.txt"  # one line per start: time, dumo version, command line, starting step
-SAMPLES_DIR = "samples"  # a picture of samples at every evaluation
-TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: the logged scalars and scores as TensorBoard events
 #: exit status of ``dumo train`` when it stopped before train.steps because train.max_minutes was spent
 #: (a signal gives 128 + its number: 130 for SIGINT, 143 for SIGTERM)
 EXIT_OUT_OF_TIME = 3
 #: what rank 0 broadcasts instead of a checkpoint step when it starts afresh, or could not choose one
 NO_CHECKPOINT, RANK0_FAILED = -1, -2
-#: keys that may change between a run and its resumption (they do not change the maths).
-#: train.grad_accumulation may change, with the number of ranks, as long as the global batch
-#: (data.batch_size) stays: see check_global_batch. data.path may change when the data moved; it
-#: must hold the same data (the fingerprint stored in the checkpoint is checked on resume).
-RESUMABLE_KEYS = (
-    "data.path",
-    "train.grad_accumulation",
-) + tuple(
-    f"train.{k}"
-    for k in (
-        "steps",
-        "log_every",
-        "eval_every",
-        "eval_samples",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "device",
-        "progress",
-        "tensorboard",
-        "snapshot_steps",
-        "snapshot_every",
-        "max_nonfinite_steps",
-        "max_skipped_fraction",
-        "max_minutes",
-        "compile",
-        "parallel",
-        "init_from",  # only read before step 0: a resumed run no longer needs it
-    )
-)
-
-
-def check_global_batch(then: Config, now: Config, source: Path) -> None:
-    """Refuse to resume with another global batch (data.batch_size) in one line.
-
-    The number of ranks and train.grad_accumulation only split the global batch into shards, so
-    they may change on resume; the batch itself is part of the maths (and of the data stream).
-    """
-    if then.data.batch_size != now.data.batch_size:
-        raise RunDirError(
-            f"{source} was trained with a global batch of data.batch_size={then.data.batch_size} but the config now "
-            f"says {now.data.batch_size}: a run resumes only with the same global batch (other numbers of ranks or "
-            "train.grad_accumulation are fine); restore data.batch_size or start afresh with --overwrite"
-        )
-
-
-def resolve_device(name: str, local_rank: int = 0, option: str = "train.device") -> torch.device:
-    """The device ``name`` (auto: this rank's GPU, else cpu); ``option`` is what the user set, for errors."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{option}: unknown device {name!r} (auto, cpu, cuda, cuda:0, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option} is {name!r} but CUDA is not available on this machine; use cpu or auto")
-    return device
 
 
 def physical_memory() -> int | None:
@@ -170,126 +119,6 @@ def check_batch_fits(config: Config, shape: tuple[int, ...], shards: int = 1) ->
             f"data.batch_size={config.data.batch_size} needs at least {need / 1e9:.1f} GB for one step, more than "
             f"this machine's {total / 1e9:.1f} GB of memory: lower data.batch_size (or use train.grad_accumulation)"
         )
-
-
-def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
-    """Refuse ``run_dir`` if it holds something else than this run, before anything is written there.
-
-    A folder with a config.yaml but no checkpoint holds nothing to resume (a start that failed
-    before its first save); it is taken over, so that a corrected rerun is not refused.
-    """
-    config_file = run_dir / CONFIG_FILE
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
-    if overwrite or not run_dir.exists():
-        return
-    if config_file.is_file():
-        if not list_checkpoints(run_dir):
-            return
-        previous = load_config(config_file)
-        differences = config_differences(previous, config, ignore=RESUMABLE_KEYS)
-        if differences == ["data.batch_size"]:  # the same run on another number of ranks, say
-            check_global_batch(previous, config, config_file)
-        if differences:
-            shown = ", ".join(differences[:4]) + (", ..." if len(differences) > 4 else "")
-            raise RunDirError(
-                f"{run_dir} holds a different run (config differs in {shown}): choose another --out, continue "
-                "it with 'dumo train --resume --out' (its own config), or replace it with --overwrite (deletes "
-                "its checkpoints and logs)"
-            )
-    elif any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} exists and is not an empty directory or a dumo run; choose another --out")
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``run_dir/.dumo.lock``, held while a process trains the run.
-
-    Two processes training one folder would interleave logs, delete each other's checkpoint
-    writes or resume one config over another's checkpoints; the second one is refused instead.
-    The kernel releases the lock when the process ends, however it ends.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise RunDirError(
-                f"{self.run_dir} is in use: another dumo process is training it now; wait for it to end "
-                "(or stop it) or choose another --out"
-            ) from None
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
-    """Check that ``run_dir`` holds this same run (or nothing); with ``overwrite`` delete the files
-    dumo wrote there first. Call it holding the run's lock."""
-    check_run_dir(config, run_dir, overwrite)
-    if overwrite:
-        clear_run(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def remove_torn_writes(run_dir: Path) -> None:
-    """Delete temporary files left by a checkpoint write that was killed before its rename
-    (only dumo's own temporary names; call it holding the run's lock, or a live write is lost)."""
-    folder = run_dir / CHECKPOINT_DIR
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if TEMP_NAME.match(path.name):
-                path.unlink()
-
-
-def clear_run(run_dir: Path) -> None:
-    """Delete the files dumo wrote in ``run_dir`` (config, logs, checkpoints); leave anything else.
-
-    Nothing outside the run folder is touched: a ``checkpoints`` that is a symbolic link (or
-    resolves elsewhere) is refused rather than emptied, a link in place of a log is removed as a
-    link, and in the checkpoints folder only dumo's checkpoint and temporary names are deleted.
-    """
-    run_dir = Path(run_dir)
-    folder = run_dir / CHECKPOINT_DIR
-    if folder.is_symlink() or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
-        raise RunDirError(
-            f"--overwrite: {folder} is a link to {folder.resolve()}; dumo only deletes inside the run folder: "
-            "remove the link yourself or choose another --out"
-        )
-    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG, TEACHER_FILE):
-        (run_dir / name).unlink(missing_ok=True)  # a symbolic link is removed, not followed
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if CHECKPOINT_NAME.match(path.name) or TEMP_NAME.match(path.name) or path.name.endswith(CORRUPT_SUFFIX):
-                path.unlink()
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    if (run_dir / SNAPSHOT_DIR).is_dir() and not (run_dir / SNAPSHOT_DIR).is_symlink():
-        for _, path in list_snapshots(run_dir):  # the old run's EMA snapshots would be scored as this one's
-            path.unlink()
-
-
-def record_start(run_dir: Path, step: int) -> None:
-    """Append the command line, dumo's and torch's versions and the starting step to history.txt."""
-    line = (
-        f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}  dumo {__version__}  torch {torch.__version__}  "
-        f"step {step}  {shlex.join(sys.argv)}\n"
-    )
-    with (run_dir / HISTORY_FILE).open("a") as handle:
-        handle.write(line)
 
 
 @dataclass
@@ -350,7 +179,7 @@ class Trainer:
         self.model = self.build_plain_model().to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
-        if self.sharded and getattr(config.objective, "derivative", None) == "jvp":
+        if self.sharded and self.objective.needs_forward_ad():
             raise ConfigError(
                 "train.parallel=fsdp needs objective.derivative=finite_difference: "
                 "forward-mode AD (jvp) cannot run through FSDP's parameter gathering"
@@ -360,7 +189,7 @@ class Trainer:
         # included). Under FSDP the EMA copy is sharded the same way, so its update stays local.
         param_dtype = torch.bfloat16 if config.train.fsdp_param_dtype == "bf16" else None
         fsdp_bf16 = config.train.parallel == "fsdp" and param_dtype is not None
-        if fsdp_bf16 and getattr(config.objective, "target_precision", "bf16") != "bf16":
+        if fsdp_bf16 and self.objective.target_precision() not in (None, "bf16"):
             raise ConfigError(
                 "train.fsdp_param_dtype=bf16 runs the blocks in bf16 in every pass, the target passes included: "
                 "set objective.target_precision=bf16 to accept that, or keep fsdp_param_dtype=fp32"
@@ -373,7 +202,7 @@ class Trainer:
         # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp. Under FSDP
         # the sharded module itself serves (every rank runs the same passes).
         self.target_model: nn.Module | None = None
-        if getattr(config.objective, "target_network", None) == "ema":
+        if self.objective.target_network() == "ema":
             self.target_model = self.ema.model
         elif self.dist.enabled and not self.sharded:
             self.target_model = torch.compile(self.model) if config.train.compile else self.model
@@ -397,9 +226,7 @@ class Trainer:
 
     def build_plain_model(self) -> nn.Module:
         """A freshly initialised, unwrapped network of this run's architecture."""
-        return build_model(
-            self.config.model, self.dataset.shape, self.objective.heads, self.num_classes, self.objective.time_inputs
-        )
+        return build_network(self.config, self.dataset.shape, self.num_classes)
 
     def scratch_model(self) -> nn.Module:
         """A network of this run's architecture built without touching the run's random stream

@@ -1,0 +1,125 @@
+"""A new objective, head or sampler is a registry entry: the rest of dumo finds it through the registries."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import torch
+from conftest import MOONS_CONFIG, TINY_MOONS
+
+from dumo.config import SampleConfig, config_from_dict, load_config
+from dumo.errors import ConfigError
+from dumo.evaluation import generate, sampler_for
+from dumo.models import ModelConfig, build_model
+from dumo.network import build_network
+from dumo.objectives import OBJECTIVES, Objective, ObjectiveConfig, ObjectiveOutput
+from dumo.objectives.base import squared_error
+from dumo.samplers import SAMPLERS, Sampler, sample
+
+
+def test_every_objective_declares_a_registered_sampler_that_reads_one_of_its_heads():
+    for name, (config_class, objective_class) in OBJECTIVES.items():
+        assert config_class().name == name
+        sampler = SAMPLERS[objective_class.default_sampler]
+        assert sampler.head in objective_class.heads, name
+        assert sampler_for(name) == objective_class.default_sampler
+
+
+def test_objectives_tell_the_trainer_what_they_need():
+    dumo, meanflow, fm = (OBJECTIVES[name][1] for name in ("dumo", "meanflow", "fm"))
+    dumo_config, meanflow_config, fm_config = (OBJECTIVES[name][0] for name in ("dumo", "meanflow", "fm"))
+    assert not dumo(dumo_config(derivative="finite_difference")).needs_forward_ad()
+    assert meanflow(meanflow_config(derivative="jvp")).needs_forward_ad()
+    assert dumo(dumo_config(target_network="ema")).target_network() == "ema"
+    assert dumo(dumo_config(target_precision="bf16")).target_precision() == "bf16"
+    plain = fm(fm_config())
+    assert plain.target_network() is None and plain.target_precision() is None and not plain.needs_forward_ad()
+
+
+def test_any_identifier_names_a_head():
+    model = build_model(ModelConfig(hidden_dim=16, depth=1), (2,), ("v", "shortcut"))
+    out = model(torch.randn(6, 2), torch.rand(6))
+    assert out.head_names == ("v", "shortcut") and out.shortcut.shape == (6, 2)
+    assert out.u is None  # a head the model lacks
+    first, second = out.split([4, 2])
+    assert torch.equal(second.shortcut, out.shortcut[4:]) and torch.equal(first.v, out.v[:4])
+    assert any(key.startswith("heads.shortcut.") for key in model.state_dict())
+    for bad in ("2x", "_hidden", "outputs", "split", "a-b"):
+        with pytest.raises(ValueError, match="head name"):
+            build_model(ModelConfig(hidden_dim=16, depth=1), (2,), ("v", bad))
+
+
+def test_build_network_gives_each_objective_its_heads_and_time_inputs():
+    for name, (_, objective_class) in OBJECTIVES.items():
+        config = config_from_dict({"objective": {"name": name}, "model": {"hidden_dim": 16, "depth": 1}})
+        torch.manual_seed(0)
+        network = build_network(config, (2,))
+        torch.manual_seed(0)
+        direct = build_model(config.model, (2,), objective_class.heads, 0, objective_class.time_inputs)
+        assert network.head_names == objective_class.heads
+        assert network.state_dict().keys() == direct.state_dict().keys()
+
+
+def test_sampler_names_come_from_the_registry():
+    with pytest.raises(ConfigError, match="sample.method' must be one of auto, flow_map"):
+        config_from_dict({"sample": {"method": "nope"}})
+    assert config_from_dict({"sample": {"method": "heun"}}).sample.method == "heun"
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        sample(torch.nn.Identity(), torch.zeros(2, 2), 1, "nope")
+
+
+# -- a whole new objective, with its own head and sampler, registered from outside dumo ------------
+
+
+@dataclass
+class ShortcutLikeConfig(ObjectiveConfig):
+    name: Literal["shortcut_like"] = "shortcut_like"
+
+
+class ShortcutLikeObjective(Objective):
+    """Flow Matching on a head named ``s``: enough to run through training, loading and sampling."""
+
+    heads = ("s",)
+    default_sampler = "s_euler"
+
+    def __call__(self, model, batch, target_model=None, teacher_model=None):
+        x = batch.x
+        z = torch.randn_like(x)
+        t = self.time_sampler.sample(x.shape[0], x.device)
+        x_t = self.path.sample(x, z, t)
+        loss = squared_error(model(x_t, t).s, self.path.velocity(x, z, t))
+        return ObjectiveOutput(loss=loss.mean(), parts={"loss_s": loss.mean().detach()})
+
+
+def s_euler(model, noise, nfe, labels, times, t_start, stochasticity, generator, path):
+    x = noise
+    for i in range(nfe):
+        t = torch.full((x.shape[0],), t_start * (1 - i / nfe))
+        x = x - (t_start / nfe) * model(x, t, labels=labels).s
+    return x
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    monkeypatch.setitem(OBJECTIVES, "shortcut_like", (ShortcutLikeConfig, ShortcutLikeObjective))
+    monkeypatch.setitem(SAMPLERS, "s_euler", Sampler("s_euler", "s", s_euler))
+
+
+def test_a_registered_objective_trains_loads_and_samples(registered, tmp_path):
+    from dumo.generation import generate_from_run
+    from dumo.run import load_run
+    from dumo.training import Trainer
+
+    config = load_config(MOONS_CONFIG, [*TINY_MOONS, "objective={name: shortcut_like}", "train.steps=3"])
+    assert isinstance(config.objective, ShortcutLikeConfig) and SampleConfig().method == "auto"
+    result = Trainer(config, tmp_path / "run").run()
+    assert result.step == 3
+    run = load_run(tmp_path / "run")
+    assert run.model.head_names == ("s",)
+    labels, samples = generate_from_run(run, nfe=2, num=10)
+    assert labels is None and samples.shape == (10, 2) and torch.isfinite(samples).all()
+    # "auto" found the objective's own sampler: the same noise through s_euler by hand gives the same points
+    points = generate(run.model, "shortcut_like", (10, 2), 2, run.config.sample, seed=5)
+    noise = torch.randn((10, 2), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(points, s_euler(run.model, noise, 2, None, None, 1.0, 1.0, None, None))
+    assert not torch.allclose(points, noise, atol=1e-4)  # the trained s-head moved them
