@@ -310,6 +310,89 @@ def test_meanflow_finite_difference_matches_jvp():
     assert torch.allclose(approx.loss, exact.loss, rtol=5e-2)
 
 
+class AnalyticAverageVelocity(torch.nn.Module):
+    """u(x, r, t | c) = (1 + c / 2) sin(3t + r) x + t^2, with c the label (0 without labels).
+
+    Along the tangent (dx/dt, dr/dt, dt/dt) = (w, 0, 1) its total derivative is
+    du/dt = (1 + c / 2) (3 cos(3t + r) x + sin(3t + r) w) + 2t: nonzero, and different from its
+    partial derivative in t, so both the (t - r) factor and the direction of the derivative show.
+    """
+
+    @staticmethod
+    def gain(labels, like):
+        return 1.0 if labels is None else 1.0 + 0.5 * labels.reshape(-1, 1).to(like.dtype)
+
+    def forward(self, x, t, r=None, labels=None):
+        t, r = t.reshape(-1, 1).to(x.dtype), r.reshape(-1, 1).to(x.dtype)
+        return ModelOutput(u=self.gain(labels, x) * torch.sin(3 * t + r) * x + t**2)
+
+    def total_derivative(self, x, t, r, direction, labels=None):
+        t, r = t.reshape(-1, 1), r.reshape(-1, 1)
+        gain = self.gain(labels, x)
+        return gain * (3 * torch.cos(3 * t + r) * x + torch.sin(3 * t + r) * direction) + 2 * t
+
+
+def meanflow_inputs(n=48, seed=0):
+    """Data, noise and times with r != t and the central stencil (e = 0.005) inside [r, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    t = 0.1 + 0.8 * torch.rand(n, generator=generator, dtype=torch.float64)
+    r = t * torch.rand(n, generator=generator, dtype=torch.float64).clamp(0.05, 0.9)
+    return x, z, t, r
+
+
+# the exact JVP agrees to rounding; the central difference at e = 0.005 to its second-order error
+MEANFLOW_DERIVATIVES = [("jvp", 1e-10), ("finite_difference", 2e-3)]
+
+
+@pytest.mark.parametrize("derivative,tolerance", MEANFLOW_DERIVATIVES)
+def test_meanflow_target_subtracts_t_minus_r_times_du_dt_on_an_analytic_flow_map(derivative, tolerance):
+    x, z, t, r = meanflow_inputs()
+    assert (t - r > 0.01).all()  # the (t - r) du/dt term is in play on every row
+    model = AnalyticAverageVelocity()
+    objective = MeanFlowObjective(MeanFlowConfig(derivative=derivative, epsilon=0.005))
+    out = objective.loss(model, x, z, t, r)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    v = z - x
+    du_dt = model.total_derivative(x_t, t, r, v)  # along (v, 0, 1)
+    u_target = v - (t - r)[:, None] * du_dt
+    assert torch.allclose(out.targets["v"], v)
+    assert torch.allclose(out.targets["du_dt"], du_dt, atol=tolerance, rtol=0)
+    assert torch.allclose(out.targets["u"], u_target, atol=tolerance, rtol=0)
+    u = model(x_t, t, r=r).u
+    expected_loss = (u - u_target).square().mean()
+    assert torch.allclose(out.loss.detach(), expected_loss, atol=tolerance, rtol=1e-3)
+    assert (out.targets["u"] - v).abs().max() > 0.1  # the correction is not negligible
+
+
+@pytest.mark.parametrize("derivative,tolerance", MEANFLOW_DERIVATIVES)
+def test_meanflow_guided_target_matches_formula(derivative, tolerance):
+    """v_g = (z - x) + zeta * w * (u(x_t, t, t | c) - u(x_t, t, t | null)), w = 1 on rows with a real
+    label and t in [t_min, t_max]; u_tgt = v_g - (t - r) du/dt with du/dt along (v_g, 0, 1)."""
+    x, z, t, r = meanflow_inputs(seed=1)
+    classes, zeta, t_min, t_max = 3, 0.7, 0.3, 0.7
+    labels = torch.arange(x.shape[0]) % (classes + 1)  # every fourth row has the null label (3)
+    model = AnalyticAverageVelocity()
+    config = MeanFlowConfig(derivative=derivative, epsilon=0.005, zeta=zeta, guidance_t_min=t_min, guidance_t_max=t_max)
+    out = MeanFlowObjective(config, num_classes=classes).loss(model, x, z, t, r, labels)
+
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    null = torch.full_like(labels, classes)
+    conditional = (1 + 0.5 * labels[:, None]) * torch.sin(4 * t[:, None]) * x_t + t[:, None] ** 2  # r = t
+    unconditional = (1 + 0.5 * null[:, None]) * torch.sin(4 * t[:, None]) * x_t + t[:, None] ** 2
+    weight = ((labels != classes) & (t >= t_min) & (t <= t_max)).double()[:, None]
+    v_guided = (z - x) + zeta * weight * (conditional - unconditional)
+    du_dt = model.total_derivative(x_t, t, r, v_guided, labels)
+    u_target = v_guided - (t - r)[:, None] * du_dt
+
+    assert 0 < weight.sum() < len(weight)  # some rows guided, some not
+    assert torch.allclose(out.targets["v"], v_guided, atol=1e-12, rtol=0)
+    assert not torch.allclose(out.targets["v"], z - x)
+    assert torch.allclose(out.targets["du_dt"], du_dt, atol=tolerance, rtol=0)
+    assert torch.allclose(out.targets["u"], u_target, atol=tolerance, rtol=0)
+
+
 def test_meanflow_with_rho_one_is_flow_matching_on_the_u_head():
     model = small_model(heads=("u",), time_inputs=2)
     batch = batch_of(32)
