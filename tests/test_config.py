@@ -34,11 +34,12 @@ def test_every_shipped_config_loads_and_builds(path):
 def test_comparison_configs_share_network_data_and_budget(family):
     comparison = [p for p in CONFIGS if p.parent.name == family and not p.stem.endswith("-from-fm")]
     loaded = [load_config(p) for p in comparison]
-    assert len(loaded) == 3
+    assert len(loaded) >= 3
     for other in loaded[1:]:
         for section in ("data", "model", "optim", "train"):
             assert getattr(other, section) == getattr(loaded[0], section), section
-        assert other.objective.time == loaded[0].objective.time
+        if other.objective.name != "shortcut":  # Shortcut's times lie on its d-grids: objective.time is unused
+            assert other.objective.time == loaded[0].objective.time
 
 
 @pytest.mark.parametrize("family", ["toy", "digits", "fashion_mnist"])
@@ -78,7 +79,10 @@ def test_defaults_are_the_papers():
         ({"objective": {"bta": 0.5}}, "unknown config key 'objective.bta' (did you mean 'objective.beta'?)"),
         ({"objective": {"beta": 1.5}}, "objective.beta must be in [0, 1]; got 1.5"),
         ({"objective": {"name": "meanflow", "beta": 0.5}}, "unknown config key 'objective.beta'"),
-        ({"objective": {"name": "gan"}}, "config key 'objective.name' must be one of dumo, meanflow, fm; got 'gan'"),
+        (
+            {"objective": {"name": "gan"}},
+            f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got 'gan'",
+        ),
         ({"data": {"batch_size": -4}}, "data.batch_size must be > 0; got -4"),
         ({"data": {"batch_size": "big"}}, "config key 'data.batch_size' must be an integer; got 'big' (str)"),
         ({"train": {"steps": 1.5}}, "config key 'train.steps' must be an integer; got 1.5 (float)"),

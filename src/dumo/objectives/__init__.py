@@ -10,12 +10,14 @@ from dumo.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, Ti
 from dumo.objectives.dumo import DuMoConfig, DuMoObjective
 from dumo.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from dumo.objectives.meanflow import MeanFlowConfig, MeanFlowObjective
+from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective
 
 #: objective name (``objective.name``) -> (config dataclass, objective class)
 OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {
     "dumo": (DuMoConfig, DuMoObjective),
     "meanflow": (MeanFlowConfig, MeanFlowObjective),
     "fm": (FlowMatchingConfig, FlowMatchingObjective),
+    "shortcut": (ShortcutConfig, ShortcutObjective),
 }
 #: the objective of a config that names none
 DEFAULT_OBJECTIVE = "dumo"

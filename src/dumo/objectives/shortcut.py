@@ -1,0 +1,233 @@
+"""Shortcut models (Frans et al. 2024): one head s(x_t, t, d), the step of size d from time t.
+
+In dumo's convention (data at t = 0, noise at t = 1, x_t = t z + (1 - t) x) the head is ``u``, the
+average velocity over [t - d, t], and one step of size d is ``x_{t-d} = x_t - d u``. The network
+is called with ``r = t - d``, so its second time input (the interval embedding of t - r) sees d.
+
+Each batch mixes two kinds of rows, as the public code (kvfrans/shortcut-models) does:
+
+- flow-matching rows: t on the finest grid {1/M, 2/M, ..., 1}, the smallest step d = 1/M (the
+  paper's "d = 0"), target z - x;
+- self-consistency rows (a fraction ``bootstrap_fraction``): a level k in 0 .. log2(M) - 1 spread
+  evenly over the rows, d = 2^-k, t on that level's grid {d, 2d, ..., 1}, and the target two half
+  steps of the stop-gradient network theta^- (:func:`shortcut_target`)::
+
+      v1 = s(x_t, t, d/2),   x' = x_t - (d/2) v1,   v2 = s(x', t - d/2, d/2),   target = (v1 + v2) / 2
+
+  with x' and the target clipped to +-``target_clip`` as in the public code.
+
+Labels are dropped (``label_dropout``) on flow-matching rows only; the loss is plain MSE over the
+whole batch. Sampling is MeanFlow's sampler with uniform times: k Euler steps of size 1/k, each
+conditioned on d = 1/k (k NFE).
+
+Deviations from the public code:
+
+- The step size: the original embeds the integer level k (d = 2^-k) through its own timestep
+  embedder (sinusoidal features of k and an MLP, next to the one of t); dumo embeds d itself
+  through its sinusoidal interval embedding (features of ``time_embedding_scale * d``). Any k may
+  be sampled; the step sizes trained are 1/M and the powers 2^-k, k < log2(M), so other k rely on
+  the embedding interpolating between them.
+- The level of a self-consistency row: the original repeats each level ``rows // log2(M)``
+  times and gives the remaining rows d = 1 (with fewer rows than levels, every row gets d = 1);
+  dumo assigns the levels round robin from a random first level, so every level is trained
+  whatever the batch size. The number of such rows is ``round(B * bootstrap_fraction)``, at least
+  one when the fraction is positive (the original: ``B // bootstrap_every``); it depends on the
+  batch size only, so every rank under FSDP runs the same target passes.
+- Paths and targets are exactly linear (the original's 1e-5 offset of the noise is left out), and
+  the original's option of guidance inside the self-consistency target (``bootstrap_cfg``) is not
+  implemented.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dumo.data.batch import Batch
+from dumo.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    at_least_fp32,
+    derivative_precision,
+    squared_error,
+)
+from dumo.paths import expand_time
+from dumo.schema import require
+
+
+@dataclass
+class ShortcutConfig(ObjectiveConfig):
+    """Keys of the Shortcut objective (``objective.time`` is not used: times lie on the d-grids)."""
+
+    name: Literal["shortcut"] = "shortcut"
+    max_steps: int = 128  # M: the finest grid and the smallest step 1/M (a power of two)
+    bootstrap_fraction: float = 0.125  # rows with the self-consistency target (the original's 1 / bootstrap_every)
+    # theta^- of the self-consistency target: the EMA weights (the original's bootstrap_ema = 1) or
+    # the stop-gradient online weights.
+    target_network: Literal["online", "ema"] = "ema"
+    target_clip: float | None = 4.0  # clip the half-step point and the target to +-this; null = off
+    # Precision of the two no-grad target passes (see dumo.objectives.base.derivative_precision).
+    # bf16 by default: nothing is differenced, so the passes round no worse than the trained pass
+    # (the original runs every pass in bf16).
+    target_precision: Literal["fp32", "tf32", "bf16"] = "bf16"
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        m = self.max_steps
+        require(
+            m >= 2 and m & (m - 1) == 0, f"{prefix}.max_steps must be a power of two >= 2 (2, 4, ..., 128); got {m}"
+        )
+        require(
+            0.0 <= self.bootstrap_fraction < 1.0,
+            f"{prefix}.bootstrap_fraction must be in [0, 1); got {self.bootstrap_fraction}",
+        )
+        require(
+            self.target_clip is None or self.target_clip > 0,
+            f"{prefix}.target_clip must be > 0 or null; got {self.target_clip}",
+        )
+
+
+def _clip(value: Tensor, limit: float | None) -> Tensor:
+    return value if limit is None else value.clamp(-limit, limit)
+
+
+@torch.no_grad()
+def shortcut_target(
+    target_model: nn.Module,
+    x_t: Tensor,
+    t: Tensor,
+    d: Tensor,
+    labels: Tensor | None = None,
+    clip: float | None = 4.0,
+    head: str = "u",
+) -> Tensor:
+    """The self-consistency target of a step of size d from t: the mean of two steps of size d/2.
+
+    ``v1 = s(x_t, t, d/2)``, ``x' = x_t - (d/2) v1`` (half a step toward the data),
+    ``v2 = s(x', t - d/2, d/2)``, target ``(v1 + v2) / 2``; x' and the target are clipped to
+    +-``clip`` (None: not clipped). ``s`` is the ``head`` output of ``target_model`` called with
+    ``r = t - step``. Returns the target in (at least) fp32, without gradient.
+    """
+    half = d / 2
+    v1 = at_least_fp32(getattr(target_model(x_t, t, r=t - half, labels=labels), head))
+    x_half = _clip(x_t - expand_time(half, v1) * v1, clip).to(x_t.dtype)
+    t_half = t - half
+    v2 = at_least_fp32(getattr(target_model(x_half, t_half, r=t_half - half, labels=labels), head))
+    return _clip((v1 + v2) / 2, clip)
+
+
+def bootstrap_rows(batch_size: int, fraction: float) -> int:
+    """How many rows of a batch get the self-consistency target: ``round(B * fraction)``, at least
+    one when the fraction is positive (so small per-rank batches still train the shortcut)."""
+    if fraction <= 0:
+        return 0
+    return min(batch_size, max(1, round(batch_size * fraction)))
+
+
+class ShortcutObjective(Objective):
+    heads = ("u",)
+    time_inputs = 2
+    default_sampler = "meanflow"  # with uniform times: k steps x_{t-1/k} = x_t - u(x_t, t, r = t - 1/k) / k
+    config: ShortcutConfig
+
+    def target_network(self) -> Literal["online", "ema"]:
+        return self.config.target_network
+
+    def target_precision(self) -> Literal["fp32", "tf32", "bf16"]:
+        return self.config.target_precision
+
+    @property
+    def levels(self) -> int:
+        """log2(M): the self-consistency levels k = 0 .. levels - 1 (d = 2^-k); level ``levels`` is d = 1/M."""
+        return int(math.log2(self.config.max_steps))
+
+    def is_bootstrap(self, d: Tensor) -> Tensor:
+        """Self-consistency rows: a step larger than 1/M (they have d >= 2/M)."""
+        return d > 1.5 / self.config.max_steps
+
+    def sample_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(t, d): the first ``bootstrap_rows`` rows on the levels k = 0 .. log2(M) - 1 round robin
+        from a random first level, the rest on the finest level (d = 1/M); t uniform on each row's
+        grid {d, 2d, ..., 1}."""
+        count = bootstrap_rows(n, self.config.bootstrap_fraction)
+        first_level = torch.randint(self.levels, (), device=device)
+        level = torch.full((n,), self.levels, device=device)
+        level[:count] = (first_level + torch.arange(count, device=device)) % self.levels
+        steps = torch.pow(2.0, level.float())  # grid points of each row's level
+        index = (torch.rand(n, device=device) * steps).floor().clamp(max=steps - 1) + 1
+        return index / steps, 1.0 / steps
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
+        x = batch.x
+        dropped, _ = self.drop_labels(batch.labels)
+        t, d = self.sample_times(x.shape[0], x.device)
+        z = torch.randn_like(x)
+        labels = dropped
+        if batch.labels is not None:
+            # the self-consistency rows keep their real labels (as in the original)
+            labels = torch.where(self.is_bootstrap(d), batch.labels, dropped)
+        count = bootstrap_rows(x.shape[0], self.config.bootstrap_fraction)
+        return self.loss(model, x, z, t, d, labels, target_model=target_model, bootstrap=count)
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        z: Tensor,
+        t: Tensor,
+        d: Tensor,
+        labels: Tensor | None = None,
+        target_model: nn.Module | None = None,
+        bootstrap: int | None = None,
+    ) -> ObjectiveOutput:
+        """The loss for given data, noise, times t, steps d (d = 1/M: flow-matching rows, larger d:
+        self-consistency rows) and labels (already dropped where they should be).
+
+        ``bootstrap``: the self-consistency rows are the first ``bootstrap`` rows (as drawn by
+        ``__call__``), known without reading d: no host sync, and shapes that do not depend on
+        values (fake tensors, FSDP ranks that must run the same passes). None: find them from d.
+        """
+        cfg = self.config
+        target_model = model if target_model is None else target_model
+        x_t = self.path.sample(x, z, t)
+        target = at_least_fp32(self.path.velocity(x, z, t))
+        if bootstrap is None:
+            rows = self.is_bootstrap(d).nonzero().squeeze(1)
+        else:
+            rows = torch.arange(bootstrap, device=d.device)
+        kind = torch.zeros_like(t).index_fill(0, rows, 1.0)  # 1 on self-consistency rows
+        if rows.numel() > 0:
+            with derivative_precision(cfg, x_t):
+                consistent = shortcut_target(
+                    target_model,
+                    x_t[rows],
+                    t[rows],
+                    d[rows],
+                    None if labels is None else labels[rows],
+                    cfg.target_clip,
+                )
+            target = target.index_copy(0, rows, consistent.to(target.dtype))
+
+        u = model(x_t, t, r=t - d, labels=labels).u
+        per_sample = squared_error(u, target)
+        parts = {
+            "loss": per_sample.mean().detach(),
+            "loss_flow": (per_sample * (1 - kind)).sum().detach() / (1 - kind).sum().clamp(min=1),
+            "loss_bootstrap": (per_sample * kind).sum().detach() / kind.sum().clamp(min=1),
+        }
+        return ObjectiveOutput(
+            loss=per_sample.mean(),
+            parts=parts,
+            targets={"t": t, "d": d, "x_t": x_t, "u": target, "bootstrap": kind.bool()},
+        )
