@@ -12,7 +12,7 @@ from dumo.errors import ConfigError
 from dumo.evaluation import generate, sampler_for
 from dumo.models import ModelConfig, build_model
 from dumo.network import build_network
-from dumo.objectives import OBJECTIVES, Objective, ObjectiveConfig, ObjectiveOutput
+from dumo.objectives import OBJECTIVES, Objective, ObjectiveConfig, ObjectiveOutput, build_objective
 from dumo.objectives.base import squared_error
 from dumo.samplers import SAMPLERS, Sampler, sample
 
@@ -20,6 +20,11 @@ from dumo.samplers import SAMPLERS, Sampler, sample
 def test_every_objective_declares_a_registered_sampler_that_reads_one_of_its_heads():
     for name, (config_class, objective_class) in OBJECTIVES.items():
         assert config_class().name == name
+        objective = objective_class(config_class())
+        for head, sampler in objective.head_samplers().items():  # what sample.head picks from
+            assert head in objective.heads and sampler in SAMPLERS, name
+        if not objective_class.default_sampler:  # a multi-head model's sampler is that of the head drawn
+            continue
         sampler = SAMPLERS[objective_class.default_sampler]
         assert sampler.head in objective_class.heads, name
         assert sampler_for(name) == objective_class.default_sampler
@@ -50,13 +55,14 @@ def test_any_identifier_names_a_head():
 
 
 def test_build_network_gives_each_objective_its_heads_and_time_inputs():
-    for name, (_, objective_class) in OBJECTIVES.items():
+    for name in OBJECTIVES:
         config = config_from_dict({"objective": {"name": name}, "model": {"hidden_dim": 16, "depth": 1}})
+        objective = build_objective(config.objective)  # a multi-head config names its heads
         torch.manual_seed(0)
         network = build_network(config, (2,))
         torch.manual_seed(0)
-        direct = build_model(config.model, (2,), objective_class.heads, 0, objective_class.time_inputs)
-        assert network.head_names == objective_class.heads
+        direct = build_model(config.model, (2,), objective.heads, 0, objective.time_inputs)
+        assert network.head_names == objective.heads
         assert network.state_dict().keys() == direct.state_dict().keys()
 
 

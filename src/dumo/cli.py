@@ -7,6 +7,7 @@ status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shutil
@@ -195,6 +196,9 @@ def sampling_session(args: argparse.Namespace):
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank, option="--device")
     run = load_run(args.run_dir, args.checkpoint, args.weights, device=str(device))
+    if args.head is not None:
+        check_head(run, args.head)
+        run.config.sample.head = args.head
     if args.guidance is not None:
         if args.guidance < 0:
             raise UsageError(f"--guidance must be >= 0; got {args.guidance}")
@@ -202,6 +206,12 @@ def sampling_session(args: argparse.Namespace):
             raise UsageError("--guidance needs a class-conditional model")
         run.config.sample.guidance_scale = args.guidance
     return dist, run
+
+
+def check_head(run, head: str) -> None:
+    """A one-line error unless the run's model has ``head`` (dumo sample --head)."""
+    if head not in run.model.heads:
+        raise UsageError(f"--head {head}: this model has no such head (its heads: {', '.join(run.model.heads)})")
 
 
 PICTURE_SAMPLES = 64  # default -n for a .png grid (2000 tiles would be a 1100 x 24000 px picture)
@@ -621,32 +631,35 @@ def command_trajectories(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     check_output_file(out, (".png",))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
-    # --method auto draws the objective's own sampler and, where that reads another head than a
-    # v-head the model also has, the velocity sampler (Euler) on the v-head; a named sampler draws
-    # only the head it reads
-    if args.method == "auto":
+    # --method auto draws every head of the model with its own sampler (the objective's own head
+    # first: DuMo's u-head, then Euler on its v-head); --head draws that head only; a named sampler
+    # without --head draws the head it reads
+    head_samplers = run.model.head_samplers
+    if args.head is not None:
+        check_head(run, args.head)
+        if args.method == "auto" and args.head not in head_samplers:
+            raise UsageError(f"--head {args.head}: no sampler is known for it; name one with --method")
+        draws = [(args.head, head_samplers[args.head] if args.method == "auto" else args.method)]
+    elif args.method == "auto":
         own = sampler_for(run.objective_name)
-        methods = [own]
-        if SAMPLERS[own].head != "v" and "v" in run.model.heads:
-            methods.append(VELOCITY_SAMPLER)
+        draws = list(head_samplers.items()) or [(SAMPLERS[own].head, own)]
     else:
-        methods = [args.method]
+        draws = [(SAMPLERS[args.method].head, args.method)]
     heads = []
-    for method in methods:
-        head = SAMPLERS[method].head
+    for head, method in draws:
         if head not in run.model.heads:
             raise UsageError(
                 f"--method {method} needs a {head}-head, which this model lacks (it has {', '.join(run.model.heads)})"
             )
-        if head == "v":  # velocity samplers are told apart by their integrator
+        if SAMPLERS[method].head == "v":  # velocity samplers are told apart by their integrator
             shown = "Euler" if args.method == "auto" and method == VELOCITY_SAMPLER else method
-            heads.append((f"v-head {shown}", method))
+            heads.append((f"{head}-head {shown}", head, method))
         else:
-            heads.append((f"{head}-head", method))
+            heads.append((f"{head}-head", head, method))
     num = args.num or (TRAJECTORY_IMAGES if run.space.is_images else TRAJECTORY_PATHS)
     labels = balanced_labels(num, run.num_classes)
     columns = {}  # (head, nfe) -> samples in the data's own space (2-D: every state of the sampler)
-    for name, method in heads:
+    for name, head, method in heads:
         for nfe in args.nfe:
             states: list = []
             x = generate(
@@ -654,7 +667,7 @@ def command_trajectories(args: argparse.Namespace) -> int:
                 run.objective_name,
                 (num, *run.space.shape),
                 nfe,
-                run.config.sample,
+                dataclasses.replace(run.config.sample, head=head),
                 args.seed,
                 labels,
                 method,
@@ -687,7 +700,9 @@ def command_trajectories(args: argparse.Namespace) -> int:
         panels = [(f"{name}, {nfe} NFE", states) for (name, nfe), states in columns.items()]
         with atomic_output(out) as tmp:
             paths_over_density(panels, reference.numpy(), tmp, columns=len(args.nfe), title=title)
-    print(f"wrote trajectories ({', '.join(name for name, _ in heads)}; NFE {', '.join(map(str, args.nfe))}) to {out}")
+    print(
+        f"wrote trajectories ({', '.join(name for name, _, _ in heads)}; NFE {', '.join(map(str, args.nfe))}) to {out}"
+    )
     return 0
 
 
@@ -790,7 +805,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     from dumo.objectives import OBJECTIVES
     from dumo.samplers import SAMPLERS
 
-    own = ", ".join(f"{name}: {cls.default_sampler}" for name, (_, cls) in OBJECTIVES.items())
+    own = ", ".join(f"{name}: {cls.default_sampler}" for name, (_, cls) in OBJECTIVES.items() if cls.default_sampler)
     velocity = "/".join(name for name, sampler in SAMPLERS.items() if sampler.head == "v")
     parser.add_argument("run_dir", help="run directory written by 'dumo train', or a folder from 'dumo export'")
     parser.add_argument(
@@ -808,6 +823,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help=f"sampler: auto picks the objective's own ({own}); {velocity} integrate the v-head ODE "
         "(default: the config's sample.method)",
+    )
+    parser.add_argument(
+        "--head",
+        metavar="NAME",
+        help="the head to draw, with its own sampler for --method auto (a multi-head model's u, m, v, ...; "
+        "DuMo's v draws its velocity ODE); default: the config's sample.head, else the objective's own",
     )
     parser.add_argument(
         "--guidance",
@@ -1035,7 +1056,8 @@ def build_parser() -> argparse.ArgumentParser:
                 f"default {TRAJECTORY_PATHS})"
             )
         if action.dest == "method":
-            action.help = "auto (default): the u-head's sampler and the v-head's Euler; a named sampler draws only it"
+            action.help = "auto (default): every head with its own sampler (DuMo: the u-head's and the v-head's "
+            "Euler); a named sampler draws only the head it reads (or --head)"
     trajectories.add_argument(
         "--nfe",
         type=positive("--nfe", MAX_NFE),

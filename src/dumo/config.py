@@ -103,6 +103,9 @@ class SampleConfig:
     # network passes per step (so twice the cost per NFE). 1 = off; w = 1 + zeta matches
     # training-time guidance of strength zeta.
     guidance_scale: float = 1.0
+    # The head to draw (dumo sample --head): any head of the model, with its own sampler for method
+    # auto. null: the head of the objective's own sampler (a multi-head model: its first head).
+    head: str | None = None
 
     def validate(self, prefix: str) -> None:
         choices = ("auto", *SAMPLERS)

@@ -18,7 +18,7 @@ from dumo.distributed import Distributed
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
 from dumo.objectives import objective_class
-from dumo.samplers import GuidedModel, check_times, null_label, sample, sampler_named
+from dumo.samplers import GuidedModel, HeadView, check_times, null_label, sample, sampler_named
 
 REFERENCE_SEED = 1_000_003  # reference points are drawn apart from any training seed
 
@@ -26,6 +26,30 @@ REFERENCE_SEED = 1_000_003  # reference points are drawn apart from any training
 def sampler_for(objective_name: str, method: str = "auto") -> str:
     """``method``, or with ``auto`` the sampler the objective's model is meant for (its ``default_sampler``)."""
     return objective_class(objective_name).default_sampler if method == "auto" else method
+
+
+def head_sampling(model: nn.Module, objective_name: str, head: str | None, method: str) -> tuple[nn.Module, str]:
+    """(the network to sample, the sampler) for drawing ``head`` of ``model`` with ``method``.
+
+    ``head`` None keeps the objective's own sampler (``method`` auto) or the head a named sampler
+    reads; a model whose objective has no single sampler (multi-head) draws its first head. A
+    head's sampler for ``method`` auto is the one :func:`dumo.network.build_network` recorded in
+    ``model.head_samplers``; a sampler that reads another name sees the head under that name.
+    """
+    samplers = getattr(model, "head_samplers", None) or {}
+    if head is None:
+        if method != "auto" or objective_class(objective_name).default_sampler or not samplers:
+            return model, sampler_for(objective_name, method)
+        head = next(iter(samplers))
+    names = tuple(getattr(model, "head_names", ()))
+    if head not in names:
+        raise ValueError(f"this model has no head {head!r}; its heads are {', '.join(names)}")
+    if method == "auto":
+        if head not in samplers:
+            raise ValueError(f"no sampler is known for head {head!r}; name one with --method / sample.method")
+        method = samplers[head]
+    reads = sampler_named(method).head
+    return (model if reads == head else HeadView(model, head, reads)), method
 
 
 def schedule(nfe: int, config: SampleConfig) -> list[float]:
@@ -57,7 +81,7 @@ def generate(
 
     ``path``, if given, receives the sampler's states in order, from the noise to the samples.
     """
-    method = sampler_for(objective_name, method if method != "auto" else config.method)
+    model, method = head_sampling(model, objective_name, config.head, method if method != "auto" else config.method)
     if config.guidance_scale != 1.0 and labels is not None:
         model = GuidedModel(model, config.guidance_scale, null_label(model))
     generator = torch.Generator().manual_seed(seed)

@@ -11,14 +11,17 @@ from collections.abc import Sequence
 
 from dumo.config import Config
 from dumo.models import FlowModel, build_model
-from dumo.objectives import objective_class
+from dumo.objectives import build_objective
 
 
 def build_network(config: Config, shape: Sequence[int], num_classes: int = 0) -> FlowModel:
     """A freshly initialised network for ``config`` on data of ``shape`` with ``num_classes`` classes
     (0: unconditional), with the heads and time inputs of ``config.objective``."""
-    objective = objective_class(config.objective.name)
-    return build_model(config.model, shape, objective.heads, num_classes, objective.time_inputs)
+    objective = build_objective(config.objective, num_classes)  # a multi-head config names its heads
+    network = build_model(config.model, shape, objective.heads, num_classes, objective.time_inputs)
+    # Which sampler reads each head (sampling picks a head by name: sample.head, dumo sample --head).
+    network.head_samplers = objective.head_samplers()
+    return network
 
 
 __all__ = ["build_network"]

@@ -56,6 +56,18 @@ class GuidedModel(nn.Module):
         )
 
 
+class HeadView(nn.Module):
+    """One head of a model under the name a sampler reads: ``HeadView(model, "m", "u")`` lets
+    MeanFlow's sampler (which reads ``u``) draw the head ``m`` of a multi-head model."""
+
+    def __init__(self, model: nn.Module, head: str, shown_as: str):
+        super().__init__()
+        self.model, self.head, self.shown_as = model, head, shown_as
+
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
+        return ModelOutput({self.shown_as: self.model(x, t, r=r, labels=labels).outputs[self.head]})
+
+
 def null_label(model: nn.Module) -> int:
     """The index of the null (unconditional) class of a class-conditional dumo network."""
     for module in model.modules():

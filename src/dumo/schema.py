@@ -63,6 +63,16 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         item_type = item_types[0] if item_types else Any
         converted = [_convert(v, item_type, key) for v in value]
         return tuple(converted) if origin is tuple else converted
+    if origin is dict:  # a mapping from names (strings) to values of one type
+        if not isinstance(value, typing.Mapping):
+            raise ConfigError(f"config key '{key}' must be a mapping; got {_describe(value)}")
+        value_type = get_args(annotation)[1] if get_args(annotation) else Any
+        converted = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"config key '{key}' must have string keys; got {_describe(name)}")
+            converted[name] = _convert(item, value_type, f"{key}.{name}")
+        return converted
     if dataclasses.is_dataclass(annotation):
         return build(annotation, value, prefix=key)
     if annotation is Any:
@@ -127,4 +137,6 @@ def to_dict(instance: Any) -> Any:
         return {f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
     if isinstance(instance, (list, tuple)):
         return [to_dict(v) for v in instance]
+    if isinstance(instance, dict):
+        return {k: to_dict(v) for k, v in instance.items()}
     return instance

@@ -45,6 +45,8 @@ class FlowModel(nn.Module):
         self.backbone = backbone
         head = OutputHead if head is None else head
         self.heads = nn.ModuleDict({name: head(**head_kwargs) for name in heads})
+        # head name -> name of the sampler that reads it (filled by dumo.network.build_network)
+        self.head_samplers: dict[str, str] = {}
 
     @property
     def head_names(self) -> tuple[str, ...]:

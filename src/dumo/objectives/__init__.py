@@ -10,6 +10,7 @@ from dumo.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, Ti
 from dumo.objectives.dumo import DuMoConfig, DuMoObjective
 from dumo.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from dumo.objectives.meanflow import MeanFlowConfig, MeanFlowObjective
+from dumo.objectives.multihead import HEAD_TERMS, MultiHeadConfig, MultiHeadObjective
 from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective
 
 #: objective name (``objective.name``) -> (config dataclass, objective class)
@@ -17,6 +18,7 @@ OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {
     "dumo": (DuMoConfig, DuMoObjective),
     "meanflow": (MeanFlowConfig, MeanFlowObjective),
     "fm": (FlowMatchingConfig, FlowMatchingObjective),
+    "multihead": (MultiHeadConfig, MultiHeadObjective),
     "shortcut": (ShortcutConfig, ShortcutObjective),
 }
 #: the objective of a config that names none
@@ -41,6 +43,7 @@ def build_objective(config: ObjectiveConfig, num_classes: int = 0) -> Objective:
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
+    "HEAD_TERMS",
     "OBJECTIVES",
     "DuMoConfig",
     "DuMoObjective",
@@ -48,6 +51,8 @@ __all__ = [
     "FlowMatchingObjective",
     "MeanFlowConfig",
     "MeanFlowObjective",
+    "MultiHeadConfig",
+    "MultiHeadObjective",
     "Objective",
     "ObjectiveConfig",
     "ObjectiveOutput",

@@ -155,6 +155,16 @@ class Objective(ABC):
         """Index of the null (unconditional) class: one past the real classes."""
         return self.num_classes
 
+    def head_samplers(self) -> dict[str, str]:
+        """The sampler of each head of this objective's model, by head name (``sample.head``):
+        ``default_sampler`` for the head it reads, first, then the velocity sampler for a v-head."""
+        from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER
+
+        samplers = {SAMPLERS[self.default_sampler].head: self.default_sampler} if self.default_sampler else {}
+        if "v" in self.heads and "v" not in samplers:
+            samplers["v"] = VELOCITY_SAMPLER
+        return samplers
+
     def wants_teacher(self) -> bool:
         """Whether the objective uses a frozen teacher (the trainer keeps one only when asked)."""
         return False

@@ -58,6 +58,12 @@ class DuMoConfig(FewStepConfig):
         require(0.0 <= self.beta <= 1.0, f"{prefix}.beta must be in [0, 1]; got {self.beta}")
 
 
+def flow_map_target(v_target: Tensor, t: Tensor, du_dt: Tensor) -> Tensor:
+    """DuMo's flow-map target ``v_tgt - t du/dt`` (from ``t u(x_t, t) = x_t - x_0``), shared with
+    the multi-head objective."""
+    return v_target - expand_time(t, du_dt) * du_dt
+
+
 class DuMoObjective(FewStepObjective):
     heads = ("v", "u")
     time_inputs = 1
@@ -147,7 +153,7 @@ class DuMoObjective(FewStepObjective):
 
                 _, du_dt = time_derivative_jvp(flow_map, x_t, t, direction)
             du_dt = self.clamp(du_dt)
-            u_target = v_target - expand_time(t, du_dt) * du_dt
+            u_target = flow_map_target(v_target, t, du_dt)
 
         loss_v = squared_error(out.v, v_target)
         loss_u = squared_error(out.u, u_target)

@@ -21,6 +21,7 @@ from dumo.objectives.base import (
     FewStepObjective,
     ModelInput,
     ObjectiveOutput,
+    TimeSampler,
     adaptive_weighting,
     at_least_fp32,
     central_difference_times,
@@ -45,6 +46,22 @@ class MeanFlowConfig(FewStepConfig):
         require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
 
 
+def draw_average_velocity_times(
+    time_sampler: TimeSampler, rho: float, n: int, device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """MeanFlow's (t, r) with r <= t: two draws sorted, then r = t on a fraction ``rho`` of rows."""
+    pair = time_sampler.sample(2 * n, device).reshape(2, n)
+    t, r = pair.max(dim=0).values, pair.min(dim=0).values
+    on_diagonal = torch.rand(n, device=device) < rho
+    return t, torch.where(on_diagonal, t, r)
+
+
+def average_velocity_target(v_target: Tensor, t: Tensor, r: Tensor, du_dt: Tensor) -> Tensor:
+    """MeanFlow's target ``v_tgt - (t - r) du/dt`` for the average velocity from r to t (shared with
+    the multi-head objective)."""
+    return v_target - expand_time(t - r, du_dt) * du_dt
+
+
 class MeanFlowObjective(FewStepObjective):
     heads = ("u",)
     time_inputs = 2
@@ -53,10 +70,7 @@ class MeanFlowObjective(FewStepObjective):
 
     def sample_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
         """(t, r) with r <= t: two draws sorted, then r = t on a fraction rho of rows."""
-        pair = self.time_sampler.sample(2 * n, device).reshape(2, n)
-        t, r = pair.max(dim=0).values, pair.min(dim=0).values
-        on_diagonal = torch.rand(n, device=device) < self.config.rho
-        return t, torch.where(on_diagonal, t, r)
+        return draw_average_velocity_times(self.time_sampler, self.config.rho, n, device)
 
     def __call__(
         self,
@@ -121,7 +135,7 @@ class MeanFlowObjective(FewStepObjective):
             u = average_velocity(x_t, t, r)
             du_dt = self.target_derivative(target_model, x_t, t, r, tangent, labels)
         du_dt = self.clamp(du_dt)
-        u_target = v_target - expand_time(t - r, du_dt) * du_dt
+        u_target = average_velocity_target(v_target, t, r, du_dt)
 
         per_sample = squared_error(u, u_target)
         loss = adaptive_weighting(per_sample, cfg.adaptive_p, cfg.adaptive_c).mean()

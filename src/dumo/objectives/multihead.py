@@ -1,0 +1,367 @@
+"""Multi-head ("multiplicity") models: one backbone, any named set of heads, each trained by its own
+objective term with its own weight (paper Sec. 4.3).
+
+    objective:
+      name: multihead
+      heads:                       # head name -> term kind and loss weight
+        v: {kind: velocity, weight: 0.5}
+        u: {kind: dumo_flow_map, weight: 0.25}
+        m: {kind: meanflow, weight: 0.25}
+
+The backbone takes two time inputs (t, r) whenever a term uses r. The term that uses r draws
+(t, r) (MeanFlow: its sampler with ``rho``); otherwise r = t. One pass with gradients at
+(x_t, t, r) gives every head's output, and the loss is ``sum_h weight_h * mean(term_h)``:
+
+- ``velocity``:       v_tgt = (z - x) + zeta (sg(v) - v_minus(x_t, t, r, null))   (DuMo's guidance)
+- ``dumo_flow_map``:  u_tgt = v_tgt - t du/dt        (DuMo's target; independent of r)
+- ``meanflow``:       m_tgt = v_tgt - (t - r) dm/dt  (MeanFlow's target)
+
+The velocity and flow-map targets do not depend on r, so those heads learn to ignore it; their
+derivative passes use the same r as the pass with gradients. The derivatives come from theta^-
+at the points of a central difference (or a JVP) along each term's tangent. Terms whose tangent
+is the same tensor share those passes (``share_derivative_passes``): one batched call at t + e
+and t - e gives du/dt and dm/dt together. MeanFlow's stencil stays in [r, 1] and DuMo's in
+[0, 1], so on rows with t - e < r the lower points differ; only those rows get an extra pass,
+which keeps the loss what separate passes give.
+
+The target formulas are the single-head objectives' own functions (:func:`flow_map_target`,
+:func:`average_velocity_target`); a term kind is one entry of :data:`HEAD_TERMS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dumo.data.batch import Batch
+from dumo.errors import ConfigError
+from dumo.models.heads import check_head_names
+from dumo.models.output import ModelOutput
+from dumo.objectives.base import (
+    FewStepConfig,
+    FewStepObjective,
+    ModelInput,
+    ObjectiveOutput,
+    TimeSampler,
+    adaptive_weighting,
+    at_least_fp32,
+    central_difference_times,
+    derivative_precision,
+    difference_quotient,
+    forward_many,
+    squared_error,
+    time_derivative_jvp,
+)
+from dumo.objectives.dumo import flow_map_target
+from dumo.objectives.meanflow import average_velocity_target, draw_average_velocity_times
+from dumo.paths import expand_time
+from dumo.schema import require
+
+
+@dataclass
+class HeadConfig:
+    """One head of a multi-head model: the objective term that trains it and its loss weight."""
+
+    kind: str = ""
+    weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        require(self.kind in HEAD_TERMS, f"{prefix}.kind must be one of {', '.join(HEAD_TERMS)}; got {self.kind!r}")
+        require(self.weight >= 0.0, f"{prefix}.weight must be >= 0; got {self.weight}")
+
+
+def tri_head_meanflow() -> dict[str, HeadConfig]:
+    """The paper's tri-head variant (a) (Sec. 4.3): velocity, MeanFlow average velocity, DuMo flow map."""
+    return {"v": HeadConfig("velocity", 0.5), "u": HeadConfig("dumo_flow_map", 0.25), "m": HeadConfig("meanflow", 0.25)}
+
+
+@dataclass
+class MultiHeadConfig(FewStepConfig):
+    name: Literal["multihead"] = "multihead"
+    # head name -> term and weight; by default the paper's tri-head (a), velocity + MeanFlow + DuMo
+    heads: dict[str, HeadConfig] = field(default_factory=tri_head_meanflow)
+    rho: float = 0.75  # meanflow term: fraction of rows with r = t (MeanFlow's velocity ratio)
+    # dumo_flow_map term: the tangent of du/dt (see dumo.objectives.dumo)
+    derivative_direction: Literal["conditional", "guided", "v_head"] = "conditional"
+    # Terms with the same tangent take their derivatives from the same theta^- passes; false gives
+    # each term its own passes (the same loss at a higher cost; kept for checking that).
+    share_derivative_passes: bool = True
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        require(bool(self.heads), f"{prefix}.heads must name at least one head, e.g. {{v: {{kind: velocity}}}}")
+        try:
+            check_head_names(tuple(self.heads))
+        except ValueError as error:
+            raise ConfigError(f"{prefix}.heads: {error}") from None
+        require(sum(h.weight for h in self.heads.values()) > 0, f"{prefix}.heads: the weights must not all be 0")
+        require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
+        kinds = [HEAD_TERMS[h.kind] for h in self.heads.values()]
+        velocity_heads = [name for name, h in self.heads.items() if HEAD_TERMS[h.kind].is_velocity]
+        require(
+            len(velocity_heads) <= 1,
+            f"{prefix}.heads: at most one head of kind velocity; got {', '.join(velocity_heads)}",
+        )
+        needs_velocity = self.zeta > 0 or (
+            self.derivative_direction == "v_head" and any(k.kind == "dumo_flow_map" for k in kinds)
+        )
+        require(
+            not needs_velocity or velocity_heads,
+            f"{prefix}: guidance (zeta > 0) and derivative_direction v_head need a head of kind velocity",
+        )
+        drawing = [name for name, h in self.heads.items() if HEAD_TERMS[h.kind].uses_r]
+        require(
+            len(drawing) <= 1,
+            f"{prefix}.heads: {', '.join(drawing)} each draw their own (t, r); a model can have one such head",
+        )
+
+
+@dataclass
+class TargetContext:
+    """What every term's target may read: the batch point, theta^- and the shared velocity target."""
+
+    x_t: Tensor
+    t: Tensor
+    r: Tensor
+    labels: Tensor | None
+    path_velocity: Tensor  # z - x (fp32)
+    v_target: Tensor  # the (guided) velocity target (fp32)
+    out: ModelOutput  # the pass with gradients (read it detached)
+    target_model: nn.Module
+    guided: bool
+
+
+@dataclass
+class DerivativeNeed:
+    """d(head)/dt from theta^- along ``tangent`` (dx/dt), with the difference stencil kept in [lower, 1].
+
+    ``tangent_key`` names the tangent tensor: needs with the same key share their passes."""
+
+    head: str
+    tangent_key: str
+    tangent: Tensor
+    lower: Tensor | float
+
+
+class HeadTerm(ABC):
+    """The objective term of one head kind."""
+
+    kind: str = ""
+    sampler: str = ""  # name in dumo.samplers.SAMPLERS of the sampler for a head of this kind
+    uses_r: bool = False  # the head's target depends on r, and the term draws (t, r)
+    is_velocity: bool = False  # the head is the velocity v(x_t, t) (guidance, the v_head tangent)
+
+    def __init__(self, head: str, config: MultiHeadConfig):
+        self.head, self.config = head, config
+
+    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(t, r) for a batch of ``n`` (only asked of a term that ``uses_r``)."""
+        raise NotImplementedError
+
+    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed | None:
+        """The time derivative the target needs, or None."""
+        return None
+
+    @abstractmethod
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        """The (no-grad, fp32) regression target of the head."""
+
+
+class VelocityTerm(HeadTerm):
+    kind, sampler, is_velocity = "velocity", "euler", True
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        return context.v_target
+
+
+class DuMoFlowMapTerm(HeadTerm):
+    kind, sampler = "dumo_flow_map", "flow_map"
+
+    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
+        # As in DuMoObjective: "guided" is the conditional path when nothing is guided.
+        direction = self.config.derivative_direction
+        key = "v_head" if direction == "v_head" else "target" if direction == "guided" and context.guided else "path"
+        return DerivativeNeed(self.head, key, tangents[key], 0.0)
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        return flow_map_target(context.v_target, context.t, derivative)
+
+
+class MeanFlowTerm(HeadTerm):
+    kind, sampler, uses_r = "meanflow", "meanflow", True
+
+    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        return draw_average_velocity_times(time_sampler, self.config.rho, n, device)
+
+    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
+        # MeanFlow's tangent is its velocity target: the conditional path itself when unguided.
+        key = "target" if context.guided else "path"
+        return DerivativeNeed(self.head, key, tangents[key], context.r)
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        return average_velocity_target(context.v_target, context.t, context.r, derivative)
+
+
+#: head kind (``objective.heads.<name>.kind``) -> its term
+HEAD_TERMS: dict[str, type[HeadTerm]] = {term.kind: term for term in (VelocityTerm, DuMoFlowMapTerm, MeanFlowTerm)}
+
+
+class MultiHeadObjective(FewStepObjective):
+    """Any named set of heads on one backbone, each with its term and weight (module docstring).
+
+    ``heads`` and ``time_inputs`` come from the config (instance attributes), so the network built
+    for a run has exactly the configured heads.
+    """
+
+    config: MultiHeadConfig
+
+    def __init__(self, config: MultiHeadConfig, num_classes: int = 0):
+        super().__init__(config, num_classes)
+        self.terms = {name: HEAD_TERMS[head.kind](name, config) for name, head in config.heads.items()}
+        self.heads = tuple(config.heads)
+        self.time_inputs = 2 if any(term.uses_r for term in self.terms.values()) else 1
+        self.velocity_head = next((name for name, term in self.terms.items() if term.is_velocity), None)
+
+    def head_samplers(self) -> dict[str, str]:
+        return {name: term.sampler for name, term in self.terms.items()}
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Batch,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
+        x = batch.x
+        z = torch.randn_like(x)
+        t, r = self.draw_times(x.shape[0], x.device)
+        labels, kept = self.drop_labels(batch.labels)
+        return self.loss(model, x, z, t, r, labels, kept, target_model, teacher_model)
+
+    def draw_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        """(t, r) as the term that uses r draws them; t and r = t when none does."""
+        for term in self.terms.values():
+            if term.uses_r:
+                return term.draw_times(self.time_sampler, n, device)
+        t = self.time_sampler.sample(n, device)
+        return t, t
+
+    def loss(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        z: Tensor,
+        t: Tensor,
+        r: Tensor,
+        labels: Tensor | None = None,
+        kept: Tensor | None = None,
+        target_model: nn.Module | None = None,
+        teacher_model: nn.Module | None = None,
+    ) -> ObjectiveOutput:
+        """The loss for given data, noise, times r <= t and (already dropped) labels; ``kept`` marks
+        the rows whose label was not dropped."""
+        cfg = self.config
+        target_model, guidance_model = self.networks(model, target_model, teacher_model)
+        x_t = self.path.sample(x, z, t)
+        path_velocity = at_least_fp32(self.path.velocity(x, z, t))
+
+        # The one pass with gradients: every head from one backbone evaluation.
+        out = model(x_t, t, r=r, labels=labels)
+
+        with torch.no_grad(), derivative_precision(cfg, x):
+            guided = cfg.zeta > 0 and labels is not None
+            v_target = path_velocity
+            unconditional = None
+            if guided:
+                kept = labels != self.null_label if kept is None else kept
+                velocity = self.velocity_head
+                unconditional = guidance_model(x_t, t, r=r, labels=self.null_labels(labels)).outputs[velocity]
+                v_target = self.guide(v_target, out.outputs[velocity].detach(), unconditional, kept, t)
+            tangents = {"path": path_velocity.to(x.dtype), "target": v_target.to(x.dtype)}
+            if self.velocity_head is not None:
+                v_head = at_least_fp32(out.outputs[self.velocity_head].detach())
+                if guided:
+                    v_head = self.guide(v_head, v_head, unconditional, kept, t)
+                tangents["v_head"] = v_head.to(x.dtype)
+            context = TargetContext(x_t, t, r, labels, path_velocity, v_target, out, target_model, guided)
+            needs = {name: term.derivative_need(context, tangents) for name, term in self.terms.items()}
+            derivatives = self.time_derivatives(context, [need for need in needs.values() if need is not None])
+            targets = {
+                name: term.target(context, None if needs[name] is None else self.clamp(derivatives[name]))
+                for name, term in self.terms.items()
+            }
+
+        loss = torch.zeros((), device=x.device)
+        parts = {}
+        for name, head in cfg.heads.items():
+            per_sample = squared_error(out.outputs[name], targets[name])
+            loss = loss + head.weight * adaptive_weighting(per_sample, cfg.adaptive_p, cfg.adaptive_c).mean()
+            parts[f"loss_{name}"] = per_sample.mean().detach()
+        extra = {f"d{name}_dt": derivatives[name] for name in derivatives}
+        return ObjectiveOutput(
+            loss=loss, parts=parts, targets={"t": t, "r": r, "x_t": x_t, "v": v_target, **targets, **extra}
+        )
+
+    def time_derivatives(self, context: TargetContext, needs: list[DerivativeNeed]) -> dict[str, Tensor]:
+        """d(head)/dt of theta^- for each need, by head; needs with one tangent share their passes
+        when ``share_derivative_passes``."""
+        groups: list[list[DerivativeNeed]] = []
+        for need in needs:
+            group = next((g for g in groups if g[0].tangent_key == need.tangent_key), None)
+            if self.config.share_derivative_passes and group is not None:
+                group.append(need)
+            else:
+                groups.append([need])
+        derivatives = {}
+        for group in groups:
+            if self.config.derivative == "jvp":
+                derivatives.update(self.jvp_derivatives(context, group))
+            else:
+                derivatives.update(self.difference_derivatives(context, group))
+        return derivatives
+
+    def jvp_derivatives(self, context: TargetContext, group: list[DerivativeNeed]) -> dict[str, Tensor]:
+        """One forward-mode pass of theta^- along the group's tangent gives every head's derivative."""
+        heads = [need.head for need in group]
+
+        def head_outputs(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> dict[str, Tensor]:
+            out = context.target_model(x_in, t_in, r=r_in, labels=context.labels)
+            return {name: at_least_fp32(out.outputs[name]) for name in heads}
+
+        _, tangent_out = time_derivative_jvp(head_outputs, context.x_t, context.t, group[0].tangent, context.r)
+        return tangent_out
+
+    def difference_derivatives(self, context: TargetContext, group: list[DerivativeNeed]) -> dict[str, Tensor]:
+        """Central differences for every need of the group from one batched set of theta^- passes:
+        the upper points (the same for all), the lower points of the first need, and the lower points
+        of the others only on rows where their stencil's lower end differs."""
+        x_t, t, r, labels = context.x_t, context.t, context.r, context.labels
+        tangent, epsilon = group[0].tangent, self.config.epsilon
+        stencils = [central_difference_times(t, epsilon, need.lower, 1.0) for need in group]
+        t_high = stencils[0][1]
+
+        def point(t_end: Tensor, rows: Tensor | slice = slice(None)) -> ModelInput:
+            x_end = x_t[rows] + expand_time(t_end[rows] - t[rows], x_t[rows]) * tangent[rows]
+            return ModelInput(x_end, t_end[rows], r=r[rows], labels=None if labels is None else labels[rows])
+
+        first_low = stencils[0][0]
+        requests = [point(t_high), point(first_low)]
+        extra_rows = []
+        for t_low, _ in stencils[1:]:
+            rows = (t_low != first_low).nonzero().squeeze(1)
+            extra_rows.append(rows)
+            if rows.numel() > 0:
+                requests.append(point(t_low, rows))
+        outputs = iter(forward_many(context.target_model, requests, batched=self.config.batch_target_passes))
+        high, low = next(outputs), next(outputs)
+        derivatives = {}
+        for index, (need, (t_low, _)) in enumerate(zip(group, stencils)):
+            low_values = low.outputs[need.head]
+            if index > 0 and extra_rows[index - 1].numel() > 0:
+                low_values = low_values.index_copy(0, extra_rows[index - 1], next(outputs).outputs[need.head])
+            derivatives[need.head] = difference_quotient(high.outputs[need.head], low_values, t_high, t_low)
+        return derivatives
