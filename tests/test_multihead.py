@@ -23,6 +23,7 @@ from dumo.objectives import (
     MultiHeadObjective,
     TimeConfig,
 )
+from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective
 from dumo.schema import build
 
 WEIGHTS = {"v": 0.5, "u": 0.3, "m": 0.2}
@@ -46,6 +47,18 @@ class HeadsAtR(nn.Module):
     def forward(self, x, t, r=None, labels=None):
         pinned = self.r.repeat(x.shape[0] // self.r.shape[0])
         out = self.model(x, t, r=pinned, labels=labels)
+        return ModelOutput({shown: out.outputs[head] for shown, head in self.names.items()})
+
+
+class HeadsRenamed(nn.Module):
+    """The model's heads under other names (its r passes through)."""
+
+    def __init__(self, model: nn.Module, names: dict[str, str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, x, t, r=None, labels=None):
+        out = self.model(x, t, r=r, labels=labels)
         return ModelOutput({shown: out.outputs[head] for shown, head in self.names.items()})
 
 
@@ -124,6 +137,31 @@ def test_sharing_the_derivative_passes_changes_nothing_and_saves_passes(zeta, de
         assert shared_rows < separate_rows  # one forward-mode pass instead of two
 
 
+def test_shortcut_variant_is_the_weighted_sum_of_dumo_and_shortcut_terms():
+    torch.manual_seed(4)
+    model = small_model(("v", "u", "s"), num_classes=3, time_inputs=2)
+    heads = {"v": {"kind": "velocity", "weight": 0.5}, "u": {"kind": "dumo_flow_map"}, "s": {"kind": "shortcut"}}
+    heads["u"]["weight"], heads["s"]["weight"] = 0.3, 0.2
+    config = build(MultiHeadConfig, {"heads": heads, "epsilon": 0.05, "max_steps": 8}, "objective")
+    objective = MultiHeadObjective(config, num_classes=3)
+    x, z, _, _, labels = inputs(n=32, seed=4)
+    t, r = objective.draw_times(32, "cpu")  # Shortcut's grids: d = t - r in {1/8, 1/4, 1/2, 1}
+    d = t - r
+    assert (d > 0.2).any() and (d < 0.2).any()  # self-consistency and Flow Matching rows
+    combined = objective.loss(model, x, z, t, r, labels)
+
+    dumo = DuMoObjective(DuMoConfig(beta=0.5, epsilon=0.05), num_classes=3)
+    dumo_out = dumo.loss(HeadsAtR(model, r, {"v": "v", "u": "u"}), x, z, t, labels)
+    shortcut = ShortcutObjective(ShortcutConfig(max_steps=8, target_network="online"), num_classes=3)
+    shortcut_out = shortcut.loss(HeadsRenamed(model, {"u": "s"}), x, z, t, d, labels)
+    singles = {"v": dumo_out.parts["loss_v"], "u": dumo_out.parts["loss_u"], "s": shortcut_out.parts["loss"]}
+    for name, value in singles.items():
+        torch.testing.assert_close(combined.parts[f"loss_{name}"], value, rtol=1e-5, atol=1e-7)
+    expected = 0.5 * singles["v"] + 0.3 * singles["u"] + 0.2 * singles["s"]
+    torch.testing.assert_close(combined.loss.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert combined.parts["loss_s"] > 0.01
+
+
 def test_gradients_reach_every_head():
     torch.manual_seed(3)
     model = small_model(("v", "u", "m"), num_classes=3, time_inputs=2)
@@ -136,7 +174,10 @@ def test_gradients_reach_every_head():
 @pytest.mark.parametrize(
     ("heads", "message"),
     [
-        ({"v": {"kind": "velocty"}}, "objective.heads.v.kind must be one of velocity, dumo_flow_map, meanflow"),
+        (
+            {"v": {"kind": "velocty"}},
+            "objective.heads.v.kind must be one of velocity, dumo_flow_map, meanflow, shortcut",
+        ),
         ({"split": {"kind": "velocity"}}, "head name 'split' must be an identifier"),
         ({}, "objective.heads must name at least one head"),
     ],
@@ -154,32 +195,42 @@ def dumo(*args):
     return subprocess.run([sys.executable, "-m", "dumo", *map(str, args)], capture_output=True, text=True)
 
 
-def test_three_head_run_trains_and_samples_each_head_through_the_cli(tmp_path):
+@pytest.mark.parametrize(
+    ("config", "third"), [("moons-three-heads-meanflow.yaml", "m"), ("moons-three-heads-shortcut.yaml", "s")]
+)
+def test_three_head_run_trains_and_samples_each_head_through_the_cli(tmp_path, config, third):
     run = tmp_path / "run"
     overrides = [item for o in [*TINY_MOONS, "train.steps=3"] for item in ("--set", o)]
-    result = dumo("train", CONFIGS / "toy/moons-three-heads-meanflow.yaml", "--out", run, *overrides)
+    result = dumo("train", CONFIGS / "toy" / config, "--out", run, *overrides)
     assert result.returncode == 0, result.stderr
     header = (run / "train_log.csv").read_text().splitlines()[0].split(",")
-    assert {"loss", "loss_v", "loss_u", "loss_m"} <= set(header)  # one logged term per head
+    assert {"loss", "loss_v", "loss_u", f"loss_{third}"} <= set(header)  # one logged term per head
     samples = {}
-    for head in ("u", "m", "v"):
+    for head in ("u", third, "v"):
         out = tmp_path / f"{head}.npy"
         result = dumo("sample", run, "--head", head, "--nfe", 2, "-n", 50, "--out", out)
         assert result.returncode == 0, result.stderr
         samples[head] = np.load(out)
         assert samples[head].shape == (50, 2) and np.isfinite(samples[head]).all()
     # each head through its own sampler: the same noise gives three different sample sets
-    assert not np.allclose(samples["u"], samples["m"]) and not np.allclose(samples["u"], samples["v"])
+    assert not np.allclose(samples["u"], samples[third]) and not np.allclose(samples["u"], samples["v"])
     default = tmp_path / "default.npy"
     assert dumo("sample", run, "--nfe", 2, "-n", 50, "--out", default).returncode == 0
     np.testing.assert_array_equal(np.load(default), samples["u"])  # the config's sample.head
     result = dumo("sample", run, "--head", "w", "--nfe", 1, "--out", tmp_path / "w.npy")
     assert result.returncode != 0
-    assert result.stderr.strip() == "dumo: error: --head w: this model has no such head (its heads: v, u, m)"
+    assert result.stderr.strip() == f"dumo: error: --head w: this model has no such head (its heads: v, u, {third})"
 
 
-@pytest.mark.parametrize("path", ["toy/moons-three-heads-meanflow.yaml", "digits/three-heads-meanflow.yaml"])
-def test_three_head_configs_build_the_three_heads(path):
+@pytest.mark.parametrize(
+    ("path", "third"),
+    [
+        ("toy/moons-three-heads-meanflow.yaml", "m"),
+        ("digits/three-heads-meanflow.yaml", "m"),
+        ("toy/moons-three-heads-shortcut.yaml", "s"),
+    ],
+)
+def test_three_head_configs_build_the_three_heads(path, third):
     objective = MultiHeadObjective(load_config(CONFIGS / path).objective)
-    assert objective.heads == ("v", "u", "m") and objective.time_inputs == 2
-    assert objective.head_samplers() == {"v": "euler", "u": "flow_map", "m": "meanflow"}
+    assert objective.heads == ("v", "u", third) and objective.time_inputs == 2
+    assert objective.head_samplers() == {"v": "euler", "u": "flow_map", third: "meanflow"}

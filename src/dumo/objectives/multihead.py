@@ -9,12 +9,15 @@ objective term with its own weight (paper Sec. 4.3).
         m: {kind: meanflow, weight: 0.25}
 
 The backbone takes two time inputs (t, r) whenever a term uses r. The term that uses r draws
-(t, r) (MeanFlow: its sampler with ``rho``); otherwise r = t. One pass with gradients at
+(t, r) (MeanFlow: its sampler with ``rho``; Shortcut: its (t, d) grids with r = t - d);
+otherwise r = t. One pass with gradients at
 (x_t, t, r) gives every head's output, and the loss is ``sum_h weight_h * mean(term_h)``:
 
 - ``velocity``:       v_tgt = (z - x) + zeta (sg(v) - v_minus(x_t, t, r, null))   (DuMo's guidance)
 - ``dumo_flow_map``:  u_tgt = v_tgt - t du/dt        (DuMo's target; independent of r)
 - ``meanflow``:       m_tgt = v_tgt - (t - r) dm/dt  (MeanFlow's target)
+- ``shortcut``:       s_tgt = z - x on rows with d = t - r = 1/M, else the two half steps of
+                      theta^- (Shortcut's :func:`shortcut_target`, on this head)
 
 The velocity and flow-map targets do not depend on r, so those heads learn to ignore it; their
 derivative passes use the same r as the pass with gradients. The derivatives come from theta^-
@@ -25,7 +28,9 @@ and t - e gives du/dt and dm/dt together. MeanFlow's stencil stays in [r, 1] and
 which keeps the loss what separate passes give.
 
 The target formulas are the single-head objectives' own functions (:func:`flow_map_target`,
-:func:`average_velocity_target`); a term kind is one entry of :data:`HEAD_TERMS`.
+:func:`average_velocity_target`, :func:`shortcut_target`); a term kind is one entry of
+:data:`HEAD_TERMS`. Labels are dropped once for all heads (``label_dropout``), so Shortcut's
+self-consistency rows, which keep their labels in the Shortcut objective, may be dropped here too.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from dumo.objectives.base import (
 )
 from dumo.objectives.dumo import flow_map_target
 from dumo.objectives.meanflow import average_velocity_target, draw_average_velocity_times
+from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, shortcut_target
 from dumo.paths import expand_time
 from dumo.schema import require
 
@@ -85,6 +91,11 @@ class MultiHeadConfig(FewStepConfig):
     # head name -> term and weight; by default the paper's tri-head (a), velocity + MeanFlow + DuMo
     heads: dict[str, HeadConfig] = field(default_factory=tri_head_meanflow)
     rho: float = 0.75  # meanflow term: fraction of rows with r = t (MeanFlow's velocity ratio)
+    # shortcut term (see dumo.objectives.shortcut): the finest grid 1/M, the share of
+    # self-consistency rows and the clip of their target
+    max_steps: int = 128
+    bootstrap_fraction: float = 0.125
+    target_clip: float | None = 4.0
     # dumo_flow_map term: the tangent of du/dt (see dumo.objectives.dumo)
     derivative_direction: Literal["conditional", "guided", "v_head"] = "conditional"
     # Terms with the same tangent take their derivatives from the same theta^- passes; false gives
@@ -100,6 +111,7 @@ class MultiHeadConfig(FewStepConfig):
             raise ConfigError(f"{prefix}.heads: {error}") from None
         require(sum(h.weight for h in self.heads.values()) > 0, f"{prefix}.heads: the weights must not all be 0")
         require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
+        shortcut_config(self).validate(prefix)
         kinds = [HEAD_TERMS[h.kind] for h in self.heads.values()]
         velocity_heads = [name for name, h in self.heads.items() if HEAD_TERMS[h.kind].is_velocity]
         require(
@@ -206,8 +218,51 @@ class MeanFlowTerm(HeadTerm):
         return average_velocity_target(context.v_target, context.t, context.r, derivative)
 
 
+def shortcut_config(config: MultiHeadConfig) -> ShortcutConfig:
+    """The Shortcut objective's settings inside a multi-head config."""
+    return ShortcutConfig(
+        max_steps=config.max_steps, bootstrap_fraction=config.bootstrap_fraction, target_clip=config.target_clip
+    )
+
+
+class ShortcutTerm(HeadTerm):
+    """Shortcut's head s(x_t, t, d) with d = t - r: Flow Matching (z - x) on rows with the finest
+    step 1/M, the two-half-step self-consistency target of theta^- (:func:`shortcut_target`) on the
+    others; (t, d) are drawn as the Shortcut objective draws them."""
+
+    kind, sampler, uses_r = "shortcut", ShortcutObjective.default_sampler, True
+
+    def __init__(self, head: str, config: MultiHeadConfig):
+        super().__init__(head, config)
+        self.shortcut = ShortcutObjective(shortcut_config(config))
+
+    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        t, d = self.shortcut.sample_times(n, device)
+        return t, t - d
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        d = context.t - context.r
+        rows = self.shortcut.is_bootstrap(d).nonzero().squeeze(1)
+        target = context.path_velocity  # Shortcut's own Flow Matching target, unguided
+        if rows.numel() == 0:
+            return target
+        labels = None if context.labels is None else context.labels[rows]
+        consistent = shortcut_target(
+            context.target_model,
+            context.x_t[rows],
+            context.t[rows],
+            d[rows],
+            labels,
+            self.config.target_clip,
+            head=self.head,
+        )
+        return target.index_copy(0, rows, consistent.to(target.dtype))
+
+
 #: head kind (``objective.heads.<name>.kind``) -> its term
-HEAD_TERMS: dict[str, type[HeadTerm]] = {term.kind: term for term in (VelocityTerm, DuMoFlowMapTerm, MeanFlowTerm)}
+HEAD_TERMS: dict[str, type[HeadTerm]] = {
+    term.kind: term for term in (VelocityTerm, DuMoFlowMapTerm, MeanFlowTerm, ShortcutTerm)
+}
 
 
 class MultiHeadObjective(FewStepObjective):
