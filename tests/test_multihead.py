@@ -125,13 +125,17 @@ def test_sharing_the_derivative_passes_changes_nothing_and_saves_passes(zeta, de
     separate_rows = sum(rows_seen)
     hook.remove()
     torch.testing.assert_close(shared.loss, separate.loss, rtol=1e-6, atol=1e-8)
-    for name in ("v", "u", "m", "du_dt", "dm_dt"):
+    for name in ("v", "u", "m", "du_dt"):
         torch.testing.assert_close(shared.targets[name], separate.targets[name], rtol=1e-6, atol=1e-6)
+    used = t != r  # dm/dt enters m's target only where t - r != 0
+    torch.testing.assert_close(shared.targets["dm_dt"][used], separate.targets["dm_dt"][used], rtol=1e-6, atol=1e-6)
     if derivative == "finite_difference":
         # separate: t + e and t - e for u and for m; shared: t + e once, t - e once plus the rows
-        # where MeanFlow's stencil (kept in [r, 1]) ends higher than DuMo's (kept in [0, 1])
-        differing = int(((t - 0.05).clamp(min=0) < r).sum())
-        assert 0 < differing < 64
+        # where MeanFlow's stencil (kept in [r, 1]) ends higher than DuMo's (kept in [0, 1]) and r < t
+        differing = ((t - 0.05).clamp(min=0) < r) & used
+        differing[0] = True  # one row always, for the same calls on every rank
+        differing = int(differing.sum())
+        assert 1 < differing < 16
         assert separate_rows - shared_rows == 2 * 64 - differing
     else:
         assert shared_rows < separate_rows  # one forward-mode pass instead of two

@@ -151,12 +151,15 @@ class TargetContext:
 class DerivativeNeed:
     """d(head)/dt from theta^- along ``tangent`` (dx/dt), with the difference stencil kept in [lower, 1].
 
-    ``tangent_key`` names the tangent tensor: needs with the same key share their passes."""
+    ``tangent_key`` names the tangent tensor: needs with the same key share their passes.
+    ``used`` marks the rows whose derivative enters the target (None: all); on the others any
+    finite value will do (MeanFlow multiplies dm/dt by t - r = 0 there)."""
 
     head: str
     tangent_key: str
     tangent: Tensor
     lower: Tensor | float
+    used: Tensor | None = None
 
 
 class HeadTerm(ABC):
@@ -212,7 +215,7 @@ class MeanFlowTerm(HeadTerm):
     def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
         # MeanFlow's tangent is its velocity target: the conditional path itself when unguided.
         key = "target" if context.guided else "path"
-        return DerivativeNeed(self.head, key, tangents[key], context.r)
+        return DerivativeNeed(self.head, key, tangents[key], context.r, used=context.t != context.r)
 
     def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
         return average_velocity_target(context.v_target, context.t, context.r, derivative)
@@ -393,11 +396,19 @@ class MultiHeadObjective(FewStepObjective):
     def difference_derivatives(self, context: TargetContext, group: list[DerivativeNeed]) -> dict[str, Tensor]:
         """Central differences for every need of the group from one batched set of theta^- passes:
         the upper points (the same for all), the lower points of the first need, and the lower points
-        of the others only on rows where their stencil's lower end differs."""
+        of the others only on rows where their stencil's lower end differs and the derivative is used.
+
+        MeanFlow keeps its stencil in [r, 1], DuMo in [0, 1]: they differ where t - e < r, which
+        includes every row with r = t, where MeanFlow's derivative is not used; so only rows with
+        t - e < r < t get a pass of their own."""
         x_t, t, r, labels = context.x_t, context.t, context.r, context.labels
         tangent, epsilon = group[0].tangent, self.config.epsilon
+        group = sorted(group, key=lambda need: need.used is not None)  # a need of every row first
         stencils = [central_difference_times(t, epsilon, need.lower, 1.0) for need in group]
         t_high = stencils[0][1]
+        for index, need in enumerate(group[1:], start=1):
+            if need.used is not None:  # unused rows take the first need's stencil: no pass of their own
+                stencils[index] = (torch.where(need.used, stencils[index][0], stencils[0][0]), t_high)
 
         def point(t_end: Tensor, rows: Tensor | slice = slice(None)) -> ModelInput:
             x_end = x_t[rows] + expand_time(t_end[rows] - t[rows], x_t[rows]) * tangent[rows]
@@ -407,16 +418,19 @@ class MultiHeadObjective(FewStepObjective):
         requests = [point(t_high), point(first_low)]
         extra_rows = []
         for t_low, _ in stencils[1:]:
-            rows = (t_low != first_low).nonzero().squeeze(1)
+            differs = t_low != first_low
+            # At least one row, so that every rank makes the same network calls (FSDP gathers
+            # parameters per call); a row whose stencils agree gets the same value back.
+            differs[0] = True
+            rows = differs.nonzero().squeeze(1)
             extra_rows.append(rows)
-            if rows.numel() > 0:
-                requests.append(point(t_low, rows))
+            requests.append(point(t_low, rows))
         outputs = iter(forward_many(context.target_model, requests, batched=self.config.batch_target_passes))
         high, low = next(outputs), next(outputs)
         derivatives = {}
         for index, (need, (t_low, _)) in enumerate(zip(group, stencils)):
             low_values = low.outputs[need.head]
-            if index > 0 and extra_rows[index - 1].numel() > 0:
+            if index > 0:
                 low_values = low_values.index_copy(0, extra_rows[index - 1], next(outputs).outputs[need.head])
             derivatives[need.head] = difference_quotient(high.outputs[need.head], low_values, t_high, t_low)
         return derivatives
