@@ -1,6 +1,8 @@
 """Shortcut models: the self-consistency target, the rows each batch draws, the clip, sampling with
 d = 1/k, and a run through the command line."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from dumo.evaluation import generate
 from dumo.models.output import ModelOutput
 from dumo.objectives import OBJECTIVES, build_objective
 from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, bootstrap_rows, shortcut_target
+from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 
 CLASSES = 3
 
@@ -264,3 +267,35 @@ def test_train_and_sample_through_the_cli(tmp_path, capsys):
         points[nfe] = np.load(out)
         assert points[nfe].shape == (64, 2) and np.isfinite(points[nfe]).all()
     assert not np.allclose(points[1], points[4])  # d = 1 and d = 1/4 are different steps
+
+
+def test_fsdp_on_two_ranks_matches_one_process_with_the_ema_target(tmp_path):
+    """Two gloo ranks under FSDP2 run the same target passes (the row count depends on the batch size
+    only) and update the EMA that served as theta^-; 6 steps equal one process with 2 accumulation shards."""
+    root = Path(__file__).resolve().parents[1]
+    path = root / "configs" / "toy" / "moons-shortcut.yaml"
+    tiny = [
+        "model.hidden_dim=32",
+        "model.depth=2",
+        "data.batch_size=32",
+        "train.steps=6",
+        "train.progress=false",
+        "train.eval_samples=50",
+        "train.checkpoint_every=0",
+        "optim.lr=0.001",
+    ]
+    runs = {}
+    for name, launcher, extra in [
+        ("fsdp", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], ["train.parallel=fsdp"]),
+        ("one", [], ["train.grad_accumulation=2"]),
+    ]:
+        overrides = [item for o in [*tiny, *extra] for item in ("--set", o)]
+        command = [sys.executable, *launcher, "-m", "dumo", "train", str(path), "--out", str(tmp_path / name)]
+        result = subprocess.run([*command, *overrides], capture_output=True, text=True, cwd=root, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        tensors, metadata = load_checkpoint(list_checkpoints(tmp_path / name)[-1])
+        assert metadata["step"] == "6"
+        runs[name] = {k: v.float() for k, v in tensors.items() if k.startswith(("model.", "ema.", "optimizer."))}
+    assert runs["fsdp"].keys() == runs["one"].keys()
+    worst = max((runs["fsdp"][k] - runs["one"][k]).abs().max().item() for k in runs["one"])
+    assert worst < 1e-5, worst  # float32 reduction order only

@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 
@@ -27,6 +28,11 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         weight = 1.0 - self.decay_at(step)
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                # A no-grad forward of the EMA as theta^- (objective.target_network=ema) leaves the
+                # FSDP root's parameters unsharded (no backward reshards them): shard them again.
+                module.reshard()
         averages, currents = list(self.model.parameters()), [p.detach() for p in model.parameters()]
         if any(isinstance(p, DTensor) for p in averages):
             for average, current in zip(averages, currents):  # sharded: local shards, one op each
