@@ -238,3 +238,12 @@ def test_three_head_configs_build_the_three_heads(path, third):
     objective = MultiHeadObjective(load_config(CONFIGS / path).objective)
     assert objective.heads == ("v", "u", third) and objective.time_inputs == 2
     assert objective.head_samplers() == {"v": "euler", "u": "flow_map", third: "meanflow"}
+
+
+def test_step_cost_is_counted_for_both_variants():
+    from dumo.training.throughput import count_step_cost
+
+    dumo_cost = count_step_cost(load_config(CONFIGS / "toy/moons-dumo.yaml"), (2,), 0).flops_per_image
+    for name in ("moons-three-heads-meanflow.yaml", "moons-three-heads-shortcut.yaml"):
+        cost = count_step_cost(load_config(CONFIGS / "toy" / name), (2,), 0).flops_per_image
+        assert cost > dumo_cost  # a third head and its target passes on top of DuMo's step

@@ -41,6 +41,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
@@ -63,7 +64,7 @@ from dumo.objectives.base import (
 )
 from dumo.objectives.dumo import flow_map_target
 from dumo.objectives.meanflow import average_velocity_target, draw_average_velocity_times
-from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, shortcut_target
+from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, bootstrap_rows, shortcut_target
 from dumo.paths import expand_time
 from dumo.schema import require
 
@@ -221,6 +222,15 @@ class MeanFlowTerm(HeadTerm):
         return average_velocity_target(context.v_target, context.t, context.r, derivative)
 
 
+def rows_where(mask: Tensor, count_if_unknown: int) -> Tensor:
+    """Indices of the rows where ``mask`` holds. On fake tensors (``dumo plan``'s FLOP count runs
+    the objective on them) the values are unknown and the count cannot be data-dependent: the
+    first ``count_if_unknown`` rows stand in."""
+    if is_fake(mask):
+        return torch.arange(count_if_unknown, device=mask.device)
+    return mask.nonzero().squeeze(1)
+
+
 def shortcut_config(config: MultiHeadConfig) -> ShortcutConfig:
     """The Shortcut objective's settings inside a multi-head config."""
     return ShortcutConfig(
@@ -245,9 +255,12 @@ class ShortcutTerm(HeadTerm):
 
     def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
         d = context.t - context.r
-        rows = self.shortcut.is_bootstrap(d).nonzero().squeeze(1)
+        # Shortcut draws round(B * bootstrap_fraction) self-consistency rows (the count is what the
+        # FLOP count on fake tensors, which cannot see the values, takes)
+        count = bootstrap_rows(d.shape[0], self.config.bootstrap_fraction)
+        rows = rows_where(self.shortcut.is_bootstrap(d), count)
         target = context.path_velocity  # Shortcut's own Flow Matching target, unguided
-        if rows.numel() == 0:
+        if rows.shape[0] == 0:
             return target
         labels = None if context.labels is None else context.labels[rows]
         consistent = shortcut_target(
@@ -422,7 +435,7 @@ class MultiHeadObjective(FewStepObjective):
             # At least one row, so that every rank makes the same network calls (FSDP gathers
             # parameters per call); a row whose stencils agree gets the same value back.
             differs[0] = True
-            rows = differs.nonzero().squeeze(1)
+            rows = rows_where(differs, 1)  # on fake tensors: the one row every rank runs
             extra_rows.append(rows)
             requests.append(point(t_low, rows))
         outputs = iter(forward_many(context.target_model, requests, batched=self.config.batch_target_passes))
