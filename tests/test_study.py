@@ -1,0 +1,94 @@
+"""The paper's study (experiments/study.py): each command's --quick form writes its table and figure.
+
+Each run is a ``dumo train`` process of a few steps, so these take tens of seconds on a busy CPU;
+the commands that train the most runs are marked slow.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "experiments" / "study.py"
+
+
+def study(tmp_path: Path, *args: str) -> str:
+    """Run ``study.py ARGS --quick`` into tmp_path; return table.md after checking figure.png."""
+    command = [sys.executable, str(STUDY), *args, "--quick", "--out", str(tmp_path / "out")]
+    if args[0] != "throughput":
+        command += ["--runs", str(tmp_path / "runs"), "--samples", "64"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "out" / "figure.png").stat().st_size > 1000
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Command: `python experiments/study.py" in table and "CPUs" in table and "Wall time" in table
+    return table
+
+
+def rows(table: str) -> list[list[str]]:
+    """The cells of the table's body rows."""
+    lines = [line for line in table.splitlines() if line.startswith("|")][2:]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_rho_beta_quick_and_resumes(tmp_path: Path) -> None:
+    table = study(tmp_path, "rho-beta", "--datasets", "moons")
+    found = [(row[0], row[1], row[2]) for row in rows(table)]
+    assert found == [("moons", "MeanFlow", "rho = 0.75"), ("moons", "DuMo", "beta = 0.7"), ("moons", "Shortcut", "-")]
+    for row in rows(table):
+        assert float(row[3]) >= 0 and row[5] == "1" and row[6] == "20"  # 1-NFE MMD, one seed, 20 steps
+    # finished runs are neither trained nor scored again: the same table, no new log lines
+    logs = {path: path.read_text() for path in (tmp_path / "runs").glob("*.log")}
+    assert len(logs) == 3
+    again = study(tmp_path, "rho-beta", "--datasets", "moons")
+    assert rows(again) == rows(table)
+    assert {path: path.read_text() for path in (tmp_path / "runs").glob("*.log")} == logs
+
+
+def test_throughput_quick(tmp_path: Path) -> None:
+    table = study(tmp_path, "throughput")
+    found = rows(table)
+    assert [row[1] for row in found] == ["Flow Matching", "MeanFlow (JVP-free)", "DuMo (FD, batched)"]
+    assert found[0][2] == "1" and found[1][3] == "1"  # each method against itself
+    assert float(found[2][2]) > 0
+
+
+def test_trajectories_quick(tmp_path: Path) -> None:
+    table = study(tmp_path, "trajectories")
+    found = rows(table)
+    assert [(row[0], row[1]) for row in found] == [(s, n) for s in ("10", "20") for n in ("1", "2", "4")]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in found)  # domain FD of both heads
+    assert sorted(p.name for p in (tmp_path / "out").glob("step-*.png")) == ["step-10.png", "step-20.png"]
+
+
+@pytest.mark.slow
+def test_beta_grid_quick(tmp_path: Path) -> None:
+    table = study(tmp_path, "beta-grid")
+    assert [(row[0], row[1]) for row in rows(table)] == [("1.0", "2.0"), ("2.0", "2.0")]
+
+
+@pytest.mark.slow
+def test_multiplicity_quick(tmp_path: Path) -> None:
+    table = study(tmp_path, "multiplicity", "--datasets", "moons")
+    assert [row[1] for row in rows(table)] == ["DuMo (v, u)", "three heads (v, m, u)", "three heads (v, s, u)"]
+
+
+@pytest.mark.slow
+def test_table1_quick(tmp_path: Path) -> None:
+    table = study(tmp_path, "table1", "--datasets", "digits")
+    expected = [("Flow Matching", "1"), ("Flow Matching", "50"), ("Shortcut", "1"), ("Shortcut", "2")]
+    expected += [("Shortcut", "4"), ("MeanFlow", "1"), ("MeanFlow", "2"), ("DuMo", "1"), ("DuMo", "2")]
+    found = rows(table)
+    assert [(row[1], row[2]) for row in found] == expected
+    assert all(float(row[7]) > 0 for row in found)  # wall-clock per run
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    command = [sys.executable, str(STUDY), "table1", "--quick", "--config-dir", str(tmp_path), "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "no config" in result.stderr and "Traceback" not in result.stderr
