@@ -212,7 +212,8 @@ def score(folder: Path, evaluations: dict[str, dict], num: int, checkpoint: int 
     missing = {name: spec for name, spec in evaluations.items() if not any(k.startswith(f"{name}/") for k in scores)}
     if missing:
         torch.set_num_threads(1)
-        run = load_run(folder, list_checkpoints(folder)[checkpoint])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        run = load_run(folder, list_checkpoints(folder)[checkpoint], device=device)
         dataset = run.dataset
         if dataset is None:
             from dumo.data import build_dataset
@@ -228,6 +229,7 @@ def score(folder: Path, evaluations: dict[str, dict], num: int, checkpoint: int 
                 num=num,
                 num_classes=run.num_classes,
                 method=spec.get("method", "auto"),
+                device=device,
             )
             for key, value in result.items():  # fd_1nfe -> "1 NFE/fd"
                 scores[f"{name}/{key.rsplit('_', 1)[0]}"] = value
@@ -296,7 +298,7 @@ def run_rows(study: Study, settings: list[tuple[str, Run]], evaluations: Callabl
     return list(rows.values())
 
 
-def quality_table(study: Study, rows: list[Row], evaluation_names: Sequence[str], intro: str) -> list[str]:
+def quality_table(rows: list[Row], evaluation_names: Sequence[str], intro: str) -> list[str]:
     """Rows of dataset, method, setting, one column per evaluation (MMD or domain FD), seeds, steps, wall."""
     lines = [
         intro,
@@ -333,14 +335,12 @@ def pyplot():
 
 
 def mosaic(images: np.ndarray, columns: int) -> np.ndarray:
-    """(N, C, H, W) images in [0, 1] as one (rows * H, columns * W) grey or colour picture."""
-    images = np.clip(images, 0, 1)
-    count = len(images) - len(images) % columns or len(images)
-    rows = max(1, count // columns)
-    images = images[: rows * columns] if count >= columns else images
-    n, c, h, w = images.shape
-    columns = min(columns, n)
-    grid = images.reshape(rows, columns, c, h, w).transpose(0, 3, 1, 4, 2).reshape(rows * h, columns * w, c)
+    """(N, C, H, W) images in [0, 1] as one picture of full rows (grey when C = 1); N < columns: one row."""
+    columns = min(columns, len(images))
+    rows = len(images) // columns
+    n, c, h, w = images[: rows * columns].shape
+    grid = np.clip(images[:n], 0, 1).reshape(rows, columns, c, h, w).transpose(0, 3, 1, 4, 2)
+    grid = grid.reshape(rows * h, columns * w, c)
     return grid[..., 0] if c == 1 else grid
 
 
@@ -395,7 +395,7 @@ def rho_beta(study: Study) -> None:
     rows = run_rows(study, settings, lambda run: FEW_STEP)
     study.out.mkdir(parents=True, exist_ok=True)
     sample_panels(rows, study.out / "figure.png", "1-NFE samples (seed 0)")
-    study.write(quality_table(study, rows, list(FEW_STEP), METRIC_TEXT))
+    study.write(quality_table(rows, list(FEW_STEP), METRIC_TEXT))
 
 
 def beta_grid(study: Study) -> None:
@@ -467,7 +467,7 @@ def multiplicity(study: Study) -> None:
     study.out.mkdir(parents=True, exist_ok=True)
     sample_panels(rows, study.out / "figure.png", "1-NFE samples of the u-head (seed 0)")
     intro = f"The u-head (DuMo's flow map) of each model, sampled with DuMo's sampler. {METRIC_TEXT}"
-    study.write(quality_table(study, rows, list(FEW_STEP), intro))
+    study.write(quality_table(rows, list(FEW_STEP), intro))
 
 
 #: Table 1: method -> (config name, evaluations)
@@ -514,11 +514,11 @@ def trajectories(study: Study) -> None:
     torch.set_num_threads(1)  # as the scoring: the training processes (--jobs) share the cores
     dataset = study.datasets[0]
     nfes = (1, 2, 4) if study.quick else TRAJECTORY_NFE
-    steps = study.steps or (QUICK_STEPS if study.quick else load_steps(study.config_path(dataset, "dumo")))
+    steps = load_steps(study.config_path(dataset, "dumo"), [*study.budget(), *study.sets])
     # two stages: a checkpoint half-way and the last one, both kept
     extra = [f"train.checkpoint_every={max(1, steps // 2)}", "train.keep_checkpoints=2"]
     (folder,) = study.train_all([Run(dataset, "dumo", "-")], extra)
-    checkpoints = list_checkpoints(folder)[-2:]
+    positions = range(-min(2, len(list_checkpoints(folder))), 0)  # the last two checkpoints
     study.out.mkdir(parents=True, exist_ok=True)
     pictures, lines = [], []
     key = metric(dataset)
@@ -529,8 +529,10 @@ def trajectories(study: Study) -> None:
         "| step | NFE | u-head " + key + " | v-head Euler " + key + " |",
         "|---|---|---|---|",
     ]
-    for index, checkpoint in enumerate(checkpoints):
-        picture = study.out / f"step-{last_step(folder, index - len(checkpoints))}.png"
+    for position in positions:
+        step = last_step(folder, position)
+        picture = study.out / f"step-{step}.png"
+        checkpoint = list_checkpoints(folder)[position]
         command = ["trajectories", str(folder), "--checkpoint", str(checkpoint), "--out", str(picture)]
         command += ["--nfe", *map(str, nfes), "--num", "4" if study.quick else "8"]
         if dumo_main(command) != 0:
@@ -538,8 +540,7 @@ def trajectories(study: Study) -> None:
         pictures.append(picture)
         evaluations = {f"{n} NFE": {"nfe": n} for n in nfes}
         evaluations |= {f"{n} Euler": {"nfe": n, "method": "euler"} for n in nfes}
-        found = score(folder, evaluations, study.num_samples(dataset), index - len(checkpoints))
-        step = last_step(folder, index - len(checkpoints))
+        found = score(folder, evaluations, study.num_samples(dataset), position)
         for n in nfes:
             lines.append(f"| {step} | {n} | {found[f'{n} NFE/{key}']:.4g} | {found[f'{n} Euler/{key}']:.4g} |")
     plt = pyplot()
@@ -556,10 +557,11 @@ def trajectories(study: Study) -> None:
     study.write(lines)
 
 
-def load_steps(config: Path) -> int:
+def load_steps(config: Path, overrides: Sequence[str]) -> int:
+    """The step budget of ``config`` with ``overrides`` (KEY=VALUE) applied."""
     from dumo.config import load_config
 
-    return load_config(config).train.steps
+    return load_config(config, list(overrides)).train.steps
 
 
 def step_cost_module():
@@ -663,6 +665,13 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="experiment", required=True)
@@ -670,12 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=experiment.help, description=experiment.help)
         command.add_argument("--quick", action="store_true", help="seconds: a few steps, 1 seed, few samples")
         command.add_argument("--out", type=Path, help=f"table.md and figure.png (default docs/study/{name})")
-        command.add_argument("--seeds", type=int, default=3, help="seeds (throughput: repeats) of the full form")
+        command.add_argument("--seeds", type=positive, default=3, help="seeds (throughput: repeats) of the full form")
         if experiment.trains:
             command.add_argument("--runs", type=Path, help=f"run folders (default experiments/results/study/{name})")
-            command.add_argument("--steps", type=int, help="training steps (default: the configs')")
-            command.add_argument("--samples", type=int, help="samples per score (default 2000 moons, 1000 images)")
-            command.add_argument("--jobs", "--workers", type=int, default=2, help="runs at once (one thread each)")
+            command.add_argument("--steps", type=positive, help="training steps (default: the configs')")
+            command.add_argument("--samples", type=positive, help="samples per score (default 2000 moons, 1000 images)")
+            command.add_argument("--jobs", "--workers", type=positive, default=2, help="runs at once (one thread each)")
             command.add_argument("--config-dir", type=Path, default=ROOT / "configs", help="configs/ of another size")
             command.add_argument(
                 "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
@@ -688,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         else:
             command.add_argument("--networks", nargs="+", help="step_cost.py networks (default: the DiTs that fit)")
-            command.add_argument("--batch", type=int, help="batch size (default: each network's own)")
+            command.add_argument("--batch", type=positive, help="batch size (default: each network's own)")
             command.add_argument("--device", default=None, help="default: cuda if available, else cpu")
             command.add_argument("--bf16", action="store_true", help="autocast the network in bf16")
     return parser
@@ -698,8 +707,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     experiment = EXPERIMENTS[args.experiment]
     name = args.experiment
-    if args.seeds < 1:
-        raise SystemExit("study.py: error: --seeds must be >= 1")
     study = Study(
         name=name,
         quick=args.quick,
@@ -721,7 +728,12 @@ def main(argv: list[str] | None = None) -> None:
         unknown = sorted(set(study.networks or []) - set(step_cost_module().NETWORKS))
         if unknown:
             raise SystemExit(f"study.py: error: unknown --networks {' '.join(unknown)}")
-    experiment.run(study)
+    from dumo.errors import DumoError
+
+    try:
+        experiment.run(study)
+    except DumoError as error:  # a bad --set or config: one line, not a traceback
+        raise SystemExit(f"study.py: error: {error}") from None
 
 
 if __name__ == "__main__":

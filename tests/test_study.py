@@ -92,3 +92,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
     assert "no config" in result.stderr and "Traceback" not in result.stderr
+    command = [sys.executable, str(STUDY), "trajectories", "--quick", "--set", "train.no_such_key=1"]
+    result = subprocess.run([*command, "--out", str(tmp_path), "--runs", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "unknown config key 'train.no_such_key'" in result.stderr and "Traceback" not in result.stderr
