@@ -183,9 +183,11 @@ def test_a_rank_that_does_not_see_the_checkpoint_stops_every_rank_in_one_line(tm
     script = ROOT / "tests" / "helpers" / "train_node_local.py"
     result = torchrun(script, MOONS_CONFIG, tmp_path, *sets([*tiny, "train.steps=6"]))
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("dumo: error:")]
     folder = tmp_path / "node1" / "checkpoints"
-    assert f"dumo: error: rank 1 expected checkpoint step 3 in {folder} but it has none" in result.stderr, errors
-    assert "dumo: error: rank 0 stopped without resuming: rank 1 could not resume checkpoint step 3" in result.stderr
-    assert len(errors) == 2 and "src/dumo" not in result.stderr  # no traceback from dumo (torchrun prints its own)
+    assert f"dumo: error: rank 1 expected checkpoint step 3 in {folder} but it has none" in result.stderr
+    # Each rank prints one line, to the same stderr, so the two may share a line; rank 0's is missing only if
+    # torchrun, seeing rank 1 exit first, terminated rank 0 before it printed.
+    from_rank0 = result.stderr.count("dumo: error: rank 0 stopped without resuming: rank 1 could not resume checkpoint")
+    assert from_rank0 <= 1 and result.stderr.count("dumo: error:") == 1 + from_rank0, result.stderr[-2000:]
+    assert "src/dumo" not in result.stderr  # no traceback from dumo (torchrun prints its own)
     assert [p.name for p in list_checkpoints(tmp_path / "node0")] == ["step_00000003.safetensors"]  # nothing trained
