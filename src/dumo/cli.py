@@ -435,7 +435,7 @@ def inception_reference(args: argparse.Namespace, run, dist):
     if run.space.kind == "latents":
         raise UsageError("--ref is required for a latent-space run (make it with 'dumo fid-stats' on the images)")
     from dumo.evaluation import reference_images
-    from dumo.metrics.fid_stats import to_uint8
+    from dumo.metrics.inception import to_uint8
 
     images = reference_images(run.dataset, args.num)
     return inception, image_statistics(inception, len(images), lambda part: to_uint8(images[part]), dist, 100)

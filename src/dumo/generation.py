@@ -111,7 +111,7 @@ def stream_from_run(
     No rank holds more than one chunk of samples and one decode batch of float images at a time.
     """
     from dumo.evaluation import decoded_batches, sample_chunks
-    from dumo.metrics.fid_stats import to_uint8
+    from dumo.metrics.inception import to_uint8
 
     size = math.prod(run.space.shape) * 4
     check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
@@ -170,7 +170,7 @@ def read_pixels(source: str, num: int | None):
 
     from dumo.config import load_config
     from dumo.data import ImageDataset, LatentDataset, build_dataset
-    from dumo.metrics.fid_stats import to_uint8
+    from dumo.metrics.inception import to_uint8
     from dumo.run_dir import CONFIG_FILE
     from dumo.sample_files import open_npz_array
 

@@ -163,11 +163,6 @@ class StreamingScores:
         return {"fid": fid, "is": is_mean, "is_std": is_std}
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """Images in [0, 1] rounded to 8 bits (round half to even, as ``np.round``), on their device."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def inception_scores(network: InceptionNetwork, num: int, splits: int = IS_SPLITS) -> StreamingScores:
     """FID and IS of ``num`` images through torch-fidelity's Inception-v3, summed on its device."""
     return StreamingScores(network.embed, num, FEATURE_DIM, LOGITS_DIM, network.device, splits)

@@ -30,6 +30,11 @@ FEATURE_DIM = 2048
 LOGITS_DIM = 1008  # the TensorFlow Inception's 1008 classes (1000 of ImageNet, 8 unused)
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in [0, 1] rounded to 8 bits (round half to even, as ``np.round``), on their device."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 class MetricsError(DumoError):
     """Missing or unusable Inception weights or reference statistics."""
 
@@ -97,7 +102,7 @@ class InceptionNetwork:
         features, logits = [], []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size]
-            pool, logit = self.embed((chunk.float().clamp(0, 1) * 255).round().to(torch.uint8))
+            pool, logit = self.embed(to_uint8(chunk))
             features.append(pool.cpu())
             logits.append(logit.cpu())
         return torch.cat(features), torch.cat(logits)
