@@ -5,6 +5,7 @@
     .venv/bin/python experiments/study.py beta-grid       # Fig. 4c: t ~ Beta(theta1, theta2), log domain FD
     .venv/bin/python experiments/study.py multiplicity    # Sec. 4.3: DuMo's two heads vs three heads
     .venv/bin/python experiments/study.py table1          # Table 1: FM, Shortcut, MeanFlow, DuMo by NFE
+    .venv/bin/python experiments/study.py sweep           # fairness: lr x each method's key, best of each
     .venv/bin/python experiments/study.py trajectories    # Fig. 5/6: NFE 1..16 at two training stages
 
 Each writes ``table.md`` (command, machine and wall time in its header) and ``figure.png`` to
@@ -21,8 +22,10 @@ KEY=VALUE`` for every run (e.g. ``--set train.device=cuda``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
@@ -89,6 +92,8 @@ class Study:
     networks: list[str] | None = None
     batch: int | None = None
     bf16: bool = False
+    # table1 only: dataset -> method -> {"setting", "overrides"} (the sweep's best.json)
+    tuned: dict | None = None
 
     def config_path(self, dataset: str, name: str) -> Path:
         path = (
@@ -269,6 +274,7 @@ class Row:
     setting: str
     folders: list[Path]
     scores: list[dict[str, float]]
+    run: Run  # the setting (seed 0's run)
 
     def cell(self, key: str) -> str:
         values = [s[key] for s in self.scores if key in s]
@@ -292,7 +298,7 @@ def run_rows(study: Study, settings: list[tuple[str, Run]], evaluations: Callabl
     rows: dict[tuple, Row] = {}
     for (method, run), folder in zip(runs, folders):
         found = score(folder, evaluations(run), study.num_samples(run.dataset))
-        row = rows.setdefault((run.dataset, method, run.setting), Row(run.dataset, method, run.setting, [], []))
+        row = rows.setdefault((run.dataset, method, run.setting), Row(run.dataset, method, run.setting, [], [], run))
         row.folders.append(folder)
         row.scores.append(found)
     return list(rows.values())
@@ -342,6 +348,19 @@ def mosaic(images: np.ndarray, columns: int) -> np.ndarray:
     grid = np.clip(images[:n], 0, 1).reshape(rows, columns, c, h, w).transpose(0, 3, 1, 4, 2)
     grid = grid.reshape(rows * h, columns * w, c)
     return grid[..., 0] if c == 1 else grid
+
+
+def heat_map(figure, axis, grid: np.ndarray, rows: Sequence, columns: Sequence) -> None:
+    """``grid`` (log scores, lower is better) as a blue heat map with its values written in."""
+    image = axis.imshow(grid, cmap="Blues_r")
+    middle = (np.nanmin(grid) + np.nanmax(grid)) / 2
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            colour = "white" if value < middle else "black"  # readable on the deep-blue (better) cells
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    axis.set_xticks(range(len(columns)), [str(v) for v in columns])
+    axis.set_yticks(range(len(rows)), [str(v) for v in rows])
+    figure.colorbar(image, ax=axis)
 
 
 def sample_panels(rows: list[Row], path: Path, title: str, num: int = 16) -> None:
@@ -425,17 +444,10 @@ def beta_grid(study: Study) -> None:
     grid = np.array(logs).reshape(len(thetas1), len(thetas2))
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(1.2 * len(thetas2) + 2.5, 1.0 * len(thetas1) + 1.5))
-    image = axis.imshow(grid, cmap="Blues_r")
-    middle = (grid.min() + grid.max()) / 2
-    for (i, j), value in np.ndenumerate(grid):
-        colour = "white" if value < middle else "black"  # readable on the deep-blue (better) cells
-        axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
-    axis.set_xticks(range(len(thetas2)), [str(v) for v in thetas2])
-    axis.set_yticks(range(len(thetas1)), [str(v) for v in thetas1])
+    heat_map(figure, axis, grid, thetas1, thetas2)
     axis.set_xlabel("theta2")
     axis.set_ylabel("theta1")
     axis.set_title(f"DuMo, {dataset}: log {key} at 1 NFE", fontsize=9)
-    figure.colorbar(image)
     figure.tight_layout()
     study.out.mkdir(parents=True, exist_ok=True)
     figure.savefig(study.out / "figure.png", dpi=110)
@@ -460,8 +472,6 @@ def multiplicity(study: Study) -> None:
     for dataset in study.datasets:
         settings.append(("DuMo (v, u)", Run(dataset, "dumo", "two heads")))
         for variant, heads in (("meanflow", "v, m, u"), ("shortcut", "v, s, u")):
-            if dataset != "moons" and variant == "shortcut":
-                continue  # no three-heads-shortcut config for images
             settings.append((f"three heads ({heads})", Run(dataset, f"three-heads-{variant}", f"variant {variant}")))
     rows = run_rows(study, settings, lambda run: FEW_STEP)
     study.out.mkdir(parents=True, exist_ok=True)
@@ -480,28 +490,181 @@ TABLE1 = {
 
 
 def table1(study: Study) -> None:
-    """Table 1 in miniature: every method on the same network and step budget, scored by NFE."""
-    settings = [(method, Run(d, config, "-")) for d in study.datasets for method, (config, _) in TABLE1.items()]
+    """Table 1 in miniature: every method on the same network and step budget, scored by NFE; with
+    --tuned, each method with the setting the fairness sweep chose for it (its best.json)."""
+    settings = []
+    for dataset in study.datasets:
+        for method, (config, _) in TABLE1.items():
+            tuned = study.tuned.get(dataset, {}).get(method) if study.tuned is not None else None
+            if study.tuned is not None and tuned is None:
+                raise SystemExit(f"study.py: error: --tuned has no setting for {method} on {dataset}")
+            run = Run(dataset, config, "-")
+            if tuned is not None:
+                run = Run(dataset, config, tuned["setting"], tuple(tuned["overrides"]))
+            settings.append((method, run))
     by_config = {config: evaluations for config, evaluations in TABLE1.values()}
     rows = run_rows(study, settings, lambda run: by_config[run.config])
     lines = [
-        "Each method on the same network and step budget. "
+        "Each method on the same network and step budget"
+        + (" with the setting the fairness sweep chose for it" if study.tuned is not None else "")
+        + ". "
         + METRIC_TEXT
         + " Wall s / run: the training process's time, so a same-wall-clock comparison can be read off.",
         "",
-        "| dataset | method | NFE | score | class fidelity | seeds | steps | train s / run |",
-        "|---|---|---|---|---|---|---|---|",
+        *nfe_table(rows),
+    ]
+    study.out.mkdir(parents=True, exist_ok=True)
+    sample_panels(rows, study.out / "figure.png", "1-NFE samples (seed 0; Flow Matching: 1 Euler step)")
+    study.write(lines)
+
+
+def nfe_table(rows: Sequence[Row]) -> list[str]:
+    """A line per method and NFE (its TABLE1 evaluations): score, class fidelity, seeds, steps, wall."""
+    lines = [
+        "| dataset | method | setting | NFE | score | class fidelity | seeds | steps | train s / run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         key = metric(row.dataset)
         for name in TABLE1[row.method][1]:
             lines.append(
-                f"| {row.dataset} | {row.method} | {name.split()[0]} | {row.cell(f'{name}/{key}')} | "
+                f"| {row.dataset} | {row.method} | {row.setting} | {name.split()[0]} | {row.cell(f'{name}/{key}')} | "
                 f"{row.cell(f'{name}/fidelity')} | {len(row.scores)} | {row.steps()} | {row.seconds()} |"
             )
+    return lines
+
+
+#: The fairness sweep: every method gets the same learning rates and three values of its own key
+#: (Flow Matching has none); DuMo and MeanFlow then try the other adaptive power p at their best.
+SWEEP_LR = (1e-4, 3e-4, 1e-3)
+SWEEP_KEYS = {
+    "Flow Matching": None,
+    "DuMo": ("beta", (0.5, 0.7, 0.9)),
+    "MeanFlow": ("rho", (0.25, 0.5, 0.75)),
+    "Shortcut": ("bootstrap_fraction", (0.0625, 0.125, 0.25)),
+}
+ADAPTIVE_METHODS = ("DuMo", "MeanFlow")
+
+
+def selection_name(method: str) -> str:
+    """The evaluation a method is chosen by: Flow Matching's 50 Euler steps, the others' 1 NFE."""
+    return "50 NFE" if method == "Flow Matching" else "1 NFE"
+
+
+def best_row(rows: Sequence[Row]) -> Row:
+    """The row with the lowest selection score of seed 0; a diverged run (nan) is never chosen."""
+
+    def score_of(row: Row) -> float:
+        value = row.scores[0].get(f"{selection_name(row.method)}/{metric(row.dataset)}", math.nan)
+        return value if math.isfinite(value) else math.inf
+
+    return min(rows, key=score_of)
+
+
+def sweep_run(dataset: str, method: str, lr: float, key_value: float | None = None, p: float | None = None) -> Run:
+    config = TABLE1[method][0]
+    overrides, label = [f"optim.lr={lr}"], [f"lr = {lr}"]
+    if key_value is not None:
+        key = SWEEP_KEYS[method][0]
+        overrides.append(f"objective.{key}={key_value}")
+        label.append(f"{key} = {key_value}")
+    if p is not None:
+        overrides.append(f"objective.adaptive_p={p}")
+        label.append(f"p = {p}")
+    return Run(dataset, config, ", ".join(label), tuple(overrides))
+
+
+def sweep(study: Study) -> None:
+    """The same small sweep for every method at the same budget: learning rate x its own key, then
+    (DuMo, MeanFlow) the other adaptive power p at the best of those, on seed 0; the best of each
+    then over all seeds. Writes best.json, the chosen overrides that ``table1 --tuned`` reads."""
+    from dumo.config import load_config
+
+    rates = SWEEP_LR[1:] if study.quick else SWEEP_LR
+    first_seed = dataclasses.replace(study, seeds=1)
+
+    def evaluations(run: Run) -> dict[str, dict]:
+        return next(found for config, found in TABLE1.values() if config == run.config)
+
+    def own_values(method: str) -> tuple:
+        own = SWEEP_KEYS[method]
+        return (None,) if own is None else own[1][:1] if study.quick else own[1]
+
+    grid = [
+        (method, sweep_run(dataset, method, lr, value))
+        for dataset in study.datasets
+        for method in SWEEP_KEYS
+        for lr in rates
+        for value in own_values(method)
+    ]
+    tried: dict[tuple[str, str], list[Row]] = {}
+    for row in run_rows(first_seed, grid, evaluations):
+        tried.setdefault((row.dataset, row.method), []).append(row)
+    second = []
+    for (dataset, method), rows in tried.items():
+        if method in ADAPTIVE_METHODS:
+            best = best_row(rows).run
+            config = load_config(study.config_path(dataset, best.config), [*best.overrides, *study.sets])
+            other_p = 1.0 - min(config.objective.adaptive_p, 1.0)  # 0 <-> 1
+            overrides = (*best.overrides, f"objective.adaptive_p={other_p}")
+            flipped = dataclasses.replace(best, setting=f"{best.setting}, p = {other_p}", overrides=overrides)
+            second.append((method, flipped))
+    for row in run_rows(first_seed, second, evaluations):
+        tried[(row.dataset, row.method)].append(row)
+    chosen = {key: best_row(rows) for key, rows in tried.items()}
+    final = run_rows(study, [(method, row.run) for (_, method), row in chosen.items()], evaluations)
+
     study.out.mkdir(parents=True, exist_ok=True)
-    sample_panels(rows, study.out / "figure.png", "1-NFE samples (seed 0; Flow Matching: 1 Euler step)")
+    best = {}
+    for row in final:
+        best.setdefault(row.dataset, {})[row.method] = {"setting": row.setting, "overrides": list(row.run.overrides)}
+    (study.out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+    sweep_figure(tried, study.out / "figure.png")
+    lines = [
+        f"Every method with the same learning rates {', '.join(map(str, rates))} and three values of its own key, "
+        "at the same step budget, seed 0; DuMo and MeanFlow then with the other adaptive power p at their best "
+        "setting. Each is chosen by its 1-NFE score (Flow Matching by 50 Euler steps); the chosen setting is then "
+        f"trained with every seed. {METRIC_TEXT}",
+        "",
+        "## The sweep (seed 0)",
+        "",
+        "| dataset | method | setting | chosen by | score | chosen | steps | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (dataset, method), rows in tried.items():
+        for row in rows:
+            name = selection_name(method)
+            mark = "yes" if row is chosen[(dataset, method)] else ""
+            lines.append(
+                f"| {dataset} | {method} | {row.setting} | {name} | {row.cell(f'{name}/{metric(dataset)}')} | {mark} "
+                f"| {row.steps()} | {row.seconds()} |"
+            )
+    seeds = len(study.seed_list())
+    lines += ["", f"## The best of each ({seeds} seed{'s' if seeds > 1 else ''})", ""]
+    lines += nfe_table(final)
     study.write(lines)
+
+
+def sweep_figure(tried: dict[tuple[str, str], list[Row]], path: Path) -> None:
+    """One heat map per dataset and method: log selection score over learning rate x own key (seed 0)."""
+    plt = pyplot()
+    keys = list(tried)
+    figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for axis, (dataset, method) in zip(axes[0], keys):
+        rows = [row for row in tried[(dataset, method)] if "p = " not in row.setting]
+        rates = sorted({row.setting.split(",")[0] for row in rows}, key=lambda text: float(text.split("= ")[1]))
+        values = sorted({row.setting.split(", ", 1)[1] if ", " in row.setting else "-" for row in rows})
+        grid = np.full((len(rates), len(values)), np.nan)
+        name = f"{selection_name(method)}/{metric(dataset)}"
+        for row in rows:
+            rate, _, value = row.setting.partition(", ")
+            grid[rates.index(rate), values.index(value or "-")] = np.log(row.scores[0].get(name, np.nan))
+        heat_map(figure, axis, grid, rates, values)
+        axis.set_title(f"{method}, {dataset}: log {name}", fontsize=8)
+        axis.tick_params(labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def trajectories(study: Study) -> None:
@@ -661,6 +824,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     "beta-grid": Experiment(beta_grid, "Fig. 4c: DuMo over t ~ Beta(theta1, theta2), log domain FD", ("digits",)),
     "multiplicity": Experiment(multiplicity, "Sec. 4.3: DuMo vs three-head variants", ("moons", "digits")),
     "table1": Experiment(table1, "Table 1: FM, Shortcut, MeanFlow, DuMo by NFE", ("digits", "fashion_mnist")),
+    "sweep": Experiment(sweep, "the fairness sweep: learning rate x each method's own key, best of each", ("moons",)),
     "trajectories": Experiment(trajectories, "Fig. 5/6: NFE 1..16 at two training stages", ("digits",)),
 }
 
@@ -689,6 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override for every run"
             )
+            if name == "table1":
+                command.add_argument("--tuned", type=Path, help="best.json of `study.py sweep`: each method's setting")
             command.add_argument(
                 "--datasets",
                 nargs="+",
@@ -720,6 +886,10 @@ def main(argv: list[str] | None = None) -> None:
         sets=getattr(args, "sets", []),
         datasets=getattr(args, "datasets", None) or list(experiment.datasets),
     )
+    if getattr(args, "tuned", None) is not None:
+        if not args.tuned.is_file():
+            raise SystemExit(f"study.py: error: --tuned {args.tuned}: no such file")
+        study.tuned = json.loads(args.tuned.read_text())
     if not experiment.trains:
         import torch
 

@@ -232,6 +232,7 @@ def test_three_head_run_trains_and_samples_each_head_through_the_cli(tmp_path, c
         ("toy/moons-three-heads-meanflow.yaml", "m"),
         ("digits/three-heads-meanflow.yaml", "m"),
         ("toy/moons-three-heads-shortcut.yaml", "s"),
+        ("digits/three-heads-shortcut.yaml", "s"),
     ],
 )
 def test_three_head_configs_build_the_three_heads(path, third):

@@ -6,6 +6,7 @@ the commands that train the most runs are marked slow.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +84,9 @@ def test_table1_quick(tmp_path: Path) -> None:
     expected = [("Flow Matching", "1"), ("Flow Matching", "50"), ("Shortcut", "1"), ("Shortcut", "2")]
     expected += [("Shortcut", "4"), ("MeanFlow", "1"), ("MeanFlow", "2"), ("DuMo", "1"), ("DuMo", "2")]
     found = rows(table)
-    assert [(row[1], row[2]) for row in found] == expected
-    assert all(float(row[7]) > 0 for row in found)  # wall-clock per run
+    assert [(row[1], row[3]) for row in found] == expected
+    assert all(row[2] == "-" for row in found)  # each config's own setting
+    assert all(float(row[8]) > 0 for row in found)  # wall-clock per run
 
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
@@ -96,3 +98,71 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run([*command, "--out", str(tmp_path), "--runs", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode != 0
     assert "unknown config key 'train.no_such_key'" in result.stderr and "Traceback" not in result.stderr
+
+
+def load_study_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_chooses_the_lowest_selection_score_and_never_a_diverged_run() -> None:
+    study_module = load_study_module()
+
+    def row(method: str, setting: str, scores: dict) -> object:
+        run = study_module.Run("moons", "dumo", setting)
+        return study_module.Row("moons", method, setting, [], [scores], run)
+
+    rows = [
+        row("DuMo", "a", {"1 NFE/mmd": float("nan"), "2 NFE/mmd": 0.01}),
+        row("DuMo", "b", {"1 NFE/mmd": 0.30, "2 NFE/mmd": 0.05}),
+        row("DuMo", "c", {"1 NFE/mmd": 0.20, "2 NFE/mmd": 0.90}),
+    ]
+    assert study_module.best_row(rows).setting == "c"  # by 1 NFE, whatever 2 NFE says
+    fm = [
+        row("Flow Matching", "a", {"1 NFE/mmd": 0.1, "50 NFE/mmd": 0.5}),
+        row("Flow Matching", "b", {"1 NFE/mmd": 0.9, "50 NFE/mmd": 0.2}),
+    ]
+    assert study_module.best_row(fm).setting == "b"  # Flow Matching by its 50 Euler steps
+    run = study_module.sweep_run("moons", "MeanFlow", 1e-3, 0.5, 1.0)
+    assert run.config == "meanflow" and run.setting == "lr = 0.001, rho = 0.5, p = 1.0"
+    assert run.overrides == ("optim.lr=0.001", "objective.rho=0.5", "objective.adaptive_p=1.0")
+
+
+@pytest.mark.slow
+def test_sweep_quick_and_table1_reads_its_choice(tmp_path: Path) -> None:
+    table = study(tmp_path, "sweep")
+    sweep_part, _ = table.split("## The best of each")
+    tried = rows(sweep_part)
+    # Flow Matching and Shortcut: two learning rates; DuMo and MeanFlow: two, then the other p
+    assert [row[1] for row in tried] == ["Flow Matching"] * 2 + ["DuMo"] * 3 + ["MeanFlow"] * 3 + ["Shortcut"] * 2
+    assert tried[4][2].endswith("p = 1.0") and tried[7][2].endswith("p = 1.0")  # the moons configs have p = 0
+    for method in ("Flow Matching", "DuMo", "MeanFlow", "Shortcut"):
+        mine = [row for row in tried if row[1] == method]
+        chosen = [row for row in mine if row[5] == "yes"]
+        assert len(chosen) == 1 and float(chosen[0][4]) == min(float(row[4]) for row in mine)
+    best = json.loads((tmp_path / "out" / "best.json").read_text())["moons"]
+    assert best["DuMo"]["setting"] == next(row[2] for row in tried if row[1] == "DuMo" and row[5] == "yes")
+
+    def table1(tuned: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(STUDY), "table1", "--quick", "--datasets", "moons", "--tuned", str(tuned)]
+        command += ["--out", str(tmp_path / "t1"), "--runs", str(tmp_path / "runs"), "--samples", "64"]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    # table1 --tuned trains each method with the chosen overrides: the sweep's runs, nothing new
+    logs = sorted(p.name for p in (tmp_path / "runs").glob("*.log"))
+    result = table1(tmp_path / "out" / "best.json")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.log")) == logs
+    assert f"| moons | DuMo | {best['DuMo']['setting']} | 1 |" in (tmp_path / "t1" / "table.md").read_text()
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps({"moons": {"DuMo": best["DuMo"]}}))
+    result = table1(missing)
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip().splitlines()[-1] == "study.py: error: --tuned has no setting for Flow Matching on moons"
+    )
