@@ -215,3 +215,14 @@ def test_snapshots_and_throughput_under_fsdp_on_two_ranks(tmp_path):
     rows = read_rows(run / "train_log.csv")
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert all(float(r["images_per_sec"]) == pytest.approx(32 * float(r["steps_per_sec"])) for r in rows)
+
+
+def test_shortcut_step_flops_count_its_self_consistency_rows_as_a_share_of_the_batch():
+    costs = {}
+    for fraction in (0.125, 0.25):
+        config = small_dit({"name": "shortcut", "bootstrap_fraction": fraction})
+        costs[fraction] = count_step_cost(config, (4, 8, 8), 10).flops_per_image
+    one_pass = forward_flops(config)
+    # each self-consistency row adds two no-grad passes (the two half steps): 1/8 more rows, 1/4 pass more
+    assert costs[0.25] - costs[0.125] == pytest.approx(2 * 0.125 * one_pass, rel=1e-6)
+    assert costs[0.125] == pytest.approx(3 * one_pass + 2 * 0.125 * one_pass, rel=0.05)

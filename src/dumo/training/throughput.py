@@ -117,6 +117,9 @@ class StepCost:
     fixed_activation_bytes: float | None = None
 
 
+COUNTED_BATCH = 64
+
+
 @contextlib.contextmanager
 def _fixed_times(objective) -> Iterator[None]:
     """Times t = 0.5 instead of a random draw (the Beta sampler has no fake-tensor kernel; the cost
@@ -172,9 +175,12 @@ def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activation
                     output.loss.backward()
             return counter.get_total_flops(), saved
 
-        flops, saved_one = step(1, backward=True)
-        cost = StepCost(float(flops), parameters)
+        # Counted on a batch of COUNTED_BATCH rows so that a share of the batch (Shortcut's 1/8
+        # self-consistency rows) comes out as in training; a batch of 1 would give it every row.
+        flops, _ = step(COUNTED_BATCH, backward=True)
+        cost = StepCost(float(flops) / COUNTED_BATCH, parameters)
         if activations:
+            _, saved_one = step(1, backward=False)
             _, saved_two = step(2, backward=False)
             cost.activation_bytes_per_image = float(saved_two - saved_one)
             cost.fixed_activation_bytes = float(max(2 * saved_one - saved_two, 0))
