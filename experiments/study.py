@@ -87,6 +87,7 @@ class Study:
     sets: list[str]
     datasets: list[str]
     started: float = field(default_factory=time.perf_counter)
+    used: set[Path] = field(default_factory=set)  # the run folders behind the tables, trained now or before
     # throughput only: step_cost.py's settings
     device: str = "cpu"
     networks: list[str] | None = None
@@ -119,6 +120,7 @@ class Study:
     def train(self, run: Run, extra: Sequence[str] = ()) -> Path:
         """``dumo train`` in its own process (one thread); a finished run is left as it is."""
         folder = self.folder(run)
+        self.used.add(folder)
         if (folder / "study.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,11 @@ class Study:
     def seed_list(self) -> range:
         return range(1 if self.quick else self.seeds)
 
+    def process_seconds(self) -> float:
+        """The training processes' seconds of every run behind the tables, including runs trained by
+        an earlier invocation (a resumed study's wall time leaves those out)."""
+        return sum(json.loads((folder / "study.json").read_text())["process_seconds"] for folder in self.used)
+
     def write(self, lines: list[str]) -> None:
         """table.md with the command, the machine and the wall time above ``lines``."""
         import torch
@@ -163,7 +170,12 @@ class Study:
             "",
             f"Command: `{shlex.join(['python', 'experiments/study.py', *sys.argv[1:]])}`  ",
             f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {device}, torch {torch.__version__}  ",
-            f"Wall time: {time.perf_counter() - self.started:.0f} s"
+            f"Wall time: {time.perf_counter() - self.started:.0f} s this invocation"
+            + (
+                f"; its {len(self.used)} runs' training processes took {self.process_seconds():.0f} s"
+                if self.used
+                else ""
+            )
             + (" (quick form: a smoke test, not a result)" if self.quick else ""),
             "",
         ]
