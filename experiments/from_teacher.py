@@ -519,8 +519,14 @@ def main() -> None:
     TABLE_ONLY = getattr(args, "table_only", False)
     if args.stage not in ("derivative", "coupling"):
         args.out = args.out or ROOT / "experiments" / "results" / "from_teacher" / args.dataset
-    stages = {"stability": stability, "results": results, "guidance": guidance, "derivative": derivative}
-    {**stages, "coupling": coupling}[args.stage](args)
+    stages = {
+        "stability": stability,
+        "results": results,
+        "guidance": guidance,
+        "derivative": derivative,
+        "coupling": coupling,
+    }
+    stages[args.stage](args)
 
 
 if __name__ == "__main__":

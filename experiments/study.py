@@ -501,21 +501,25 @@ TABLE1 = {
 }
 
 
+def table1_evaluations(run: Run) -> dict[str, dict]:
+    """The evaluations TABLE1 lists for the method of ``run``'s config."""
+    return next(evaluations for config, evaluations in TABLE1.values() if config == run.config)
+
+
 def table1(study: Study) -> None:
     """Table 1 in miniature: every method on the same network and step budget, scored by NFE; with
     --tuned, each method with the setting the fairness sweep chose for it (its best.json)."""
     settings = []
     for dataset in study.datasets:
         for method, (config, _) in TABLE1.items():
-            tuned = study.tuned.get(dataset, {}).get(method) if study.tuned is not None else None
-            if study.tuned is not None and tuned is None:
-                raise SystemExit(f"study.py: error: --tuned has no setting for {method} on {dataset}")
             run = Run(dataset, config, "-")
-            if tuned is not None:
+            if study.tuned is not None:
+                tuned = study.tuned.get(dataset, {}).get(method)
+                if tuned is None:
+                    raise SystemExit(f"study.py: error: --tuned has no setting for {method} on {dataset}")
                 run = Run(dataset, config, tuned["setting"], tuple(tuned["overrides"]))
             settings.append((method, run))
-    by_config = {config: evaluations for config, evaluations in TABLE1.values()}
-    rows = run_rows(study, settings, lambda run: by_config[run.config])
+    rows = run_rows(study, settings, table1_evaluations)
     lines = [
         "Each method on the same network and step budget"
         + (" with the setting the fairness sweep chose for it" if study.tuned is not None else "")
@@ -595,9 +599,6 @@ def sweep(study: Study) -> None:
     rates = SWEEP_LR[1:] if study.quick else SWEEP_LR
     first_seed = dataclasses.replace(study, seeds=1)
 
-    def evaluations(run: Run) -> dict[str, dict]:
-        return next(found for config, found in TABLE1.values() if config == run.config)
-
     def own_values(method: str) -> tuple:
         own = SWEEP_KEYS[method]
         return (None,) if own is None else own[1][:1] if study.quick else own[1]
@@ -610,7 +611,7 @@ def sweep(study: Study) -> None:
         for value in own_values(method)
     ]
     tried: dict[tuple[str, str], list[Row]] = {}
-    for row in run_rows(first_seed, grid, evaluations):
+    for row in run_rows(first_seed, grid, table1_evaluations):
         tried.setdefault((row.dataset, row.method), []).append(row)
     second = []
     for (dataset, method), rows in tried.items():
@@ -621,17 +622,17 @@ def sweep(study: Study) -> None:
             overrides = (*best.overrides, f"objective.adaptive_p={other_p}")
             flipped = dataclasses.replace(best, setting=f"{best.setting}, p = {other_p}", overrides=overrides)
             second.append((method, flipped))
-    for row in run_rows(first_seed, second, evaluations):
+    for row in run_rows(first_seed, second, table1_evaluations):
         tried[(row.dataset, row.method)].append(row)
     chosen = {key: best_row(rows) for key, rows in tried.items()}
-    final = run_rows(study, [(method, row.run) for (_, method), row in chosen.items()], evaluations)
+    final = run_rows(study, [(method, row.run) for (_, method), row in chosen.items()], table1_evaluations)
 
     study.out.mkdir(parents=True, exist_ok=True)
     best = {}
     for row in final:
         best.setdefault(row.dataset, {})[row.method] = {"setting": row.setting, "overrides": list(row.run.overrides)}
     (study.out / "best.json").write_text(json.dumps(best, indent=1) + "\n")
-    sweep_figure(tried, study.out / "figure.png")
+    sweep_figure(tried, rates, own_values, study.out / "figure.png")
     lines = [
         f"Every method with the same learning rates {', '.join(map(str, rates))} and three values of its own key, "
         "at the same step budget, seed 0; DuMo and MeanFlow then with the other adaptive power p at their best "
@@ -657,21 +658,24 @@ def sweep(study: Study) -> None:
     study.write(lines)
 
 
-def sweep_figure(tried: dict[tuple[str, str], list[Row]], path: Path) -> None:
+def sweep_figure(
+    tried: dict[tuple[str, str], list[Row]], rates: Sequence[float], own_values: Callable[[str], tuple], path: Path
+) -> None:
     """One heat map per dataset and method: log selection score over learning rate x own key (seed 0)."""
     plt = pyplot()
-    keys = list(tried)
-    figure, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
-    for axis, (dataset, method) in zip(axes[0], keys):
-        rows = [row for row in tried[(dataset, method)] if "p = " not in row.setting]
-        rates = sorted({row.setting.split(",")[0] for row in rows}, key=lambda text: float(text.split("= ")[1]))
-        values = sorted({row.setting.split(", ", 1)[1] if ", " in row.setting else "-" for row in rows})
-        grid = np.full((len(rates), len(values)), np.nan)
+    figure, axes = plt.subplots(1, len(tried), figsize=(3.2 * len(tried), 3.2), squeeze=False)
+    for axis, ((dataset, method), rows) in zip(axes[0], tried.items()):
+        by_run = {row.run: row for row in rows}
+        values = own_values(method)
         name = f"{selection_name(method)}/{metric(dataset)}"
-        for row in rows:
-            rate, _, value = row.setting.partition(", ")
-            grid[rates.index(rate), values.index(value or "-")] = np.log(row.scores[0].get(name, np.nan))
-        heat_map(figure, axis, grid, rates, values)
+        grid = np.array(
+            [
+                [np.log(by_run[sweep_run(dataset, method, lr, value)].scores[0].get(name, np.nan)) for value in values]
+                for lr in rates
+            ]
+        )
+        key = SWEEP_KEYS[method][0] if SWEEP_KEYS[method] else None
+        heat_map(figure, axis, grid, [f"lr = {lr}" for lr in rates], [f"{key} = {v}" if key else "-" for v in values])
         axis.set_title(f"{method}, {dataset}: log {name}", fontsize=8)
         axis.tick_params(labelsize=7)
     figure.tight_layout()
