@@ -140,11 +140,14 @@ def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
 
 
 def last_step(run_dir: Path) -> int:
-    """The step a run's latest checkpoint holds (an export of it: the last step of its training log)."""
+    """The step a run's latest checkpoint (or an export's weights) holds."""
+    from safetensors import safe_open
+
     from dumo.training.checkpoint import list_checkpoints
 
-    if not (run_dir / "checkpoints").is_dir() and (run_dir / "train_log.csv").is_file():
-        return max(read_log(run_dir, "step"))
+    if not (run_dir / "checkpoints").is_dir():  # an export (dumo export): the step is in its metadata
+        with safe_open(run_dir / "model.safetensors", "pt") as weights:
+            return int(weights.metadata()["step"])
     return int(list_checkpoints(run_dir)[-1].stem.split("_")[1])
 
 
