@@ -36,3 +36,29 @@ def test_coupling_of_an_untrained_model_is_the_identity(tmp_path: Path) -> None:
     assert [row[1].strip() for row in rows] == ["50 Euler", "1 NFE"]
     for row in rows:
         assert abs(float(row[2]) - 1.0) < 1e-4 and abs(float(row[3]) - 1.0) < 1e-4  # slope, correlation
+
+
+def test_last_step_reads_a_run_and_its_export_alike(tmp_path: Path) -> None:
+    import importlib.util
+
+    run, export = tmp_path / "run", tmp_path / "export"
+    command = [
+        sys.executable,
+        "-m",
+        "dumo",
+        "train",
+        str(ROOT / "configs" / "toy" / "moons-fm.yaml"),
+        "--out",
+        str(run),
+    ]
+    command += ["--set", "train.steps=3", "--set", "train.eval_samples=64"]
+    assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "dumo", "export", str(run), str(export)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    spec = importlib.util.spec_from_file_location("from_teacher", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.last_step(run) == 3
+    assert module.last_step(export) == 3  # an export has no checkpoints: the step its weights record
