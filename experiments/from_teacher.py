@@ -143,12 +143,12 @@ def last_step(run_dir: Path) -> int:
     """The step a run's latest checkpoint (or an export's weights) holds."""
     from safetensors import safe_open
 
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.training.checkpoint import checkpoint_step, list_checkpoints
 
     if not (run_dir / "checkpoints").is_dir():  # an export (dumo export): the step is in its metadata
         with safe_open(run_dir / "model.safetensors", "pt") as weights:
             return int(weights.metadata()["step"])
-    return int(list_checkpoints(run_dir)[-1].stem.split("_")[1])
+    return checkpoint_step(list_checkpoints(run_dir)[-1])
 
 
 def read_log(run_dir: Path, column: str) -> dict[int, float]:
@@ -409,7 +409,7 @@ def derivative(args: argparse.Namespace) -> None:
     from dumo.models import build_model
     from dumo.objectives import DuMoConfig, DuMoObjective, TimeConfig
     from dumo.run import load_run
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.training.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint, unprefixed
 
     torch.set_num_threads(2)
     run_dir = args.run_dir
@@ -431,8 +431,6 @@ def derivative(args: argparse.Namespace) -> None:
     z = torch.randn(x.shape, generator=generator)
     for checkpoint in list_checkpoints(run_dir):
         model = build_model(run.config.model, dataset.shape, ("v", "u"), run.num_classes)
-        from dumo.training.checkpoint import load_checkpoint, unprefixed
-
         model.load_state_dict(unprefixed(load_checkpoint(checkpoint)[0], "model."))
         model.eval()
         cells = []
@@ -451,7 +449,7 @@ def derivative(args: argparse.Namespace) -> None:
             rms_v = (scale * along_v).square().mean().sqrt().item()
             error = ((fd - exact).norm() / exact.norm().clamp(min=1e-12)).item()
             cells.append(f"{rms:.3g} / {rms_v:.3g} ({error:.0%})")
-        lines.append(f"| {checkpoint.stem.split('_')[1].lstrip('0') or '0'} | " + " | ".join(cells) + " |")
+        lines.append(f"| {checkpoint_step(checkpoint)} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 
 

@@ -199,9 +199,9 @@ def training_time(folder: Path) -> dict[str, float]:
 
 
 def last_step(folder: Path, checkpoint: int = -1) -> int:
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.training.checkpoint import checkpoint_step, list_checkpoints
 
-    return int(list_checkpoints(folder)[checkpoint].stem.split("_")[1])
+    return checkpoint_step(list_checkpoints(folder)[checkpoint])
 
 
 def metric(dataset: str) -> str:
