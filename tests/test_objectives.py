@@ -7,6 +7,7 @@ import torch
 from conftest import PointMassOracle, batch_of, small_model
 
 from dumo.data.batch import Batch
+from dumo.errors import ConfigError
 from dumo.models.output import ModelOutput
 from dumo.objectives import (
     DuMoConfig,
@@ -105,6 +106,58 @@ def test_dumo_targets_on_an_analytic_model(derivative, tolerance):
     interior = ((t > 0.005) & (t < 0.995)).squeeze(1)  # the stencil is one-sided at the ends
     assert torch.allclose(out.targets["du_dt"][interior], du_dt[interior], atol=tolerance, rtol=0)
     assert torch.allclose(out.targets["u"][interior], (z - x - t * du_dt)[interior], atol=tolerance, rtol=0)
+
+
+class LinearODE(torch.nn.Module):
+    """v(x, t) = a x, and u(x, t) = x (1 - exp(-b t)) / t: the exact flow map to t = 0 of dx/dt = b x
+    (x_0 = exp(-b t) x_t), so u is the flow map of its own v-head when a = b."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x, t, r=None, labels=None):
+        t = t.reshape(-1, 1).to(x.dtype)
+        return ModelOutput(v=self.a * x, u=-torch.expm1(-self.b * t) / t * x)
+
+
+@pytest.mark.parametrize("derivative,tolerance", [("jvp", 1e-10), ("finite_difference", 1e-4)])
+def test_u_velocity_v_head_makes_the_v_heads_flow_map_a_fixed_point(derivative, tolerance):
+    """With u_velocity v_head the target of u is the v-head's ODE flow map, exactly, for any data:
+    no conditional noise z - x enters it (with the paper's conditional velocity it does)."""
+    batch = Batch(x=torch.randn(64, 3, dtype=torch.float64))
+    config = dict(derivative=derivative, epsilon=0.005, time=MIDDLE)
+    out = run(DuMoObjective(DuMoConfig(u_velocity="v_head", **config)), LinearODE(0.7, 0.7), batch)
+    x_t, t = out.targets["x_t"], out.targets["t"].reshape(-1, 1).double()
+    flow_map = -torch.expm1(-0.7 * t) / t * x_t
+    assert torch.allclose(out.targets["u"], flow_map, atol=tolerance, rtol=0)
+    conditional = run(DuMoObjective(DuMoConfig(**config)), LinearODE(0.7, 0.7), batch)
+    assert (conditional.targets["u"] - flow_map).abs().max() > 0.1
+    # the v-loss still regresses on the conditional velocity z - x, whatever u_velocity is
+    assert torch.equal(out.targets["v"], conditional.targets["v"])
+
+
+@pytest.mark.parametrize("derivative,tolerance", [("jvp", 1e-10), ("finite_difference", 1e-4)])
+def test_u_velocity_teacher_distils_the_teachers_ode_not_the_v_head(derivative, tolerance):
+    batch = Batch(x=torch.randn(64, 3, dtype=torch.float64))
+    config = DuMoConfig(u_velocity="teacher", derivative=derivative, epsilon=0.005, time=MIDDLE)
+    student = LinearODE(a=0.2, b=0.7)  # its u is the flow map of the teacher's field, not of its own v
+    out = run(DuMoObjective(config), student, batch, teacher_model=LinearODE(a=0.7, b=0.0))
+    x_t, t = out.targets["x_t"], out.targets["t"].reshape(-1, 1).double()
+    assert torch.allclose(out.targets["u"], -torch.expm1(-0.7 * t) / t * x_t, atol=tolerance, rtol=0)
+    own = run(DuMoObjective(DuMoConfig(u_velocity="v_head", derivative=derivative, time=MIDDLE)), student, batch)
+    assert (own.targets["u"] - out.targets["u"]).abs().max() > 0.1
+
+
+def test_u_velocity_options_are_checked():
+    assert DuMoObjective(DuMoConfig(u_velocity="teacher")).wants_teacher()
+    assert not DuMoObjective(DuMoConfig(u_velocity="v_head")).wants_teacher()
+    with pytest.raises(ValueError, match="needs the frozen teacher"):
+        run(DuMoObjective(DuMoConfig(u_velocity="teacher")), small_model(), batch_of(8))
+    with pytest.raises(ConfigError, match="derivative_direction applies to u_velocity conditional only"):
+        DuMoConfig(u_velocity="v_head", derivative_direction="guided").validate("objective")
+    with pytest.raises(ConfigError, match="zeta must be 0 with u_velocity teacher"):
+        DuMoConfig(u_velocity="teacher", zeta=0.5).validate("objective")
 
 
 def test_stencil_stays_inside_the_interval_and_is_exact_for_linear_functions():

@@ -18,6 +18,17 @@ once v_tgt is guided):
 - ``v_head``: the network's own velocity sg(v_theta(x_t, t)), guided like v_tgt when zeta > 0:
   the ODE direction itself, as in consistency distillation, with no per-sample noise. It costs
   nothing extra: v_theta comes from the pass with gradients.
+
+Which velocity the flow-map target is built from (``u_velocity``; the v-loss always regresses on
+v_tgt):
+
+- ``conditional``: v_tgt, as in the paper's Eq. (8) (consistency training). The target of u then
+  carries the per-sample noise (z - x - v) of the conditional velocity.
+- ``v_head``: the network's own sg(v_theta(x_t, t)), differentiated along itself: u_tgt is a
+  deterministic function of x_t, and u's fixed point is the flow map of the v-head's ODE
+  (self-distillation, at no extra cost).
+- ``teacher``: the frozen teacher's velocity (train.init_from), differentiated along itself:
+  consistency distillation of the teacher's ODE (one more no-grad pass).
 """
 
 from __future__ import annotations
@@ -52,10 +63,22 @@ class DuMoConfig(FewStepConfig):
     name: Literal["dumo"] = "dumo"
     beta: float = 0.7  # weight of the velocity loss; 1 - beta on the flow-map loss
     derivative_direction: Literal["conditional", "guided", "v_head"] = "conditional"  # see the module docstring
+    u_velocity: Literal["conditional", "v_head", "teacher"] = "conditional"  # see the module docstring
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         require(0.0 <= self.beta <= 1.0, f"{prefix}.beta must be in [0, 1]; got {self.beta}")
+        if self.u_velocity != "conditional":
+            # the derivative follows the same velocity, so u is that field's flow map
+            require(
+                self.derivative_direction == "conditional",
+                f"{prefix}.derivative_direction applies to u_velocity conditional only; with u_velocity "
+                f"{self.u_velocity} du/dt is taken along that velocity",
+            )
+            require(
+                self.zeta == 0,
+                f"{prefix}.zeta must be 0 with u_velocity {self.u_velocity} (guidance is not implemented for it)",
+            )
 
 
 def flow_map_target(v_target: Tensor, t: Tensor, du_dt: Tensor) -> Tensor:
@@ -69,6 +92,9 @@ class DuMoObjective(FewStepObjective):
     time_inputs = 1
     default_sampler = "flow_map"
     config: DuMoConfig
+
+    def wants_teacher(self) -> bool:
+        return super().wants_teacher() or self.config.u_velocity == "teacher"
 
     def __call__(
         self,
@@ -109,7 +135,11 @@ class DuMoObjective(FewStepObjective):
             if guided and kept is None:
                 kept = labels != self.null_label
             # Without guidance the "guided" direction is the conditional path itself.
-            along_target = cfg.derivative_direction == "v_head" or (guided and cfg.derivative_direction == "guided")
+            along_target = (
+                cfg.u_velocity != "conditional"
+                or cfg.derivative_direction == "v_head"
+                or (guided and cfg.derivative_direction == "guided")
+            )
             # The no-grad passes are independent of each other unless the stencil follows a guided
             # velocity (it needs the unconditional pass first) or guidance uses another network:
             # otherwise u at t +- e and the unconditional v at t run as one batched call.
@@ -119,7 +149,13 @@ class DuMoObjective(FewStepObjective):
             if separate_guidance:
                 unconditional = guidance_model(x_t, t, labels=self.null_labels(labels)).v
                 v_target = self.guide(v_target, out.v.detach(), unconditional, kept, t)
-            if cfg.derivative_direction == "v_head":
+            if cfg.u_velocity == "v_head":
+                map_velocity = at_least_fp32(out.v.detach())
+            elif cfg.u_velocity == "teacher":
+                map_velocity = at_least_fp32(teacher_model(x_t, t, labels=labels).v)
+            if cfg.u_velocity != "conditional":
+                direction = map_velocity.to(x.dtype)
+            elif cfg.derivative_direction == "v_head":
                 direction = at_least_fp32(out.v.detach())
                 if guided:
                     direction = self.guide(direction, out.v.detach(), unconditional, kept, t)
@@ -153,7 +189,9 @@ class DuMoObjective(FewStepObjective):
 
                 _, du_dt = time_derivative_jvp(flow_map, x_t, t, direction)
             du_dt = self.clamp(du_dt)
-            u_target = flow_map_target(v_target, t, du_dt)
+            # the velocity u's target is built from (v_target is final only here: guidance may come last)
+            map_velocity = v_target if cfg.u_velocity == "conditional" else map_velocity
+            u_target = flow_map_target(map_velocity, t, du_dt)
 
         loss_v = squared_error(out.v, v_target)
         loss_u = squared_error(out.u, u_target)
