@@ -52,7 +52,8 @@ def test_last_step_reads_a_run_and_its_export_alike(tmp_path: Path) -> None:
         str(run),
     ]
     command += ["--set", "train.steps=3", "--set", "train.eval_samples=64"]
-    assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+    trained = subprocess.run(command, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
     result = subprocess.run(
         [sys.executable, "-m", "dumo", "export", str(run), str(export)], capture_output=True, text=True
     )

@@ -446,6 +446,40 @@ def test_meanflow_guided_target_matches_formula(derivative, tolerance):
     assert torch.allclose(out.targets["u"], u_target, atol=tolerance, rtol=0)
 
 
+class LinearAverageVelocity(torch.nn.Module):
+    """u(x, t, r) = x (1 - exp(-b (t - r))) / (t - r), b x on the diagonal: the exact average
+    velocity from t to r of dx/dt = b x."""
+
+    def __init__(self, b):
+        super().__init__()
+        self.b = b
+
+    def forward(self, x, t, r=None, labels=None):
+        gap = (t - r).reshape(-1, 1).to(x.dtype)
+        safe = torch.where(gap > 0, gap, torch.ones_like(gap))
+        return ModelOutput(u=torch.where(gap > 0, -torch.expm1(-self.b * safe) / safe, self.b) * x)
+
+
+@pytest.mark.parametrize("derivative,tolerance", [("jvp", 1e-10), ("finite_difference", 1e-4)])
+def test_meanflow_u_velocity_teacher_makes_the_teachers_average_velocity_a_fixed_point(derivative, tolerance):
+    """Distilled from a teacher whose velocity is b x, the exact average velocity of that field is its
+    own target on and off the diagonal, for any data; with the conditional velocity it is not."""
+    batch = Batch(x=torch.randn(64, 3, dtype=torch.float64))
+    config = dict(derivative=derivative, epsilon=0.005, rho=0.5, time=MIDDLE)
+    student, teacher = LinearAverageVelocity(0.7), LinearAverageVelocity(0.7)
+    objective = MeanFlowObjective(MeanFlowConfig(u_velocity="teacher", **config))
+    out = run(objective, student, batch, teacher_model=teacher)
+    t, r = out.targets["t"].double(), out.targets["r"].double()
+    expected = student(out.targets["x_t"], t, r).u
+    assert (t > r).any() and (t == r).any()
+    assert torch.allclose(out.targets["u"], expected, atol=tolerance, rtol=0)
+    conditional = run(MeanFlowObjective(MeanFlowConfig(**config)), student, batch)
+    assert (conditional.targets["u"] - expected).abs().max() > 0.1
+    assert objective.wants_teacher() and not MeanFlowObjective(MeanFlowConfig(**config)).wants_teacher()
+    with pytest.raises(ConfigError, match="zeta must be 0 with u_velocity teacher"):
+        MeanFlowConfig(u_velocity="teacher", zeta=0.5).validate("objective")
+
+
 def test_meanflow_with_rho_one_is_flow_matching_on_the_u_head():
     model = small_model(heads=("u",), time_inputs=2)
     batch = batch_of(32)

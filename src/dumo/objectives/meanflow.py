@@ -40,10 +40,18 @@ class MeanFlowConfig(FewStepConfig):
     name: Literal["meanflow"] = "meanflow"
     derivative: Literal["finite_difference", "jvp"] = "jvp"  # MeanFlow's own choice
     rho: float = 0.75  # fraction of samples with r = t (the velocity ratio)
+    # The velocity of the target (and the tangent of du/dt): the conditional z - x (MeanFlow's own,
+    # consistency training) or the frozen teacher's u(x_t, t, t) of a run started with train.init_from
+    # (distillation: no per-sample noise in the target). DuMo's key of the same name.
+    u_velocity: Literal["conditional", "teacher"] = "conditional"
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)
         require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
+        require(
+            self.u_velocity == "conditional" or self.zeta == 0,
+            f"{prefix}.zeta must be 0 with u_velocity {self.u_velocity} (guidance is not implemented for it)",
+        )
 
 
 def draw_average_velocity_times(
@@ -67,6 +75,9 @@ class MeanFlowObjective(FewStepObjective):
     time_inputs = 2
     default_sampler = "meanflow"
     config: MeanFlowConfig
+
+    def wants_teacher(self) -> bool:
+        return super().wants_teacher() or self.config.u_velocity == "teacher"
 
     def sample_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
         """(t, r) with r <= t: two draws sorted, then r = t on a fraction rho of rows."""
@@ -122,6 +133,10 @@ class MeanFlowObjective(FewStepObjective):
                     (conditional,) = forward_many(target_model, [conditional_request], batched=False)
                     (unconditional,) = forward_many(guidance_model, [unconditional_request], batched=False)
                 v_target = self.guide(v_target, conditional.u, unconditional.u, kept, t)
+
+        if cfg.u_velocity == "teacher":
+            with torch.no_grad():
+                v_target = at_least_fp32(teacher_model(x_t, t, r=t, labels=labels).u)
 
         def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
             return model(x_in, t_in, r=r_in, labels=labels).u
