@@ -252,6 +252,12 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[i
     """(objective, label, overrides, seeds) of the fine-tuning runs of ``results``, most important first."""
     seeds = args.seeds
     found = [("dumo", "zeta 0", ["objective.zeta=0"], seeds), ("meanflow", "zeta 0", ["objective.zeta=0"], seeds)]
+    # the flow-map target built from the frozen teacher's velocity (distillation), both methods
+    distilled = ["objective.zeta=0", "objective.u_velocity=teacher"]
+    found += [
+        ("dumo", "zeta 0, teacher velocity", distilled, seeds),
+        ("meanflow", "zeta 0, teacher velocity", distilled, seeds),
+    ]
     if args.dataset == "moons":  # unconditional: no guidance
         return found
     zeta = f"objective.zeta={args.zeta}"
@@ -259,7 +265,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[i
         label = f"zeta {args.zeta}, {direction} direction"
         extra = [zeta, f"objective.derivative_direction={direction}"]
         found.append(("dumo", label, extra, seeds if direction == "conditional" else args.direction_seeds or seeds))
-    found.insert(3, ("meanflow", f"zeta {args.zeta}", [zeta], seeds))
+    found.insert(5, ("meanflow", f"zeta {args.zeta}", [zeta], seeds))
     return found[: args.variants] if args.variants else found
 
 
