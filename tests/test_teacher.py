@@ -182,9 +182,10 @@ def test_a_source_with_another_time_scale_is_refused(tmp_path):
     ).run()
 
 
-def test_teacher_networks_need_init_from(tmp_path):
-    with pytest.raises(ConfigError, match="need train.init_from"):
-        Trainer(tiny_toy("dumo", steps=1, objective__target_network="teacher"), tmp_path / "run")
+@pytest.mark.parametrize("key", ["target_network", "u_velocity"])
+def test_teacher_networks_need_init_from(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"objective.{key}=teacher needs train.init_from"):
+        Trainer(tiny_toy("dumo", steps=1, **{f"objective__{key}": "teacher"}), tmp_path / "run")
 
 
 # -- the objectives with a teacher and with the guided direction -------------------------------

@@ -171,10 +171,10 @@ class Trainer:
         self.num_classes = conditioning_classes(self.dataset, config.data)
         self.objective = build_objective(config.objective, self.num_classes)
         if self.objective.wants_teacher() and config.train.init_from is None:
-            raise ConfigError(
-                "objective.target_network=teacher and objective.guidance_network=teacher need train.init_from "
-                "(the teacher is the frozen initial weights)"
-            )
+            asking = [f"objective.{key}=teacher" for key, value in vars(config.objective).items() if value == "teacher"]
+            named = " and ".join(asking) or "this objective"
+            verb = "need" if len(asking) > 1 else "needs"
+            raise ConfigError(f"{named} {verb} train.init_from (the teacher is the frozen initial weights)")
         self.teacher: nn.Module | None = None  # set in run(): from init_from, or from the run folder on resume
         self.model = self.build_plain_model().to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
