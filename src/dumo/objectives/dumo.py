@@ -149,11 +149,12 @@ class DuMoObjective(FewStepObjective):
             if separate_guidance:
                 unconditional = guidance_model(x_t, t, labels=self.null_labels(labels)).v
                 v_target = self.guide(v_target, out.v.detach(), unconditional, kept, t)
+            map_velocity = None  # the velocity of u's target where it is not v_target (u_velocity)
             if cfg.u_velocity == "v_head":
                 map_velocity = at_least_fp32(out.v.detach())
             elif cfg.u_velocity == "teacher":
                 map_velocity = at_least_fp32(teacher_model(x_t, t, labels=labels).v)
-            if cfg.u_velocity != "conditional":
+            if map_velocity is not None:
                 direction = map_velocity.to(x.dtype)
             elif cfg.derivative_direction == "v_head":
                 direction = at_least_fp32(out.v.detach())
@@ -189,9 +190,8 @@ class DuMoObjective(FewStepObjective):
 
                 _, du_dt = time_derivative_jvp(flow_map, x_t, t, direction)
             du_dt = self.clamp(du_dt)
-            # the velocity u's target is built from (v_target is final only here: guidance may come last)
-            map_velocity = v_target if cfg.u_velocity == "conditional" else map_velocity
-            u_target = flow_map_target(map_velocity, t, du_dt)
+            # v_target is final only here: guidance may come after the batched passes
+            u_target = flow_map_target(v_target if map_velocity is None else map_velocity, t, du_dt)
 
         loss_v = squared_error(out.v, v_target)
         loss_u = squared_error(out.u, u_target)
