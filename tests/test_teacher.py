@@ -87,6 +87,49 @@ def test_dumo_to_flow_matching_drops_the_u_head_and_says_so():
     assert weights.dropped == ["head u"]
 
 
+def tiny_dit(heads, head_blocks=0, seed=0):
+    from dumo.models import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    config = ModelConfig(name="DiT-XS/4", hidden_dim=32, depth=3, num_heads=2, head_blocks=head_blocks)
+    model = build_model(config, (1, 8, 8), heads, CLASSES)
+    with torch.no_grad():  # away from the zero initialisation, so every tensor matters
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("head_blocks", [1, 3])
+def test_a_shared_trunk_maps_onto_heads_with_their_own_blocks(head_blocks):
+    """model.head_blocks k: the teacher's last k blocks become each head's own, so both heads of the
+    student compute the teacher's velocity at step 0; the trunk keeps the first 3 - k blocks."""
+    teacher, student = tiny_dit(("v",)), tiny_dit(("v", "u"), head_blocks, seed=1)
+    weights = fit_weights(teacher.state_dict(), student, "copy_v")
+    student.load_state_dict(weights.state)
+    assert len(student.backbone.blocks) == 3 - head_blocks and len(student.heads["u"].blocks) == head_blocks
+    last_block = teacher.state_dict()["backbone.blocks.2.attn.qkv.weight"]
+    for head in ("v", "u"):
+        assert torch.equal(student.state_dict()[f"heads.{head}.blocks.{head_blocks - 1}.attn.qkv.weight"], last_block)
+    x, t, labels = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4) % CLASSES
+    expected, out = teacher(x, t, labels=labels).v, student(x, t, labels=labels)
+    assert torch.allclose(out.v, expected, atol=1e-6) and torch.allclose(out.u, expected, atol=1e-6)
+    # the heads' blocks are separate parameters: training one head leaves the other's path alone
+    assert student.heads["v"].blocks[0].mlp[0].weight is not student.heads["u"].blocks[0].mlp[0].weight
+    # continuation of a model with its own head blocks copies every tensor
+    again = tiny_dit(("v", "u"), head_blocks, seed=2)
+    again.load_state_dict(fit_weights(student.state_dict(), again).state)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), again.state_dict().values()))
+
+
+def test_head_blocks_are_checked():
+    from dumo.models import ModelConfig
+
+    with pytest.raises(ConfigError, match=r"model.head_blocks must be in \[0, depth = 4\]; got 5"):
+        ModelConfig(name="DiT-XS/4", head_blocks=5).validate("model")
+    with pytest.raises(ConfigError, match="model.head_blocks applies to DiT models only"):
+        ModelConfig(name="mlp", head_blocks=1).validate("model")
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

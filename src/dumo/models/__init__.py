@@ -43,6 +43,10 @@ class ModelConfig:
     position_order: Literal["rows_first", "columns_first"] = "rows_first"
     # With train.init_from a model whose source has no u-head: copy the v-head (u = v at step 0) or keep zeros.
     u_head_init: Literal["copy_v", "zero"] = "copy_v"
+    # DiT: the last head_blocks of the `depth` blocks are private to each head instead of shared (0: the
+    # paper's heads, a duplicated final layer). Each head's path keeps the full depth, so init_from maps a
+    # shared-trunk checkpoint onto it exactly; the trunk's last blocks run once per head.
+    head_blocks: int = 0
 
     def validate(self, prefix: str) -> None:
         require(
@@ -68,8 +72,13 @@ class ModelConfig:
         )
         if self.name in ("mlp", "unet"):
             require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
+            require(self.head_blocks == 0, f"{prefix}.head_blocks applies to DiT models only")
         else:
             size = self.dit_size()
+            require(
+                0 <= self.head_blocks <= size.depth,
+                f"{prefix}.head_blocks must be in [0, depth = {size.depth}]; got {self.head_blocks}",
+            )
             require(
                 size.hidden_dim % size.num_heads == 0 and size.hidden_dim % 4 == 0,
                 f"{prefix}.hidden_dim ({size.hidden_dim}) must be divisible by 4 and by num_heads ({size.num_heads})",
@@ -100,10 +109,11 @@ def build_model(
     if dit is not None:
         size, patch = config.dit_size(), dit[1]
         channels, resolution = data_shape[0], data_shape[1]
+        shared = DiTSize(size.hidden_dim, size.depth - config.head_blocks, size.num_heads)
         backbone = DiTBackbone(
             resolution,
             channels,
-            size,
+            shared,
             patch,
             num_classes,
             time_inputs,
@@ -118,6 +128,8 @@ def build_model(
             patch_size=patch,
             out_channels=channels,
             grid=backbone.grid,
+            blocks=config.head_blocks,
+            num_heads=size.num_heads,
         )
     if config.name == "unet":
         backbone = UNetBackbone(

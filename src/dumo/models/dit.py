@@ -10,6 +10,7 @@ finite-difference target get PyTorch's fused kernels.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,19 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+def initialise_blocks(modules: Iterable[nn.Module]) -> None:
+    """DiT's initialisation: Xavier linear layers, and adaLN-zero (each block starts as the identity)."""
+    modules = list(modules)
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    for block in modules:
+        if isinstance(block, DiTBlock):
+            nn.init.zeros_(block.modulation[-1].weight)
+            nn.init.zeros_(block.modulation[-1].bias)
+
+
 class DiTBackbone(nn.Module):
     """Patchify, add positions, run the blocks; returns token features and the conditioning."""
 
@@ -128,10 +142,7 @@ class DiTBackbone(nn.Module):
         self.initialise()
 
     def initialise(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+        initialise_blocks(self.modules())
         weight = self.patch_embedding.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.zeros_(self.patch_embedding.bias)
@@ -141,9 +152,6 @@ class DiTBackbone(nn.Module):
                 nn.init.normal_(embedding.mlp[2].weight, std=0.02)
         if self.conditioning.label is not None:
             nn.init.normal_(self.conditioning.label.table.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation[-1].weight)
-            nn.init.zeros_(block.modulation[-1].bias)
 
     def forward(
         self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
@@ -156,11 +164,26 @@ class DiTBackbone(nn.Module):
 
 
 class DiTHead(nn.Module):
-    """DiT's final layer (adaLN + linear to patch pixels, zero-initialised) and unpatchify."""
+    """DiT's final layer (adaLN + linear to patch pixels, zero-initialised) and unpatchify.
 
-    def __init__(self, hidden_dim: int, patch_size: int, out_channels: int, grid: int):
+    ``blocks``: transformer blocks of this head's own (model.head_blocks; none in the paper's DiT).
+    FlowModel runs them on the trunk's tokens before calling the head, under the run's autocast,
+    and the final layer in fp32."""
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        patch_size: int,
+        out_channels: int,
+        grid: int,
+        blocks: int = 0,
+        num_heads: int = 1,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.patch_size, self.out_channels, self.grid = patch_size, out_channels, grid
+        self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, mlp_ratio) for _ in range(blocks))
+        initialise_blocks(self.blocks.modules())
         self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
         self.linear = nn.Linear(hidden_dim, patch_size * patch_size * out_channels)

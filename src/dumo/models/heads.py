@@ -54,12 +54,20 @@ class FlowModel(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
         features, cond = self.backbone(x, t, r=r, labels=labels)
-        # The heads run in fp32 even under bf16 autocast: the finite-difference target divides the
+        # A head's own transformer blocks (DiT model.head_blocks) run like the trunk, under the caller's autocast.
+        per_head = {name: run_blocks(getattr(head, "blocks", ()), features, cond) for name, head in self.heads.items()}
+        # The output layers run in fp32 even under bf16 autocast: the finite-difference target divides the
         # difference of two head outputs by 2e ~ 0.01, which would magnify bf16 rounding ~100x.
         # They are a small share of the compute (one linear layer per head).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            features, cond = at_least_fp32(features), at_least_fp32(cond)
-            return ModelOutput({name: head(features, cond) for name, head in self.heads.items()})
+            cond = at_least_fp32(cond)
+            return ModelOutput({name: head(at_least_fp32(per_head[name]), cond) for name, head in self.heads.items()})
+
+
+def run_blocks(blocks, features: Tensor, cond: Tensor) -> Tensor:
+    for block in blocks:
+        features = block(features, cond)
+    return features
 
 
 def check_head_names(heads: tuple[str, ...]) -> None:

@@ -8,7 +8,9 @@ The mapping between objectives is explicit, tensor by tensor:
   keeps its zero initialisation (``zero``);
 - Flow Matching -> MeanFlow: the backbone is copied and the v-head becomes the average-velocity
   head; the new interval embedding (of t - r) gets a zero output layer, so at step 0
-  u(x, r, t) = v(x, t) for every r, the teacher's velocity.
+  u(x, r, t) = v(x, t) for every r, the teacher's velocity;
+- a shared trunk -> a DiT with ``model.head_blocks`` k: the source's last k blocks become each
+  head's own blocks (every head's path computes what the source computed at step 0).
 
 Anything else that does not fit (a missing backbone tensor, a shape that differs) is refused
 with one line naming the first such tensor.
@@ -16,6 +18,7 @@ with one line naming the first such tensor.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,8 @@ RUN_CONFIG = "config.yaml"
 U_HEAD = "heads.u."
 V_HEAD = "heads.v."
 INTERVAL = "backbone.conditioning.interval."
+BLOCKS = "backbone.blocks."
+HEAD_BLOCK = re.compile(r"heads\.\w+\.blocks\.(\d+)\.(.+)")
 
 
 @dataclass
@@ -94,9 +99,14 @@ def fit_weights(
     result = InitialWeights(state, Path(origin))
     used: set[str] = set()
     u_from_v = zeroed_interval = False
+    # model.head_blocks: head block i is trunk block (shared depth + i) of a shared-trunk source
+    shared_depth = len({k.split(".")[2] for k in expected if k.startswith(BLOCKS)})
     for key, target in expected.items():
+        head_block = HEAD_BLOCK.fullmatch(key)
         if key in source:
             name = key
+        elif head_block and f"{BLOCKS}{shared_depth + int(head_block[1])}.{head_block[2]}" in source:
+            name = f"{BLOCKS}{shared_depth + int(head_block[1])}.{head_block[2]}"
         elif key.startswith(U_HEAD) and V_HEAD + key[len(U_HEAD) :] in source:
             name = V_HEAD + key[len(U_HEAD) :]
             if has_v_head and u_head_init == "zero":
