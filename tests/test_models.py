@@ -48,3 +48,26 @@ def test_time_embedding_is_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(3, 2), torch.rand(3))
     assert features == [torch.float32]
+
+
+def test_head_blocks_run_under_autocast_and_the_output_layers_in_fp32():
+    """model.head_blocks: a head's own blocks cost what the trunk's cost (bf16 matmuls under autocast);
+    only the final layers run in fp32 (the finite difference divides head outputs by 2e)."""
+    model = build_model(
+        ModelConfig(name="DiT-XS/4", hidden_dim=32, depth=2, num_heads=2, head_blocks=1), (1, 8, 8), ("v", "u")
+    )
+    dtypes = {}
+    for name, head in model.heads.items():
+        head.blocks[0].mlp[0].register_forward_hook(
+            lambda m, a, out, name=name: dtypes.update({f"{name} block": out.dtype})
+        )
+        head.linear.register_forward_hook(lambda m, a, out, name=name: dtypes.update({f"{name} output": out.dtype}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(3, 1, 8, 8), torch.rand(3))
+    assert dtypes == {
+        "v block": torch.bfloat16,
+        "u block": torch.bfloat16,
+        "v output": torch.float32,
+        "u output": torch.float32,
+    }
+    assert out.v.dtype == out.u.dtype == torch.float32
