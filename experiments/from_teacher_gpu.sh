@@ -8,7 +8,9 @@
 # teachers: three Flow Matching teachers (configs/fashion_mnist/fm.yaml, 20,000 steps) side by side.
 # students: DuMo and MeanFlow fine-tuned from each teacher in TEACHERS_DIR (a WORK_DIR or EXPORT_DIR
 # of the first phase) with the *-from-fm.yaml configs, at most half the steps the teacher reached
-# (10,000 for a finished one), six runs side by side.
+# (10,000 for a finished one), six runs side by side. Extra overrides per method, space-separated:
+#   DUMO_SET="objective.u_velocity=teacher model.head_blocks=1" MEANFLOW_SET="optim.lr=0.0001" bash ... students ...
+# (runs keep their names: give each set of overrides its own WORK_DIR and EXPORT_DIR).
 # A phase takes about SECONDS + 30 s (start-up, then the export; 305 s of teachers took 332 s on an H200).
 # A run that runs out of time stops cleanly with a checkpoint (train.max_minutes) and resumes when the
 # same phase is run again on the same WORK_DIR. Every run's EMA weights are then exported
@@ -63,8 +65,11 @@ students)
         steps=$(($(reached "$start") / 2))
         [ "$steps" -gt 0 ] || { echo "$start: no teacher weights"; exit 1; }
         for method in dumo meanflow; do
+            extra=DUMO_SET
+            [ "$method" = meanflow ] && extra=MEANFLOW_SET
+            # shellcheck disable=SC2086 # word splitting: one override per word
             train "configs/fashion_mnist/$method-from-fm.yaml" "$work/$method-zeta0-s$seed" "train.init_from=$start" \
-                "train.seed=$seed" "objective.zeta=0" "train.steps=$((steps < 10000 ? steps : 10000))" &
+                "train.seed=$seed" "objective.zeta=0" "train.steps=$((steps < 10000 ? steps : 10000))" ${!extra:-} &
         done
     done
     ;;
