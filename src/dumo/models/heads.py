@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -64,7 +66,7 @@ class FlowModel(nn.Module):
             return ModelOutput({name: head(at_least_fp32(per_head[name]), cond) for name, head in self.heads.items()})
 
 
-def run_blocks(blocks, features: Tensor, cond: Tensor) -> Tensor:
+def run_blocks(blocks: Iterable[nn.Module], features: Tensor, cond: Tensor) -> Tensor:
     for block in blocks:
         features = block(features, cond)
     return features

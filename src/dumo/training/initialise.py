@@ -103,10 +103,11 @@ def fit_weights(
     shared_depth = len({k.split(".")[2] for k in expected if k.startswith(BLOCKS)})
     for key, target in expected.items():
         head_block = HEAD_BLOCK.fullmatch(key)
+        trunk_key = head_block and f"{BLOCKS}{shared_depth + int(head_block[1])}.{head_block[2]}"
         if key in source:
             name = key
-        elif head_block and f"{BLOCKS}{shared_depth + int(head_block[1])}.{head_block[2]}" in source:
-            name = f"{BLOCKS}{shared_depth + int(head_block[1])}.{head_block[2]}"
+        elif trunk_key in source:
+            name = trunk_key
         elif key.startswith(U_HEAD) and V_HEAD + key[len(U_HEAD) :] in source:
             name = V_HEAD + key[len(U_HEAD) :]
             if has_v_head and u_head_init == "zero":
