@@ -16,7 +16,8 @@ are kept in its folder (scores.json), so the tables can be rebuilt at no cost.
   weighting), guidance off; writes stability.md (u-loss over steps and final scores).
 - ``results``: per seed, the teacher (configs/DATASET/fm.yaml), DuMo and MeanFlow fine-tuned from
   it (configs/DATASET/{dumo,meanflow}-from-fm.yaml), without guidance and with the configs'
-  guidance; writes results.md (mean +- std over seeds) and sample grids.
+  guidance, and on images DuMo with a private last block per head and adaptive weight 0.75;
+  writes results.md (mean +- std over seeds) and sample grids.
 - ``guidance``: domain FD against class fidelity for training-time guidance (zeta) and for
   classifier-free guidance at sampling (scale w) on the zeta = 0 model; writes guidance.png/.md.
 """
@@ -258,14 +259,17 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[i
         ("dumo", "zeta 0, teacher velocity", distilled, seeds),
         ("meanflow", "zeta 0, teacher velocity", distilled, seeds),
     ]
-    if args.dataset == "moons":  # unconditional: no guidance
+    if args.dataset == "moons":  # unconditional, and an MLP: no guidance, no private head blocks
         return found
+    # README "Giving the heads their own blocks": a private last block per head, adaptive weight 0.75
+    private = ["objective.zeta=0", "model.head_blocks=1", "objective.adaptive_p=0.75"]
+    found.append(("dumo", "zeta 0, own head block, p 0.75", private, seeds))
     zeta = f"objective.zeta={args.zeta}"
     for direction in ("conditional", "guided", "v_head"):
         label = f"zeta {args.zeta}, {direction} direction"
         extra = [zeta, f"objective.derivative_direction={direction}"]
         found.append(("dumo", label, extra, seeds if direction == "conditional" else args.direction_seeds or seeds))
-    found.insert(5, ("meanflow", f"zeta {args.zeta}", [zeta], seeds))
+    found.insert(6, ("meanflow", f"zeta {args.zeta}", [zeta], seeds))
     return found[: args.variants] if args.variants else found
 
 

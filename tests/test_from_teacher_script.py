@@ -6,8 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "from_teacher.py"
+
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("from_teacher", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_coupling_of_an_untrained_model_is_the_identity(tmp_path: Path) -> None:
@@ -39,8 +50,6 @@ def test_coupling_of_an_untrained_model_is_the_identity(tmp_path: Path) -> None:
 
 
 def test_last_step_reads_a_run_and_its_export_alike(tmp_path: Path) -> None:
-    import importlib.util
-
     run, export = tmp_path / "run", tmp_path / "export"
     command = [
         sys.executable,
@@ -58,8 +67,30 @@ def test_last_step_reads_a_run_and_its_export_alike(tmp_path: Path) -> None:
         [sys.executable, "-m", "dumo", "export", str(run), str(export)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    spec = importlib.util.spec_from_file_location("from_teacher", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script()
     assert module.last_step(run) == 3
     assert module.last_step(export) == 3  # an export has no checkpoints: the step its weights record
+
+
+@pytest.mark.parametrize("dataset", ["moons", "digits", "fashion_mnist"])
+def test_every_results_variant_is_a_config_that_builds(dataset: str) -> None:
+    # A variant's overrides are applied by `dumo train` only when the (long) study runs: check here
+    # that each one names real keys and values for its dataset's config and that the network builds.
+    import argparse
+
+    import torch
+
+    from dumo.config import load_config
+    from dumo.models import build_model
+    from dumo.objectives import build_objective
+
+    module = load_script()
+    args = argparse.Namespace(dataset=dataset, seeds=[0], zeta=0.5, direction_seeds=None, variants=None)
+    found = module.variants(args)
+    assert len({(method, label) for method, label, _, _ in found}) == len(found)
+    for method, _, extra, _ in found:
+        config = load_config(module.config_path(dataset, f"{method}-from-fm"), extra)
+        objective = build_objective(config.objective)
+        classes = config.data.expected_classes() if config.data.conditional else 0
+        with torch.device("meta"):
+            build_model(config.model, config.data.expected_shape(), objective.heads, classes, objective.time_inputs)
