@@ -269,7 +269,8 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[i
         label = f"zeta {args.zeta}, {direction} direction"
         extra = [zeta, f"objective.derivative_direction={direction}"]
         found.append(("dumo", label, extra, seeds if direction == "conditional" else args.direction_seeds or seeds))
-    found.insert(6, ("meanflow", f"zeta {args.zeta}", [zeta], seeds))
+        if direction == "conditional":  # MeanFlow under the same guidance, before the other directions
+            found.append(("meanflow", f"zeta {args.zeta}", [zeta], seeds))
     return found[: args.variants] if args.variants else found
 
 

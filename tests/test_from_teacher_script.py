@@ -81,8 +81,7 @@ def test_every_results_variant_is_a_config_that_builds(dataset: str) -> None:
     import torch
 
     from dumo.config import load_config
-    from dumo.models import build_model
-    from dumo.objectives import build_objective
+    from dumo.network import build_network
 
     module = load_script()
     args = argparse.Namespace(dataset=dataset, seeds=[0], zeta=0.5, direction_seeds=None, variants=None)
@@ -90,7 +89,6 @@ def test_every_results_variant_is_a_config_that_builds(dataset: str) -> None:
     assert len({(method, label) for method, label, _, _ in found}) == len(found)
     for method, _, extra, _ in found:
         config = load_config(module.config_path(dataset, f"{method}-from-fm"), extra)
-        objective = build_objective(config.objective)
         classes = config.data.expected_classes() if config.data.conditional else 0
         with torch.device("meta"):
-            build_model(config.model, config.data.expected_shape(), objective.heads, classes, objective.time_inputs)
+            build_network(config, config.data.expected_shape(), classes)
