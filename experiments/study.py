@@ -32,6 +32,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -148,9 +149,23 @@ class Study:
         return folder
 
     def train_all(self, runs: Sequence[Run], extra: Sequence[str] = ()) -> list[Path]:
+        """Train ``runs``, ``jobs`` at a time. After a failed run no new run starts (the pool would
+        otherwise go through the whole queue, hours of training, before the error is reported); runs
+        already under way finish and are reused by the next invocation."""
         print(f"{self.name}: {len(runs)} runs, {self.jobs} at once, in {self.runs}", flush=True)
+        failed = threading.Event()
+
+        def train_unless_failed(run: Run) -> Path | None:
+            if failed.is_set():
+                return None  # never returned: a run starts after the failed one, so its error comes first
+            try:
+                return self.train(run, extra)
+            except BaseException:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(lambda run: self.train(run, extra), runs))
+            return list(pool.map(train_unless_failed, runs))
 
     def seed_list(self) -> range:
         return range(1 if self.quick else self.seeds)

@@ -104,6 +104,29 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert "unknown config key 'train.no_such_key'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_failed_run_stops_the_queue(tmp_path: Path) -> None:
+    """After a run fails, no queued run starts: the error comes at once, not after the whole queue."""
+    study_module = load_study_module()
+    study = study_module.Study(
+        name="beta-grid",
+        quick=True,
+        out=tmp_path / "out",
+        runs=tmp_path / "runs",
+        seeds=1,
+        steps=None,
+        samples=None,
+        jobs=1,
+        config_dir=ROOT / "configs",
+        sets=[],
+        datasets=["moons"],
+    )
+    runs = [study_module.Run("moons", "dumo", f"beta = {beta}", (f"objective.beta={beta}",)) for beta in (5, 6, 7)]
+    with pytest.raises(SystemExit, match="training failed"):
+        study.train_all(runs)
+    assert sorted(path.name for path in (tmp_path / "runs").glob("*.log")) == ["moons-dumo-beta-5-s0.log"]
+    assert "beta must be in [0, 1]" in (tmp_path / "runs" / "moons-dumo-beta-5-s0.log").read_text()
+
+
 def load_study_module():
     import importlib.util
 
