@@ -1,4 +1,7 @@
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -72,3 +75,12 @@ TINY_MOONS = [
     "train.log_every=1",
     "train.progress=false",
 ]
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script of experiments/ or benchmarks/ as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -7,18 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "from_teacher.py"
-
-
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("from_teacher", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_coupling_of_an_untrained_model_is_the_identity(tmp_path: Path) -> None:
@@ -67,7 +59,7 @@ def test_last_step_reads_a_run_and_its_export_alike(tmp_path: Path) -> None:
         [sys.executable, "-m", "dumo", "export", str(run), str(export)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    module = load_script()
+    module = load_script(SCRIPT)
     assert module.last_step(run) == 3
     assert module.last_step(export) == 3  # an export has no checkpoints: the step its weights record
 
@@ -83,7 +75,7 @@ def test_every_results_variant_is_a_config_that_builds(dataset: str) -> None:
     from dumo.config import load_config
     from dumo.network import build_network
 
-    module = load_script()
+    module = load_script(SCRIPT)
     args = argparse.Namespace(dataset=dataset, seeds=[0], zeta=0.5, direction_seeds=None, variants=None)
     found = module.variants(args)
     assert len({(method, label) for method, label, _, _ in found}) == len(found)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "study.py"
@@ -106,7 +107,7 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
 
 def test_a_failed_run_stops_the_queue(tmp_path: Path) -> None:
     """After a run fails, no queued run starts: the error comes at once, not after the whole queue."""
-    study_module = load_study_module()
+    study_module = load_script(STUDY)
     study = study_module.Study(
         name="beta-grid",
         quick=True,
@@ -127,18 +128,8 @@ def test_a_failed_run_stops_the_queue(tmp_path: Path) -> None:
     assert "beta must be in [0, 1]" in (tmp_path / "runs" / "moons-dumo-beta-5-s0.log").read_text()
 
 
-def load_study_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("study", STUDY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sweep_chooses_the_lowest_selection_score_and_never_a_diverged_run() -> None:
-    study_module = load_study_module()
+    study_module = load_script(STUDY)
 
     def row(method: str, setting: str, scores: dict) -> object:
         run = study_module.Run("moons", "dumo", setting)
