@@ -521,18 +521,33 @@ def table1_evaluations(run: Run) -> dict[str, dict]:
     return next(evaluations for config, evaluations in TABLE1.values() if config == run.config)
 
 
+#: table1 keeps a checkpoint at each third of the budget and scores all three, so that a table at a
+#: short budget shows whether the methods' curves have flattened (one-step quality keeps improving
+#: long after multi-step Flow Matching has converged)
+CURVE_POINTS = 3
+
+
+def curve_overrides(study: Study, dataset: str) -> tuple[str, ...]:
+    """Checkpoints at each ``CURVE_POINTS``-th of the dataset's step budget, all of them kept."""
+    steps = load_steps(study.config_path(dataset, "dumo"), [*study.budget(), *study.sets])
+    every = max(1, math.ceil(steps / CURVE_POINTS))
+    return (f"train.checkpoint_every={every}", f"train.keep_checkpoints={CURVE_POINTS}")
+
+
 def table1(study: Study) -> None:
-    """Table 1 in miniature: every method on the same network and step budget, scored by NFE; with
-    --tuned, each method with the setting the fairness sweep chose for it (its best.json)."""
+    """Table 1 in miniature: every method on the same network and step budget, scored by NFE, and
+    the same scores at each third of the budget; with --tuned, each method with the setting the
+    fairness sweep chose for it (its best.json)."""
     settings = []
     for dataset in study.datasets:
+        checkpoints = curve_overrides(study, dataset)
         for method, (config, _) in TABLE1.items():
-            run = Run(dataset, config, "-")
+            run = Run(dataset, config, "-", checkpoints)
             if study.tuned is not None:
                 tuned = study.tuned.get(dataset, {}).get(method)
                 if tuned is None:
                     raise SystemExit(f"study.py: error: --tuned has no setting for {method} on {dataset}")
-                run = Run(dataset, config, tuned["setting"], tuple(tuned["overrides"]))
+                run = Run(dataset, config, tuned["setting"], (*tuned["overrides"], *checkpoints))
             settings.append((method, run))
     rows = run_rows(study, settings, table1_evaluations)
     lines = [
@@ -543,10 +558,64 @@ def table1(study: Study) -> None:
         + " Wall s / run: the training process's time, so a same-wall-clock comparison can be read off.",
         "",
         *nfe_table(rows),
+        "",
+        *curve_table(study, rows, study.out / "curve.png"),
     ]
     study.out.mkdir(parents=True, exist_ok=True)
     sample_panels(rows, study.out / "figure.png", "1-NFE samples (seed 0; Flow Matching: 1 Euler step)")
     study.write(lines)
+
+
+def curve_table(study: Study, rows: Sequence[Row], path: Path) -> list[str]:
+    """Each row's TABLE1 scores at its kept checkpoints (up to CURVE_POINTS, the last one is the main
+    table's), as a table and as score-against-step lines in ``path``, one panel per dataset."""
+    from dumo.training.checkpoint import list_checkpoints
+
+    curves: dict[tuple[str, str, str], dict[int, list[float]]] = {}  # (dataset, method, NFE) -> step -> scores
+    for row in rows:
+        key = metric(row.dataset)
+        for folder in row.folders:
+            kept = min(CURVE_POINTS, len(list_checkpoints(folder)))
+            for position in range(-kept, 0):
+                found = score(folder, table1_evaluations(row.run), study.num_samples(row.dataset), position)
+                step = last_step(folder, position)
+                for name in TABLE1[row.method][1]:
+                    curve = curves.setdefault((row.dataset, row.method, name.split()[0]), {})
+                    curve.setdefault(step, []).append(found[f"{name}/{key}"])
+    lines = [
+        "## Quality against training steps",
+        "",
+        "The same scores at the checkpoints kept at each third of the budget (the last is the table above's), "
+        "mean ± std over seeds; where they still fall steeply, the budget is too short to rank the methods "
+        f"({path.name}).",
+        "",
+        "| dataset | method | NFE | score by step |",
+        "|---|---|---|---|",
+    ]
+    for (dataset, method, nfe), curve in curves.items():
+        points = ", ".join(f"{step}: {mean_std(values)}" for step, values in sorted(curve.items()))
+        lines.append(f"| {dataset} | {method} | {nfe} | {points} |")
+    plt = pyplot()
+    datasets = list(dict.fromkeys(dataset for dataset, _, _ in curves))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        for (name, method, nfe), curve in curves.items():
+            if name != dataset:
+                continue
+            steps = sorted(curve)
+            means = [statistics.mean(curve[s]) for s in steps]
+            spread = [statistics.stdev(curve[s]) if len(curve[s]) > 1 else 0.0 for s in steps]
+            axis.errorbar(steps, means, yerr=spread, marker="o", capsize=2, label=f"{method}, {nfe} NFE")
+        axis.set_yscale("log")
+        axis.set_xlabel("training step")
+        axis.set_ylabel(metric(dataset))
+        axis.set_title(dataset)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return lines
 
 
 def nfe_table(rows: Sequence[Row]) -> list[str]:

@@ -86,12 +86,22 @@ def test_multiplicity_quick(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_table1_quick(tmp_path: Path) -> None:
     table = study(tmp_path, "table1", "--datasets", "digits")
+    main_part, curve_part = table.split("## Quality against training steps")
     expected = [("Flow Matching", "1"), ("Flow Matching", "50"), ("Shortcut", "1"), ("Shortcut", "2")]
     expected += [("Shortcut", "4"), ("MeanFlow", "1"), ("MeanFlow", "2"), ("DuMo", "1"), ("DuMo", "2")]
-    found = rows(table)
+    found = rows(main_part)
     assert [(row[1], row[3]) for row in found] == expected
     assert all(row[2] == "-" for row in found)  # each config's own setting
     assert all(float(row[8]) > 0 for row in found)  # wall-clock per run
+    # the curve: checkpoints at thirds of the 20 quick steps, the last one scored as in the main table
+    curves = rows(curve_part)
+    assert [(row[1], row[2]) for row in curves] == expected
+    for curve, main in zip(curves, found):
+        points = [point.split(": ") for point in curve[3].split(", ")]
+        assert [int(step) for step, _ in points] == [7, 14, 20]
+        assert points[-1][1] == main[4]
+        assert len({value for _, value in points}) == 3  # three different checkpoints, not one scored thrice
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 1000
 
 
 def test_bad_input_is_one_line(tmp_path: Path) -> None:
