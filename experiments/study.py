@@ -597,7 +597,7 @@ def curve_table(study: Study, rows: Sequence[Row], path: Path) -> list[str]:
         lines.append(f"| {dataset} | {method} | {nfe} | {points} |")
     plt = pyplot()
     datasets = list(dict.fromkeys(dataset for dataset, _, _ in curves))
-    figure, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         for (name, method, nfe), curve in curves.items():
             if name != dataset:
@@ -610,7 +610,7 @@ def curve_table(study: Study, rows: Sequence[Row], path: Path) -> list[str]:
         axis.set_xlabel("training step")
         axis.set_ylabel(metric(dataset))
         axis.set_title(dataset)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the curves fill the axes
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
