@@ -528,7 +528,8 @@ CURVE_POINTS = 3
 
 
 def curve_overrides(study: Study, dataset: str) -> tuple[str, ...]:
-    """Checkpoints at each ``CURVE_POINTS``-th of the dataset's step budget, all of them kept."""
+    """Checkpoints at each ``CURVE_POINTS``-th of the dataset's step budget (DuMo's config's: Table 1
+    gives every method the same), all of them kept."""
     steps = load_steps(study.config_path(dataset, "dumo"), [*study.budget(), *study.sets])
     every = max(1, math.ceil(steps / CURVE_POINTS))
     return (f"train.checkpoint_every={every}", f"train.keep_checkpoints={CURVE_POINTS}")
@@ -599,8 +600,8 @@ def curve_table(study: Study, rows: Sequence[Row], path: Path) -> list[str]:
     datasets = list(dict.fromkeys(dataset for dataset, _, _ in curves))
     figure, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
-        for (name, method, nfe), curve in curves.items():
-            if name != dataset:
+        for (curve_dataset, method, nfe), curve in curves.items():
+            if curve_dataset != dataset:
                 continue
             steps = sorted(curve)
             means = [statistics.mean(curve[s]) for s in steps]
