@@ -527,12 +527,12 @@ def table1_evaluations(run: Run) -> dict[str, dict]:
 CURVE_POINTS = 3
 
 
-def curve_overrides(study: Study, dataset: str) -> tuple[str, ...]:
-    """Checkpoints at each ``CURVE_POINTS``-th of the dataset's step budget (DuMo's config's: Table 1
-    gives every method the same), all of them kept."""
+def checkpoint_overrides(study: Study, dataset: str, points: int) -> tuple[str, ...]:
+    """Checkpoints at each ``points``-th of the dataset's step budget (DuMo's config's; Table 1 gives
+    every method the same), all of them kept: the last is the final step, the others evenly before it."""
     steps = load_steps(study.config_path(dataset, "dumo"), [*study.budget(), *study.sets])
-    every = max(1, math.ceil(steps / CURVE_POINTS))
-    return (f"train.checkpoint_every={every}", f"train.keep_checkpoints={CURVE_POINTS}")
+    every = max(1, math.ceil(steps / points))
+    return (f"train.checkpoint_every={every}", f"train.keep_checkpoints={points}")
 
 
 def table1(study: Study) -> None:
@@ -541,7 +541,7 @@ def table1(study: Study) -> None:
     fairness sweep chose for it (its best.json)."""
     settings = []
     for dataset in study.datasets:
-        checkpoints = curve_overrides(study, dataset)
+        checkpoints = checkpoint_overrides(study, dataset, CURVE_POINTS)
         for method, (config, _) in TABLE1.items():
             run = Run(dataset, config, "-", checkpoints)
             if study.tuned is not None:
@@ -778,10 +778,8 @@ def trajectories(study: Study) -> None:
     torch.set_num_threads(1)  # as the scoring: the training processes (--jobs) share the cores
     dataset = study.datasets[0]
     nfes = (1, 2, 4) if study.quick else TRAJECTORY_NFE
-    steps = load_steps(study.config_path(dataset, "dumo"), [*study.budget(), *study.sets])
     # two stages: a checkpoint half-way and the last one, both kept
-    extra = [f"train.checkpoint_every={max(1, steps // 2)}", "train.keep_checkpoints=2"]
-    (folder,) = study.train_all([Run(dataset, "dumo", "-")], extra)
+    (folder,) = study.train_all([Run(dataset, "dumo", "-")], checkpoint_overrides(study, dataset, 2))
     positions = range(-min(2, len(list_checkpoints(folder))), 0)  # the last two checkpoints
     study.out.mkdir(parents=True, exist_ok=True)
     pictures, lines = [], []
