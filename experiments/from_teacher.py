@@ -6,6 +6,7 @@ from it, and score them against the teacher (domain FD, class fidelity), over se
     .venv/bin/python experiments/from_teacher.py guidance --dataset digits       # FD vs fidelity figure
     .venv/bin/python experiments/from_teacher.py derivative RUN_DIR              # |t du/dt| and FD error by t
     .venv/bin/python experiments/from_teacher.py coupling RUN_DIR...             # how much noise samples keep
+    .venv/bin/python experiments/from_teacher.py second-step TEACHER RUN_DIR...  # what limits 2 NFE
 
 Every run is a ``dumo train`` process (one CPU thread each, ``--jobs`` at once) in --out; a run
 that is already finished is not trained again, and an interrupted one resumes. Scores of each run
@@ -499,6 +500,62 @@ def coupling(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def second_step(model, objective_name: str, x0, s: float, labels, generator):
+    """Re-noise clean images ``x0`` to time ``s`` with fresh noise and map them back to t = 0 with one
+    evaluation of the run's own one-step map from s (DuMo: x_s - s u(x_s, s); MeanFlow: its
+    interval map from s to 0). The second half of the consistency-style two-step sampler."""
+    import torch
+
+    from dumo.evaluation import sampler_for
+    from dumo.samplers import sample
+
+    x_s = s * torch.randn(x0.shape, generator=generator, dtype=x0.dtype) + (1 - s) * x0
+    return sample(model, x_s, 1, sampler_for(objective_name), labels=labels, times=[s])
+
+
+def second_step_stage(args: argparse.Namespace) -> None:
+    """What limits a run's two steps: its own 2 NFE, and its second step (fresh noise to s, one step
+    to 0) taken from its own 1-NFE samples and from the teacher's 50 Euler steps, same noise for
+    every run. If the teacher's samples make the second step much better, the first step limits;
+    MeanFlow's own 2 NFE is its deterministic interval map, which the re-noised rows do not use."""
+    import torch
+
+    from dumo.evaluation import balanced_labels, generate, image_scorer
+    from dumo.run import load_run
+
+    torch.set_num_threads(1)
+    teacher_run = load_run(args.teacher)
+    score = image_scorer(teacher_run.dataset, NUM_SAMPLES)
+    labels = balanced_labels(NUM_SAMPLES, teacher_run.num_classes)
+    shape = (NUM_SAMPLES, *teacher_run.space.shape)
+    sample_config = teacher_run.config.sample
+    teacher_samples = generate(
+        teacher_run.model, teacher_run.objective_name, shape, EULER_STEPS, sample_config, 0, labels, "euler"
+    )
+    starts = " | ".join(f"{source} -> s={s}" for s in args.times for source in ("own 1 NFE", "teacher"))
+    lines = [
+        f"teacher {args.teacher}: 50 Euler steps {score(teacher_samples, labels)['fd']:.3f}; domain FD of "
+        f"{NUM_SAMPLES} samples, EMA weights; 'X -> s' re-noises X to s with fresh noise and takes one step to 0.",
+        "",
+        f"| run | 1 NFE | 2 NFE | {starts} |",
+        "|---|---|---|" + "---|" * (2 * len(args.times)),
+    ]
+    for run_dir in args.run_dirs:
+        run = load_run(run_dir)
+        with torch.no_grad():
+            own = {
+                nfe: generate(run.model, run.objective_name, shape, nfe, run.config.sample, 0, labels) for nfe in (1, 2)
+            }
+            cells = [f"{score(own[nfe], labels)['fd']:.3f}" for nfe in (1, 2)]
+            for s in args.times:
+                for start in (own[1], teacher_samples):
+                    generator = torch.Generator().manual_seed(1)
+                    x = second_step(run.model, run.objective_name, start, s, labels, generator)
+                    cells.append(f"{score(x, labels)['fd']:.3f}")
+        lines.append(f"| {run_dir} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
 def write(path: Path, lines: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -528,10 +585,14 @@ def main() -> None:
     stage.add_argument("run_dir", type=Path)
     stage = stages.add_parser("coupling")
     stage.add_argument("run_dirs", type=Path, nargs="+")
+    stage = stages.add_parser("second-step")
+    stage.add_argument("teacher", type=Path, help="a Flow Matching run (its 50 Euler steps are the reference starts)")
+    stage.add_argument("run_dirs", type=Path, nargs="+")
+    stage.add_argument("--times", type=float, nargs="+", default=[0.5, 0.25], help="re-noising times s")
     args = parser.parse_args()
     global TABLE_ONLY
     TABLE_ONLY = getattr(args, "table_only", False)
-    if args.stage not in ("derivative", "coupling"):
+    if args.stage not in ("derivative", "coupling", "second-step"):
         args.out = args.out or ROOT / "experiments" / "results" / "from_teacher" / args.dataset
     stages = {
         "stability": stability,
@@ -539,6 +600,7 @@ def main() -> None:
         "guidance": guidance,
         "derivative": derivative,
         "coupling": coupling,
+        "second-step": second_step_stage,
     }
     stages[args.stage](args)
 

@@ -84,3 +84,26 @@ def test_every_results_variant_is_a_config_that_builds(dataset: str) -> None:
         classes = config.data.expected_classes() if config.data.conditional else 0
         with torch.device("meta"):
             build_network(config, config.data.expected_shape(), classes)
+
+
+@pytest.mark.parametrize("objective", ["dumo", "meanflow"])
+def test_second_step_renoises_with_fresh_noise_then_takes_the_runs_own_step(tmp_path: Path, objective: str) -> None:
+    # An untrained run (zero-initialised heads, lr 1e-12) has u = 0, so the second step returns the
+    # re-noised point itself: s * fresh noise + (1 - s) * x0, the noise drawn from the generator given.
+    import torch
+
+    from dumo.run import load_run
+
+    run = tmp_path / objective
+    command = [sys.executable, "-m", "dumo", "train", str(ROOT / "configs" / "toy" / f"moons-{objective}.yaml")]
+    command += ["--out", str(run), "--set", "train.steps=1", "--set", "optim.lr=1e-12"]
+    command += ["--set", "train.eval_samples=64"]
+    trained = subprocess.run(command, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    loaded = load_run(run)
+    module = load_script(SCRIPT)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    out = module.second_step(loaded.model, loaded.objective_name, x0, 0.25, None, torch.Generator().manual_seed(7))
+    fresh = torch.randn(64, 2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out, 0.25 * fresh + 0.75 * x0)
+    assert not torch.allclose(out, x0)  # the noise was added, not skipped
