@@ -152,7 +152,9 @@ def test_beta_is_accepted_exactly_inside_its_range(beta):
 
 
 def test_head_blocks_from_fm_config_is_the_plain_config_with_its_two_keys():
-    """The README's three-seed rows of this config were trained as dumo-from-fm.yaml plus two overrides."""
+    """The README's three-seed rows of this config were trained as dumo-from-fm.yaml plus the overrides of
+    from_teacher.py's private-block variant (guidance off, as every row of that table)."""
     folder = Path(__file__).parents[1] / "configs" / "fashion_mnist"
-    plain = load_config(folder / "dumo-from-fm.yaml", ["model.head_blocks=1", "objective.adaptive_p=0.75"])
+    overrides = ["objective.zeta=0", "model.head_blocks=1", "objective.adaptive_p=0.75"]
+    plain = load_config(folder / "dumo-from-fm.yaml", overrides)
     assert load_config(folder / "dumo-head-blocks-from-fm.yaml") == plain
