@@ -528,30 +528,26 @@ def second_step_stage(args: argparse.Namespace) -> None:
     score = image_scorer(teacher_run.dataset, NUM_SAMPLES)
     labels = balanced_labels(NUM_SAMPLES, teacher_run.num_classes)
     shape = (NUM_SAMPLES, *teacher_run.space.shape)
-    sample_config = teacher_run.config.sample
     teacher_samples = generate(
-        teacher_run.model, teacher_run.objective_name, shape, EULER_STEPS, sample_config, 0, labels, "euler"
+        teacher_run.model, teacher_run.objective_name, shape, EULER_STEPS, teacher_run.config.sample, 0, labels, "euler"
     )
     starts = " | ".join(f"{source} -> s={s}" for s in args.times for source in ("own 1 NFE", "teacher"))
     lines = [
-        f"teacher {args.teacher}: 50 Euler steps {score(teacher_samples, labels)['fd']:.3f}; domain FD of "
+        f"teacher {args.teacher}: {EULER_STEPS} Euler steps {score(teacher_samples, labels)['fd']:.3f}; domain FD of "
         f"{NUM_SAMPLES} samples, EMA weights; 'X -> s' re-noises X to s with fresh noise and takes one step to 0.",
         "",
         f"| run | 1 NFE | 2 NFE | {starts} |",
         "|---|---|---|" + "---|" * (2 * len(args.times)),
     ]
     for run_dir in args.run_dirs:
-        run = load_run(run_dir)
-        with torch.no_grad():
-            own = {
-                nfe: generate(run.model, run.objective_name, shape, nfe, run.config.sample, 0, labels) for nfe in (1, 2)
-            }
-            cells = [f"{score(own[nfe], labels)['fd']:.3f}" for nfe in (1, 2)]
-            for s in args.times:
-                for start in (own[1], teacher_samples):
-                    generator = torch.Generator().manual_seed(1)
-                    x = second_step(run.model, run.objective_name, start, s, labels, generator)
-                    cells.append(f"{score(x, labels)['fd']:.3f}")
+        run = load_run(run_dir)  # the samplers run without autograd
+        own = {nfe: generate(run.model, run.objective_name, shape, nfe, run.config.sample, 0, labels) for nfe in (1, 2)}
+        cells = [f"{score(own[nfe], labels)['fd']:.3f}" for nfe in (1, 2)]
+        for s in args.times:
+            for start in (own[1], teacher_samples):
+                generator = torch.Generator().manual_seed(1)
+                x = second_step(run.model, run.objective_name, start, s, labels, generator)
+                cells.append(f"{score(x, labels)['fd']:.3f}")
         lines.append(f"| {run_dir} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 

@@ -13,26 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "from_teacher.py"
 
 
+def untrained_moons_run(tmp_path: Path, objective: str) -> Path:
+    """A one-step moons run of ``objective`` at lr 1e-12: its zero-initialised heads stay at zero."""
+    run = tmp_path / objective
+    command = [sys.executable, "-m", "dumo", "train", str(ROOT / "configs" / "toy" / f"moons-{objective}.yaml")]
+    command += ["--out", str(run), "--set", "train.steps=1", "--set", "optim.lr=1e-12"]
+    command += ["--set", "train.eval_samples=64"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
 def test_coupling_of_an_untrained_model_is_the_identity(tmp_path: Path) -> None:
     # The heads start at zero (adaLN-zero / zero-init output layers), and with lr 1e-12 they stay
     # there: v = u = 0, so Euler steps and the one-step map both return the noise unchanged.
-    runs = []
-    for name in ("fm", "dumo"):
-        run = tmp_path / name
-        command = [sys.executable, "-m", "dumo", "train", str(ROOT / "configs" / "toy" / f"moons-{name}.yaml")]
-        command += [
-            "--out",
-            str(run),
-            "--set",
-            "train.steps=1",
-            "--set",
-            "optim.lr=1e-12",
-            "--set",
-            "train.eval_samples=64",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        runs.append(run)
+    runs = [untrained_moons_run(tmp_path, name) for name in ("fm", "dumo")]
     result = subprocess.run([sys.executable, str(SCRIPT), "coupling", *map(str, runs)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| /")]
@@ -94,13 +89,7 @@ def test_second_step_renoises_with_fresh_noise_then_takes_the_runs_own_step(tmp_
 
     from dumo.run import load_run
 
-    run = tmp_path / objective
-    command = [sys.executable, "-m", "dumo", "train", str(ROOT / "configs" / "toy" / f"moons-{objective}.yaml")]
-    command += ["--out", str(run), "--set", "train.steps=1", "--set", "optim.lr=1e-12"]
-    command += ["--set", "train.eval_samples=64"]
-    trained = subprocess.run(command, capture_output=True, text=True)
-    assert trained.returncode == 0, trained.stderr
-    loaded = load_run(run)
+    loaded = load_run(untrained_moons_run(tmp_path, objective))
     module = load_script(SCRIPT)
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
     out = module.second_step(loaded.model, loaded.objective_name, x0, 0.25, None, torch.Generator().manual_seed(7))
