@@ -10,7 +10,8 @@ from it, and score them against the teacher (domain FD, class fidelity), over se
 
 Every run is a ``dumo train`` process (one CPU thread each, ``--jobs`` at once) in --out; a run
 that is already finished is not trained again, and an interrupted one resumes. Scores of each run
-are kept in its folder (scores.json), so the tables can be rebuilt at no cost.
+are kept in its folder (scores.json; scores-N.json for --samples N other than 1000), so the tables
+can be rebuilt at no cost.
 
 - ``stability``: from the teacher of seed 0 (and from scratch), plain-L2 DuMo with each candidate
   fix (clamp of du/dt, theta^- = EMA or the frozen teacher, learning rate, exact JVP, adaptive
@@ -36,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMO = [sys.executable, "-m", "dumo"]
-NUM_SAMPLES = 1000
+NUM_SAMPLES = 1000  # set by --samples: samples per score (FD of fewer samples is noisier and biased up)
 TABLE_ONLY = False  # set by --table-only: score existing runs as they are, train nothing
 EULER_STEPS = 50
 
@@ -69,13 +70,18 @@ PLAIN = [
 # -- running -------------------------------------------------------------------------------------
 
 
+def scores_file(run_dir: Path) -> Path:
+    """Where a run's scores at NUM_SAMPLES samples are cached."""
+    return run_dir / ("scores.json" if NUM_SAMPLES == 1000 else f"scores-{NUM_SAMPLES}.json")
+
+
 def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
     """``dumo train`` in its own process with one thread; a finished run is left as it is."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "scores.json").is_file():
+    if scores_file(run_dir).is_file():
         return run_dir
     wait_while_training(run_dir)
-    if (run_dir / "scores.json").is_file() or (TABLE_ONLY and (run_dir / "train_log.csv").is_file()):
+    if scores_file(run_dir).is_file() or (TABLE_ONLY and (run_dir / "train_log.csv").is_file()):
         return run_dir  # table-only: score whatever the run reached
     command = [*DUMO, "train", str(config), "--out", str(run_dir)]
     for item in [*overrides, "train.progress=false"]:
@@ -110,13 +116,13 @@ def wait_while_training(run_dir: Path) -> None:
 
 def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
     """Domain FD and class fidelity of the run's EMA weights for each named evaluation
-    (keyword arguments of dumo.evaluation.evaluate: nfes, method, guidance), cached in scores.json."""
+    (keyword arguments of dumo.evaluation.evaluate: nfes, method, guidance), cached in scores_file(run_dir)."""
     import torch
 
     from dumo.evaluation import evaluate
     from dumo.run import load_run
 
-    path = run_dir / "scores.json"
+    path = scores_file(run_dir)
     scores = json.loads(path.read_text()) if path.is_file() else {}
     missing = {name: spec for name, spec in evaluations.items() if not any(k.startswith(f"{name}/") for k in scores)}
     if missing:
@@ -240,7 +246,7 @@ def stability(args: argparse.Namespace) -> None:
     ]
     for (origin, name), (folder, _) in runs.items():
         loss = logs[(origin, name)]
-        scores = json.loads((folder / "scores.json").read_text())
+        scores = json.loads(scores_file(folder).read_text())
         shown = [f"{loss[s]:.3g}" if s in loss else "" for s in steps]
         lines.append(
             f"| {origin} | {name} | "
@@ -272,7 +278,21 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[i
         found.append(("dumo", label, extra, seeds if direction == "conditional" else args.direction_seeds or seeds))
         if direction == "conditional":  # MeanFlow under the same guidance, before the other directions
             found.append(("meanflow", f"zeta {args.zeta}", [zeta], seeds))
-    return found[: args.variants] if args.variants else found
+    found = found[: args.variants] if args.variants else found
+    names = getattr(args, "names", None)
+    if names:
+        unknown = sorted(set(names) - {variant_name(method, label) for method, label, _, _ in found})
+        if unknown:
+            known = ", ".join(variant_name(method, label) for method, label, _, _ in found)
+            raise SystemExit(f"from_teacher.py: unknown --names {', '.join(unknown)}; the variants are: {known}")
+        found = [variant for variant in found if variant_name(variant[0], variant[1]) in names]
+    return found
+
+
+def variant_name(method: str, label: str) -> str:
+    """A variant's run folder, less its -sSEED ("dumo", "zeta 0.5, conditional direction" ->
+    dumo-zeta0.5-conditionaldirection)."""
+    return f"{method}-{label.replace(' ', '').replace(',', '-')}"
 
 
 def results(args: argparse.Namespace) -> None:
@@ -280,7 +300,7 @@ def results(args: argparse.Namespace) -> None:
     teachers = parallel([lambda s=s: teacher(args, s) for s in args.seeds], args.jobs)
     rows: dict[tuple[str, str], list[dict]] = {
         ("Flow Matching teacher", "-"): [
-            {**json.loads((run / "scores.json").read_text()), "step": last_step(run)} for run in teachers
+            {**json.loads(scores_file(run).read_text()), "step": last_step(run)} for run in teachers
         ]
     }
     jobs, labels = [], []
@@ -288,8 +308,7 @@ def results(args: argparse.Namespace) -> None:
         for seed, start in zip(args.seeds, teachers):
             if seed not in seeds:
                 continue
-            slug = label.replace(" ", "").replace(",", "-")
-            folder = args.out / f"{method}-{slug}-s{seed}"
+            folder = args.out / f"{variant_name(method, label)}-s{seed}"
             if args.table_only and not (folder / "train_log.csv").is_file():
                 continue
             labels.append((method, label))
@@ -329,7 +348,7 @@ def results(args: argparse.Namespace) -> None:
                 f"| {titles.get(method, method)} | {guidance} | {evaluation} | {len(seeds)} | {shown_steps} "
                 f"| {quality} | {fidelity} |"
             )
-    write(args.out / "results.md", lines)
+    write(args.out / ("results.md" if NUM_SAMPLES == 1000 else f"results-{NUM_SAMPLES}-samples.md"), lines)
     if key == "fd":
         grids(args)
 
@@ -574,6 +593,10 @@ def main() -> None:
         stage.add_argument("--scratch-steps", type=int, default=1500, help="stability: steps of the runs from scratch")
         stage.add_argument("--direction-seeds", type=int, nargs="+", help="results: seeds of the other directions")
         stage.add_argument("--variants", type=int, help="results: only the first N fine-tuning variants")
+        stage.add_argument(
+            "--names", nargs="+", help="results: only these variants, by run-folder name less -sSEED (dumo-zeta0, ...)"
+        )
+        stage.add_argument("--samples", type=int, default=1000, help="samples per score (default 1000)")
         stage.add_argument("--zeta", type=float, default=0.5, help="results: training-time guidance of the guided runs")
         stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
         stage.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])
@@ -586,8 +609,9 @@ def main() -> None:
     stage.add_argument("run_dirs", type=Path, nargs="+")
     stage.add_argument("--times", type=float, nargs="+", default=[0.5, 0.25], help="re-noising times s")
     args = parser.parse_args()
-    global TABLE_ONLY
+    global TABLE_ONLY, NUM_SAMPLES
     TABLE_ONLY = getattr(args, "table_only", False)
+    NUM_SAMPLES = getattr(args, "samples", NUM_SAMPLES)
     if args.stage not in ("derivative", "coupling", "second-step"):
         args.out = args.out or ROOT / "experiments" / "results" / "from_teacher" / args.dataset
     stages = {

@@ -96,3 +96,28 @@ def test_second_step_renoises_with_fresh_noise_then_takes_the_runs_own_step(tmp_
     fresh = torch.randn(64, 2, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(out, 0.25 * fresh + 0.75 * x0)
     assert not torch.allclose(out, x0)  # the noise was added, not skipped
+
+
+def test_names_pick_variants_by_their_run_folder_and_refuse_a_typo() -> None:
+    import argparse
+
+    module = load_script(SCRIPT)
+    wanted = ["meanflow-zeta0.5", "dumo-zeta0.5-conditionaldirection"]
+    args = argparse.Namespace(
+        dataset="fashion_mnist", seeds=[0], zeta=0.5, direction_seeds=None, variants=None, names=wanted
+    )
+    picked = module.variants(args)
+    # in the study's order, whatever the order of --names
+    assert [module.variant_name(method, label) for method, label, _, _ in picked] == wanted[::-1]
+    assert picked[0][2] == ["objective.zeta=0.5", "objective.derivative_direction=conditional"]
+    args.names = ["dumo-zeta0.5-conditional"]  # the folder name less "direction"
+    with pytest.raises(SystemExit, match="unknown --names dumo-zeta0.5-conditional; the variants are: dumo-zeta0,"):
+        module.variants(args)
+
+
+def test_samples_other_than_1000_keep_their_own_scores(tmp_path: Path) -> None:
+    # Scores at another sample count must not be read as (or overwrite) the 1000-sample ones.
+    module = load_script(SCRIPT)
+    assert module.scores_file(tmp_path) == tmp_path / "scores.json"
+    module.NUM_SAMPLES = 5000
+    assert module.scores_file(tmp_path) == tmp_path / "scores-5000.json"
