@@ -3,6 +3,7 @@ from it, and score them against the teacher (domain FD, class fidelity), over se
 
     .venv/bin/python experiments/from_teacher.py stability --dataset digits      # u-loss per candidate
     .venv/bin/python experiments/from_teacher.py results --dataset digits --seeds 0 1 2
+    .venv/bin/python experiments/from_teacher.py results --dataset digits --table-only --samples 5000  # rescore
     .venv/bin/python experiments/from_teacher.py guidance --dataset digits       # FD vs fidelity figure
     .venv/bin/python experiments/from_teacher.py derivative RUN_DIR              # |t du/dt| and FD error by t
     .venv/bin/python experiments/from_teacher.py coupling RUN_DIR...             # how much noise samples keep
