@@ -38,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMO = [sys.executable, "-m", "dumo"]
-NUM_SAMPLES = 1000  # set by --samples: samples per score (FD of fewer samples is noisier and biased up)
+DEFAULT_SAMPLES = 1000  # the tables' sample count; scores and tables at another count carry it in their names
+NUM_SAMPLES = DEFAULT_SAMPLES  # set by --samples: samples per score (FD of fewer samples is noisier and biased up)
 TABLE_ONLY = False  # set by --table-only: score existing runs as they are, train nothing
 EULER_STEPS = 50
 
@@ -73,7 +74,7 @@ PLAIN = [
 
 def scores_file(run_dir: Path) -> Path:
     """Where a run's scores at NUM_SAMPLES samples are cached."""
-    return run_dir / ("scores.json" if NUM_SAMPLES == 1000 else f"scores-{NUM_SAMPLES}.json")
+    return run_dir / ("scores.json" if NUM_SAMPLES == DEFAULT_SAMPLES else f"scores-{NUM_SAMPLES}.json")
 
 
 def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
@@ -258,7 +259,24 @@ def stability(args: argparse.Namespace) -> None:
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[int]]]:
-    """(objective, label, overrides, seeds) of the fine-tuning runs of ``results``, most important first."""
+    """(objective, label, overrides, seeds) of the fine-tuning runs of ``results``, most important first:
+    the dataset's study, its first --variants N, of those the ones --names picks."""
+    found = study_variants(args)
+    found = found[: args.variants] if args.variants else found
+    names = getattr(args, "names", None)
+    if names:
+        found_names = [variant_name(method, label) for method, label, _, _ in found]
+        unknown = sorted(set(names) - set(found_names))
+        if unknown:
+            raise SystemExit(
+                f"from_teacher.py: unknown --names {', '.join(unknown)}; the variants are: {', '.join(found_names)}"
+            )
+        found = [variant for variant, name in zip(found, found_names) if name in names]
+    return found
+
+
+def study_variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[int]]]:
+    """Every fine-tuning variant of the dataset's study."""
     seeds = args.seeds
     found = [("dumo", "zeta 0", ["objective.zeta=0"], seeds), ("meanflow", "zeta 0", ["objective.zeta=0"], seeds)]
     # the flow-map target built from the frozen teacher's velocity (distillation), both methods
@@ -279,14 +297,6 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str], list[i
         found.append(("dumo", label, extra, seeds if direction == "conditional" else args.direction_seeds or seeds))
         if direction == "conditional":  # MeanFlow under the same guidance, before the other directions
             found.append(("meanflow", f"zeta {args.zeta}", [zeta], seeds))
-    found = found[: args.variants] if args.variants else found
-    names = getattr(args, "names", None)
-    if names:
-        unknown = sorted(set(names) - {variant_name(method, label) for method, label, _, _ in found})
-        if unknown:
-            known = ", ".join(variant_name(method, label) for method, label, _, _ in found)
-            raise SystemExit(f"from_teacher.py: unknown --names {', '.join(unknown)}; the variants are: {known}")
-        found = [variant for variant in found if variant_name(variant[0], variant[1]) in names]
     return found
 
 
@@ -298,6 +308,7 @@ def variant_name(method: str, label: str) -> str:
 
 def results(args: argparse.Namespace) -> None:
     key = metric(args.dataset)
+    found = variants(args)  # before any training: a mistyped --names stops here, not after the teachers
     teachers = parallel([lambda s=s: teacher(args, s) for s in args.seeds], args.jobs)
     rows: dict[tuple[str, str], list[dict]] = {
         ("Flow Matching teacher", "-"): [
@@ -305,7 +316,7 @@ def results(args: argparse.Namespace) -> None:
         ]
     }
     jobs, labels = [], []
-    for method, label, extra, seeds in variants(args):
+    for method, label, extra, seeds in found:
         for seed, start in zip(args.seeds, teachers):
             if seed not in seeds:
                 continue
@@ -349,7 +360,7 @@ def results(args: argparse.Namespace) -> None:
                 f"| {titles.get(method, method)} | {guidance} | {evaluation} | {len(seeds)} | {shown_steps} "
                 f"| {quality} | {fidelity} |"
             )
-    write(args.out / ("results.md" if NUM_SAMPLES == 1000 else f"results-{NUM_SAMPLES}-samples.md"), lines)
+    write(args.out / ("results.md" if NUM_SAMPLES == DEFAULT_SAMPLES else f"results-{NUM_SAMPLES}-samples.md"), lines)
     if key == "fd":
         grids(args)
 
@@ -545,7 +556,7 @@ def second_step_stage(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     teacher_run = load_run(args.teacher)
-    score = image_scorer(teacher_run.dataset, NUM_SAMPLES)
+    fd_scorer = image_scorer(teacher_run.dataset, NUM_SAMPLES)
     labels = balanced_labels(NUM_SAMPLES, teacher_run.num_classes)
     shape = (NUM_SAMPLES, *teacher_run.space.shape)
     teacher_samples = generate(
@@ -553,8 +564,9 @@ def second_step_stage(args: argparse.Namespace) -> None:
     )
     starts = " | ".join(f"{source} -> s={s}" for s in args.times for source in ("own 1 NFE", "teacher"))
     lines = [
-        f"teacher {args.teacher}: {EULER_STEPS} Euler steps {score(teacher_samples, labels)['fd']:.3f}; domain FD of "
-        f"{NUM_SAMPLES} samples, EMA weights; 'X -> s' re-noises X to s with fresh noise and takes one step to 0.",
+        f"teacher {args.teacher}: {EULER_STEPS} Euler steps {fd_scorer(teacher_samples, labels)['fd']:.3f}; "
+        f"domain FD of {NUM_SAMPLES} samples, EMA weights; 'X -> s' re-noises X to s with fresh noise and takes "
+        "one step to 0.",
         "",
         f"| run | 1 NFE | 2 NFE | {starts} |",
         "|---|---|---|" + "---|" * (2 * len(args.times)),
@@ -562,12 +574,12 @@ def second_step_stage(args: argparse.Namespace) -> None:
     for run_dir in args.run_dirs:
         run = load_run(run_dir)  # the samplers run without autograd
         own = {nfe: generate(run.model, run.objective_name, shape, nfe, run.config.sample, 0, labels) for nfe in (1, 2)}
-        cells = [f"{score(own[nfe], labels)['fd']:.3f}" for nfe in (1, 2)]
+        cells = [f"{fd_scorer(own[nfe], labels)['fd']:.3f}" for nfe in (1, 2)]
         for s in args.times:
             for start in (own[1], teacher_samples):
                 generator = torch.Generator().manual_seed(1)
                 x = second_step(run.model, run.objective_name, start, s, labels, generator)
-                cells.append(f"{score(x, labels)['fd']:.3f}")
+                cells.append(f"{fd_scorer(x, labels)['fd']:.3f}")
         lines.append(f"| {run_dir} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 
@@ -597,7 +609,9 @@ def main() -> None:
         stage.add_argument(
             "--names", nargs="+", help="results: only these variants, by run-folder name less -sSEED (dumo-zeta0, ...)"
         )
-        stage.add_argument("--samples", type=int, default=1000, help="samples per score (default 1000)")
+        stage.add_argument(
+            "--samples", type=int, default=DEFAULT_SAMPLES, help=f"samples per score (default {DEFAULT_SAMPLES})"
+        )
         stage.add_argument("--zeta", type=float, default=0.5, help="results: training-time guidance of the guided runs")
         stage.add_argument("--zetas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0])
         stage.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0, 3.0])

@@ -121,3 +121,12 @@ def test_samples_other_than_1000_keep_their_own_scores(tmp_path: Path) -> None:
     assert module.scores_file(tmp_path) == tmp_path / "scores.json"
     module.NUM_SAMPLES = 5000
     assert module.scores_file(tmp_path) == tmp_path / "scores-5000.json"
+
+
+def test_results_with_a_mistyped_name_stops_before_training_anything(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    command = [sys.executable, str(SCRIPT), "results", "--dataset", "moons", "--out", str(out), "--names", "dumo-zeta"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "unknown --names dumo-zeta; the variants are: dumo-zeta0," in result.stderr
+    assert not out.exists()  # no teacher was started
