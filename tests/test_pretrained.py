@@ -128,6 +128,52 @@ def reference_forward(state, x, raw_time, labels, num_heads=HEADS):
     return image.reshape(n, out_channels, grid * patch, grid * patch)[:, :channels]
 
 
+def reference_forward_fp32(state, x, raw_time, labels, num_heads=HEADS):
+    """The official network's output (first C channels) in fp32, step by step as its models.py runs
+    it: timm's PatchEmbed (conv, flatten, transpose) plus the table, TimestepEmbedder's fp32
+    features of the raw time, t + y, blocks with timm's Attention (fused scaled_dot_product_attention)
+    and Mlp (GELU tanh), adaLN chunks of dim 1 unsqueezed, the final layer and unpatchify's einsum."""
+    s = {k: v.float() for k, v in state.items()}
+
+    def linear(h, name):
+        return F.linear(h, s[f"{name}.weight"], s[f"{name}.bias"])
+
+    def norm(h):
+        return F.layer_norm(h, h.shape[-1:], eps=1e-6)
+
+    def modulate(h, shift, scale):
+        return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    patch = s["x_embedder.proj.weight"].shape[-1]
+    tokens = F.conv2d(x, s["x_embedder.proj.weight"], s["x_embedder.proj.bias"], stride=patch)
+    tokens = tokens.flatten(2).transpose(1, 2) + s["pos_embed"]
+    n, count, dim = tokens.shape
+    half = 128
+    frequencies = torch.exp(-math.log(10000) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    angles = raw_time[:, None].float() * frequencies[None]
+    features = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    cond = linear(F.silu(linear(features, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    cond = cond + s["y_embedder.embedding_table.weight"][labels]
+    head_dim = dim // num_heads
+    i = 0
+    while f"blocks.{i}.attn.qkv.weight" in s:
+        b = f"blocks.{i}"
+        shift1, scale1, gate1, shift2, scale2, gate2 = linear(F.silu(cond), f"{b}.adaLN_modulation.1").chunk(6, dim=1)
+        qkv = linear(modulate(norm(tokens), shift1, scale1), f"{b}.attn.qkv")
+        q, k, v = qkv.reshape(n, count, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, count, dim)
+        tokens = tokens + gate1.unsqueeze(1) * linear(attended, f"{b}.attn.proj")
+        hidden = F.gelu(linear(modulate(norm(tokens), shift2, scale2), f"{b}.mlp.fc1"), approximate="tanh")
+        tokens = tokens + gate2.unsqueeze(1) * linear(hidden, f"{b}.mlp.fc2")
+        i += 1
+    shift, scale = linear(F.silu(cond), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    patches = linear(modulate(norm(tokens), shift, scale), "final_layer.linear")
+    grid, channels = math.isqrt(count), x.shape[1]
+    out_channels = patches.shape[-1] // (patch * patch)
+    image = torch.einsum("nhwpqc->nchpwq", patches.reshape(n, grid, grid, patch, patch, out_channels))
+    return image.reshape(n, out_channels, grid * patch, grid * patch)[:, :channels]
+
+
 def dumo_model(imported, dtype=torch.float64):
     model = build_model(imported.config, imported.data_shape, ("v",), imported.num_classes)
     load_weights(model, imported.state, "test")
@@ -170,6 +216,26 @@ def test_sit_weights_give_minus_the_official_velocity_at_one_minus_t(learn_sigma
     assert out.abs().mean() > 0.1
     # the folded time layer reads fp32 features of t instead of 1 - t: agreement to fp32 rounding
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_fp32_agreement_with_the_official_networks_dit_exact_sit_within_5e_6(learn_sigma):
+    """In fp32, as run: DiT computes the official output bit for bit; SiT, whose time reversal is
+    folded into a layer, agrees to fp32 rounding (measured 1.4e-6 on outputs of size ~0.9)."""
+    x, t, labels = inputs()
+    x, t = x.float(), t.float()
+    dit = official_state(learn_sigma=learn_sigma)
+    out = dumo_model(convert_official("dit", dit, num_heads=HEADS), torch.float32)(x, t, labels=labels).v
+    expected = reference_forward_fp32(dit, x, 1000.0 * t, labels)
+    assert out.abs().mean() > 0.1 and torch.equal(out, expected)
+    sit = official_state(learn_sigma=learn_sigma, seed=1)
+    out = dumo_model(convert_official("sit", sit, num_heads=HEADS), torch.float32)(x, t, labels=labels).v
+    expected = -reference_forward_fp32(sit, x, 1 - t, labels)
+    assert out.abs().mean() > 0.1 and (out - expected).abs().max().item() <= 5e-6
+    # the fp32 reference is the fp64 one up to rounding: both restate the same network
+    torch.testing.assert_close(
+        expected.double(), -reference_forward(sit, x.double(), (1 - t), labels), atol=1e-5, rtol=0
+    )
 
 
 def test_unconditional_import_is_the_null_class():
@@ -381,8 +447,87 @@ def test_import_needs_a_flow_matching_config_and_an_empty_folder(tmp_path):
         other = config_from_dict(
             {**base, "data": {"name": "latents", "latent_shape": [1, 8, 8], "num_classes": 3, "conditional": True}}
         )
-        import_official_weights("sit", tmp_path / "sit.pt", other, tmp_path / "b", num_heads=2)
+        import_official_weights("sit", tmp_path / "sit.pt", other, tmp_path / "b", num_heads=2, autoencoder="vae")
     # an unconditional config takes the null class's weights
     unconditional = config_from_dict({**base, "data": {"name": "digits", "conditional": False}})
     imported = import_official_weights("sit", tmp_path / "sit.pt", unconditional, tmp_path / "c", num_heads=2)
     assert imported.num_classes == 0 and (tmp_path / "c" / "model.safetensors").is_file()
+
+
+def save_training_checkpoint(path, state, **args):
+    """A checkpoint as the official train.py writes one: model, ema, opt and its argparse args."""
+    import argparse
+
+    torch.save({"model": state, "ema": state, "opt": {}, "args": argparse.Namespace(**args)}, path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "message"),
+    [
+        ("sit", {"model": "SiT-S/2", "path_type": "GVP", "prediction": "velocity"}, "trained with path_type GVP"),
+        ("sit", {"model": "SiT-S/2", "path_type": "VP", "prediction": "velocity"}, "trained with path_type VP"),
+        ("sit", {"model": "SiT-S/2", "path_type": "Linear", "prediction": "noise"}, "trained with prediction noise"),
+        ("sit", {"model": "SiT-S/2", "path_type": "Linear", "prediction": "score"}, "trained with prediction score"),
+        ("dit", {"model": "SiT-S/2", "path_type": "Linear", "prediction": "velocity"}, "import it as 'sit'"),
+        ("sit", {"model": "DiT-S/2", "vae": "ema"}, "import it as 'dit'"),
+    ],
+)
+def test_a_checkpoint_whose_args_say_otherwise_is_refused_by_name(tmp_path, kind, args, message):
+    path = tmp_path / "checkpoint.pt"
+    save_training_checkpoint(path, official_state(channels=1), **args)
+    digits = config_from_dict({"data": {"name": "digits", "conditional": True}, "objective": {"name": "fm"}})
+    with pytest.raises(CheckpointError, match=message) as error:
+        import_official_weights(kind, path, digits, tmp_path / "out", num_heads=HEADS)
+    assert "\n" not in str(error.value) and str(error.value).startswith(str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_linear_velocity_sit_training_checkpoint_imports(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = official_state(channels=1)
+    save_training_checkpoint(path, state, model="SiT-S/2", path_type="Linear", prediction="velocity", loss_weight=None)
+    digits = config_from_dict({"data": {"name": "digits", "conditional": True}, "objective": {"name": "fm"}})
+    imported = import_official_weights("sit", path, digits, tmp_path / "out", num_heads=HEADS)
+    assert imported.written == "a Flow Matching model" and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_an_imported_dit_latent_model_samples_with_nothing_but_itself(tmp_path, capsys):
+    """A tiny random DiT for 4x8x8 latents of 10 classes, imported with a (tiny, random) SD-VAE: the
+    folder records shape, classes, the official latent scale and the autoencoder, so 'dumo sample'
+    decodes images with no latent file anywhere."""
+    pytest.importorskip("diffusers")
+    from helpers.autoencoders import tiny_vae
+
+    from dumo.cli import main
+    from dumo.run import load_run
+
+    vae = tmp_path / "sd-vae"
+    tiny_vae().save_pretrained(str(vae))
+    torch.save(official_state(channels=4, grid=4, classes=10, seed=5), tmp_path / "dit.pt")
+    config = tmp_path / "fm.yaml"
+    config.write_text(
+        "data: {name: latents, path: no/such/latents, latent_shape: [4, 8, 8], num_classes: 10, conditional: true}\n"
+        "model: {name: DiT-XL/2}\n"
+        "objective: {name: fm}\n"
+    )
+    out = tmp_path / "imported"
+    command = ["import-weights", "dit", str(tmp_path / "dit.pt"), "--config", str(config), "--num-heads", "2"]
+    assert main([*command, "--out", str(out), "--autoencoder", str(vae)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote a dumo model whose v-head is DiT's noise (epsilon) predictor, not a velocity" in printed
+    assert "Flow Matching model" not in printed
+    assert f"samples decode with stabilityai/sd-vae-ft-ema from {vae} (latents / 0.18215)" in printed
+
+    run = load_run(out)  # no data read: the weights record what sampling needs
+    assert run.space.shape == (4, 8, 8) and run.num_classes == 10
+    assert run.space.autoencoder["scaling_factor"] == 0.18215 and run.space.autoencoder["path"] == str(vae)
+    samples = tmp_path / "s.npz"
+    assert main(["sample", str(out), "--nfe", "2", "-n", "3", "--out", str(samples)]) == 0
+    images = np.load(samples)["images"]
+    assert images.shape == (3, 3, 16, 16) and np.isfinite(images).all()
+
+    # no autoencoder to record: one line, exit status 2, nothing written
+    capsys.readouterr()
+    assert main([*command, "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1 and "--autoencoder DIR" in error and not (tmp_path / "x").exists()

@@ -71,6 +71,86 @@ def test_target_of_a_linear_field_is_the_average_of_the_two_half_steps():
     assert torch.allclose(t2 - r2, d / 2) and torch.equal(l1, labels) and torch.equal(l2, labels)
 
 
+class LabelShiftField(torch.nn.Module):
+    """u(x, t, r, c) = a x + b(c), b(c) = c + 1 for a real class and 0 for the null class (index
+    ``CLASSES``); records the (rows, labels) of every call."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+        self.calls: list[tuple[int, torch.Tensor]] = []
+
+    def forward(self, x, t, r=None, labels=None):
+        self.calls.append((x.shape[0], labels.clone()))
+        shift = torch.where(labels == CLASSES, 0.0, labels.float() + 1)
+        return ModelOutput(u=self.a * x + shift[:, None])
+
+
+def test_guided_target_of_a_label_shifted_linear_field_by_hand():
+    """u = a x + b: the guided velocity is a x + w b (null: a x), so with h = d/2
+    v1 = a x + w b,  x' = x - h v1,  v2 = a x' + w b = (a x + w b)(1 - a h),
+    target = (v1 + v2) / 2 = (a x + w b)(1 - a d / 4); unguided rows: (a x + b)(1 - a d / 4)."""
+    from dumo.objectives.shortcut import Guidance
+
+    a, w = 0.6, 1.5
+    field = LabelShiftField(a)
+    x_t = torch.randn(4, 3)
+    t, d = column([0.5, 1.0, 0.75, 1.0]), column([0.25, 0.25, 0.5, 1.0])
+    labels = torch.tensor([0, 2, 1, 0])
+    b = (labels.float() + 1)[:, None]
+    guidance = Guidance(torch.arange(3), torch.tensor([True, True, False]), w, CLASSES)
+    target = shortcut_target(field, x_t, t, d, labels, clip=None, guidance=guidance)
+    guided = (a * x_t + w * b) * (1 - a * d[:, None] / 4)
+    plain = (a * x_t + b) * (1 - a * d[:, None] / 4)
+    expected = torch.where(torch.tensor([True, True, False, False])[:, None], guided, plain)
+    assert torch.allclose(target, expected, atol=1e-6)
+    assert not torch.allclose(guided[:2], plain[:2], atol=1e-2)
+    # one call per half step: the 4 conditional rows and the 3 candidates' null-class rows together
+    assert [rows for rows, _ in field.calls] == [7, 7]
+    assert torch.equal(field.calls[0][1], torch.tensor([0, 2, 1, 0, CLASSES, CLASSES, CLASSES]))
+    unguided = shortcut_target(LabelShiftField(a), x_t, t, d, labels, clip=None)
+    assert torch.allclose(unguided, plain, atol=1e-6)
+
+
+def test_bootstrap_cfg_guides_the_smallest_level_of_the_loss_and_nothing_else():
+    """M = 8, 16 rows, 2 self-consistency rows per level: the first two (d = 2/M) get the guided target,
+    the next four the plain one, the rest z - x; and the same from a model with no labels (no effect)."""
+    a, w = -0.7, 2.0
+    objective = ShortcutObjective(ShortcutConfig(max_steps=8, target_clip=None, bootstrap_cfg=w), num_classes=CLASSES)
+    torch.manual_seed(0)
+    n, count = 48, 6
+    t, d = objective.sample_times(n, "cpu")
+    assert d[:count].tolist() == [0.25, 0.25, 0.5, 0.5, 1.0, 1.0]
+    x, z, labels = torch.randn(n, 2), torch.randn(n, 2), torch.arange(n) % CLASSES
+    field = LabelShiftField(a)
+    out = objective.loss(LinearField(0.1), x, z, t, d, labels, target_model=field, bootstrap=count)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    b = (labels.float() + 1)[:, None]
+    scale = torch.tensor([w, w, 1, 1, 1, 1])[:, None]
+    expected = (a * x_t[:count] + scale * b[:count]) * (1 - a * d[:count, None] / 4)
+    assert torch.allclose(out.targets["u"][:count], expected, atol=1e-5)
+    assert torch.allclose(out.targets["u"][count:], (z - x)[count:], atol=1e-6)
+    assert [rows for rows, _ in field.calls] == [count + 2, count + 2]  # the guided block's null rows only
+    # rows found from d (no count): the same targets
+    again = objective.loss(LinearField(0.1), x, z, t, d, labels, target_model=LabelShiftField(a))
+    assert torch.allclose(again.targets["u"], out.targets["u"], atol=1e-6)
+    off = ShortcutObjective(ShortcutConfig(max_steps=8, target_clip=None), num_classes=CLASSES)
+    plain = off.loss(LinearField(0.1), x, z, t, d, labels, target_model=LabelShiftField(a), bootstrap=count)
+    assert torch.allclose(plain.targets["u"][2:], out.targets["u"][2:], atol=1e-6)
+    assert not torch.allclose(plain.targets["u"][:2], out.targets["u"][:2], atol=1e-2)
+
+
+def test_bootstrap_cfg_with_fewer_rows_than_levels_guides_the_rows_drawn_at_the_smallest_level():
+    objective = ShortcutObjective(ShortcutConfig(max_steps=8, target_clip=None, bootstrap_cfg=3.0), num_classes=CLASSES)
+    x, z, labels = torch.randn(4, 2), torch.randn(4, 2), torch.tensor([1, 2, 0, 1])
+    t, d = column([0.5, 1.0, 0.375, 0.125]), column([0.25, 1.0, 0.125, 0.125])  # 2 rows: d = 2/M and d = 1
+    out = objective.loss(LinearField(0.1), x, z, t, d, labels, target_model=LabelShiftField(0.5), bootstrap=2)
+    x_t = t[:, None] * z + (1 - t[:, None]) * x
+    b = (labels.float() + 1)[:, None]
+    expected = (0.5 * x_t[:2] + torch.tensor([[3.0], [1.0]]) * b[:2]) * (1 - 0.5 * d[:2, None] / 4)
+    assert torch.allclose(out.targets["u"][:2], expected, atol=1e-6)
+
+
 def test_loss_puts_the_self_consistency_target_on_large_steps_and_z_minus_x_on_d_one_over_m():
     a = -0.8
     objective = ShortcutObjective(ShortcutConfig(max_steps=8, target_clip=None))
@@ -109,27 +189,49 @@ def test_online_target_defaults_to_the_model_itself_without_gradient():
 # -- (2) the rows each batch draws ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n", "fraction", "count"), [(64, 0.125, 8), (256, 0.125, 32), (10, 0.3, 3), (4, 0.125, 1)])
-def test_rows_grids_and_steps(n, fraction, count):
-    objective = ShortcutObjective(ShortcutConfig(max_steps=8, bootstrap_fraction=fraction))
+def original_layout(count, levels):
+    """The original's steps for ``count`` self-consistency rows (kvfrans/shortcut-models, get_targets
+    with bootstrap_dt_bias 0), restated: count // levels rows per level from the smallest step 2^-(levels-1)
+    up to d = 1, then d = 1 for the rest."""
+    per_level = count // levels
+    steps = [2.0 ** -(levels - 1 - i) for i in range(levels) for _ in range(per_level)]
+    return steps + [1.0] * (count - len(steps))
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "max_steps", "count"),
+    [(64, 0.125, 8, 8), (256, 0.125, 128, 32), (10, 0.3, 8, 3), (64, 0.125, 128, 8), (40, 0.25, 4, 10)],
+)
+def test_rows_grids_and_steps_are_laid_out_as_the_original(n, fraction, max_steps, count):
+    objective = ShortcutObjective(ShortcutConfig(max_steps=max_steps, bootstrap_fraction=fraction))
+    levels = int(np.log2(max_steps))
     assert bootstrap_rows(n, fraction) == count
-    seen_levels, seen_times = torch.zeros(3), set()
+    assert original_layout(8, 3) == [0.25, 0.25, 0.5, 0.5, 1, 1, 1, 1]  # the rule, by hand
+    seen_times = set()
     for _ in range(200):
         t, d = objective.sample_times(n, "cpu")
-        bootstrap = objective.is_bootstrap(d)
-        assert bootstrap.tolist() == [True] * count + [False] * (n - count)  # the first rows, then Flow Matching
-        assert torch.all(d[count:] == 1 / 8)  # flow-matching rows: the smallest step
-        assert set(d[:count].tolist()) <= {1.0, 0.5, 0.25}  # levels k = 0, 1, 2 below the finest (1/8)
-        levels = torch.log2(1 / d[:count]).long()
-        per_level = torch.bincount(levels, minlength=3)
-        assert per_level.max() - per_level.min() <= 1  # spread evenly over the levels
-        seen_levels += per_level
+        assert objective.is_bootstrap(d).tolist() == [True] * count + [False] * (n - count)
+        assert torch.all(d[count:] == 1 / max_steps)  # flow-matching rows: the smallest step
+        assert d[:count].tolist() == original_layout(count, levels)
         grid = t / d  # t on each row's own grid {d, 2d, ..., 1}
         assert torch.equal(grid, grid.round()) and torch.all((grid >= 1) & (t <= 1))
         seen_times |= {(dd, tt) for dd, tt in zip(d.tolist(), t.tolist())}
-    assert torch.all(seen_levels > 0)  # with a random first level every level is trained, even at 1 row
-    fine, half, quarter = ({(d, i * d) for i in range(1, int(1 / d) + 1)} for d in (1 / 8, 1 / 2, 1 / 4))
-    assert fine | half | quarter | {(1.0, 1.0)} <= seen_times  # every point of every grid, 1 included
+    if max_steps == 8:
+        fine, half, quarter = ({(d, i * d) for i in range(1, int(1 / d) + 1)} for d in (1 / 8, 1 / 2, 1 / 4))
+        assert fine | half | quarter | {(1.0, 1.0)} <= seen_times  # every point of every grid, 1 included
+
+
+@pytest.mark.parametrize(("n", "count"), [(4, 1), (16, 2)])
+def test_fewer_rows_than_levels_go_round_robin_so_every_level_is_trained(n, count):
+    """The original gives every row d = 1 here; dumo spreads them over the levels (a documented deviation)."""
+    objective = ShortcutObjective(ShortcutConfig(max_steps=8))
+    seen = torch.zeros(3)
+    for _ in range(200):
+        _, d = objective.sample_times(n, "cpu")
+        levels = torch.log2(1 / d[:count]).round().long()
+        assert len(set(levels.tolist())) == count  # consecutive levels, no repeats
+        seen += torch.bincount(levels, minlength=3)
+    assert torch.all(seen > 0)
 
 
 def test_leading_row_count_and_rows_found_from_d_give_the_same_loss():
@@ -192,6 +294,7 @@ def test_config_errors_are_one_line():
         ("bootstrap_fraction", 1.0, r"objective.bootstrap_fraction must be in \[0, 1\)"),
         ("target_clip", 0.0, "objective.target_clip must be > 0 or null"),
         ("target_network", "teacher", "objective.target_network"),
+        ("bootstrap_cfg", -1.0, "objective.bootstrap_cfg must be >= 0 or null"),
     ]:
         with pytest.raises(ConfigError, match=message) as error:
             config_from_dict({"objective": {"name": "shortcut", key: value}})
@@ -201,6 +304,44 @@ def test_config_errors_are_one_line():
     objective = build_objective(config.objective)
     assert objective.target_network() == "ema" and objective.target_precision() == "bf16"
     assert OBJECTIVES["shortcut"] == (ShortcutConfig, ShortcutObjective)
+
+
+#: the original's ImageNet recipe: kvfrans/shortcut-models train.py defaults with its README's DiT-XL
+#: ImageNet command (batch 256, 810k steps, cfg_scale 1.5, bootstrap_cfg 1), in dumo's keys; its few-step
+#: samples are scored without sampling-time guidance
+ORIGINAL_IMAGENET = {
+    "objective.max_steps": 128,
+    "objective.bootstrap_fraction": 1 / 8,
+    "objective.target_network": "ema",
+    "objective.target_clip": 4.0,
+    "objective.label_dropout": 0.1,
+    "objective.bootstrap_cfg": 1.5,
+    "train.ema_decay": 0.999,
+    "train.ema_warmup": False,
+    "data.batch_size": 256,
+    "train.steps": 810_000,
+    "optim.lr": 1e-4,
+    "optim.betas": (0.9, 0.999),
+    "optim.weight_decay": 0.1,
+    "sample.guidance_scale": 1.0,
+}
+
+
+def test_imagenet_config_follows_the_original_recipe_or_its_header_names_each_difference():
+    from dumo.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "imagenet256" / "shortcut-xl2.yaml"
+    config = load_config(path)
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    differences = []
+    for key, original in ORIGINAL_IMAGENET.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        value = tuple(value) if isinstance(value, list) else value
+        if value != original:
+            differences.append(key)
+            assert key in header, f"{key} is {value} here, {original} in the original, and the header does not say"
+    assert set(differences) == {"data.batch_size", "train.steps", "optim.betas", "optim.weight_decay"}
 
 
 # -- (5) sampling: k steps of size 1/k conditioned on d = 1/k -------------------------------------

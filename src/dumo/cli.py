@@ -719,8 +719,16 @@ def command_import_weights(args: argparse.Namespace) -> int:
     from dumo.models.pretrained import import_official_weights
 
     config = load_config(args.config, args.set)
-    imported = import_official_weights(args.kind, args.checkpoint, config, args.out, num_heads=args.num_heads)
-    print(f"wrote a Flow Matching model ({imported.describe()}) from {args.kind.upper()} weights to {args.out}")
+    imported = import_official_weights(
+        args.kind, args.checkpoint, config, args.out, num_heads=args.num_heads, autoencoder=args.autoencoder
+    )
+    print(f"wrote {imported.written} ({imported.describe()}) from {args.kind.upper()} weights to {args.out}")
+    autoencoder = imported.space.autoencoder if imported.space is not None else None
+    if autoencoder is not None:
+        print(
+            f"samples decode with {autoencoder['name']} from {autoencoder['path']} "
+            f"(latents / {autoencoder['scaling_factor']}); no data needed: dumo sample {args.out} ..."
+        )
     print(f"note: {imported.note}")
     return 0
 
@@ -1166,12 +1174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     import_weights = commands.add_parser(
         "import-weights",
-        help="turn an official DiT or SiT checkpoint into a dumo Flow Matching model folder",
+        help="turn an official DiT or SiT checkpoint into a dumo model folder (v-head), as 'dumo export' writes",
         description="Convert the weights of the official DiT (facebookresearch/DiT) or SiT (willisma/SiT) code "
-        "into OUT_DIR/model.safetensors and OUT_DIR/config.yaml, as 'dumo export' writes them. CONFIG (objective "
-        "fm) supplies data, objective and training settings; its model section is replaced by what the checkpoint "
-        "needs. SiT weights map exactly; DiT weights predict DDPM noise and are only a start for fine-tuning. "
-        ".pt/.pth files are read with torch.load(weights_only=True): no code in them runs.",
+        "into OUT_DIR/model.safetensors and OUT_DIR/config.yaml, as 'dumo export' writes them: 'dumo sample OUT' "
+        "needs no data. CONFIG (objective fm) supplies data, objective and training settings; its model section is "
+        "replaced by what the checkpoint needs. SiT weights (Linear path, velocity prediction) map exactly to a Flow "
+        "Matching model; DiT weights predict DDPM noise and are only a start for fine-tuning. .pt/.pth files are "
+        "read with torch.load(weights_only=True): no code in them runs.",
     )
     import_weights.add_argument("kind", choices=("dit", "sit"), help="the code that trained the checkpoint")
     import_weights.add_argument("checkpoint", help="official checkpoint (.pt, .pth or .safetensors)")
@@ -1181,6 +1190,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-heads",
         type=positive("--num-heads"),
         help="attention heads (default: the standard size's; needed only for a non-standard width)",
+    )
+    import_weights.add_argument(
+        "--autoencoder",
+        help="latents: local diffusers folder of the SD-VAE that decodes the samples (stabilityai/sd-vae-ft-ema "
+        "or -mse; default: data.autoencoder_path), recorded in the weights with the official scale 0.18215",
     )
     add_set_argument(import_weights)
     import_weights.set_defaults(handler=command_import_weights)

@@ -20,15 +20,21 @@ With ``learn_sigma`` the final layer also predicts a variance: only the first C 
 prediction) are kept. The label table's last row is the null class of classifier-free guidance,
 as in dumo (class-dropout > 0 at training, true of every released checkpoint).
 
-SiT's weights (linear path, velocity prediction) are an exact Flow Matching model. DiT's predict
-DDPM noise (epsilon) on a variance-preserving path, not a velocity: mapped into the v-head they
-are only a starting point for fine-tuning.
+SiT's weights (linear path, velocity prediction) are an exact Flow Matching model; a SiT training
+checkpoint whose recorded ``args`` name another path or prediction is refused. DiT's predict DDPM
+noise (epsilon) on a variance-preserving path, not a velocity: mapped into the v-head they are only
+a starting point for fine-tuning.
+
+The written folder samples with nothing but itself, like one of ``dumo export``: the weights
+record the config, the data's shape and classes and, for latents, the autoencoder (SD-VAE, the
+official scale 0.18215, its local folder).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -45,6 +51,7 @@ from dumo.models.dit import DIT_SIZES, sincos_position_embedding
 
 if TYPE_CHECKING:
     from dumo.config import Config
+    from dumo.data import SampleSpace
 
 OfficialKind = Literal["dit", "sit"]
 OFFICIAL_KINDS: tuple[str, ...] = ("dit", "sit")
@@ -55,10 +62,22 @@ FREQUENCY_DIM = 256  # the official TimestepEmbedder's sinusoidal features
 MLP_RATIO = 4.0
 PATCH_SIZES = (1, 2, 4)  # dumo's DiT names; the official DiT-*/8 has no dumo counterpart
 NOTES = {
-    "dit": "DiT predicts DDPM noise (epsilon), not a velocity: this model is a starting point for "
-    "fine-tuning (dumo t = DDPM step index / 1000), not a working Flow Matching sampler",
+    "dit": "DiT predicts DDPM noise (epsilon), not a velocity: 'dumo sample' runs on it but draws noise-like "
+    "images; it is a starting point for fine-tuning (dumo t = DDPM step index / 1000)",
     "sit": "SiT's velocity maps exactly (t -> 1 - t, v -> -v): 'dumo sample' draws from it as it is",
 }
+#: what the v-head of the written model holds
+WRITTEN = {
+    "dit": "a dumo model whose v-head is DiT's noise (epsilon) predictor, not a velocity",
+    "sit": "a Flow Matching model",
+}
+PREDICTIONS = {"dit": "epsilon", "sit": "velocity"}
+# Both official codes train and sample in SD-VAE latents times this factor (their sample.py decodes
+# samples / 0.18215) with no shift; their --vae picks stabilityai/sd-vae-ft-ema or -mse (train.py: ema).
+OFFICIAL_AUTOENCODER_KIND = "sd-vae"
+OFFICIAL_LATENT_SCALE = 0.18215
+# The only SiT a velocity v-head computes exactly: train.py's --path-type and --prediction.
+SIT_VELOCITY_ARGS = {"path_type": "Linear", "prediction": "velocity"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -72,6 +91,12 @@ class ImportedModel:
     data_shape: tuple[int, int, int]  # (C, H, W) of the data (latents) the network takes
     num_classes: int  # classes of the checkpoint; 0 when converted for an unconditional model
     learn_sigma: bool  # the original also predicted a variance (dropped)
+    space: SampleSpace | None = None  # what the written folder records for sampling (set by the import)
+
+    @property
+    def written(self) -> str:
+        """What the written model is, in words."""
+        return WRITTEN[self.kind]
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.data_shape))
@@ -85,13 +110,20 @@ class ImportedModel:
 
 
 def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of an official checkpoint file, without running any code stored in it.
+    """The tensors of an official checkpoint file, without running any code stored in it (see
+    :func:`read_official_checkpoint_and_args`)."""
+    return read_official_checkpoint_and_args(path)[0]
+
+
+def read_official_checkpoint_and_args(path: str | Path) -> tuple[dict[str, Tensor], dict[str, object] | None]:
+    """The tensors of an official checkpoint file and the training ``args`` it records (None when it
+    records none, as the released files), without running any code stored in it.
 
     ``.pt`` / ``.pth``: ``torch.load(weights_only=True)``, which refuses pickles that would call
     anything but tensor and container constructors. Released DiT/SiT files are a plain state dict;
     a training checkpoint of their train.py is a dict with "model", "ema", "opt" and "args" (an
     argparse.Namespace, allowed as a plain attribute bag): its "ema" weights are used, as the
-    official sample.py does, else its "model" weights. ``.safetensors``: read as is.
+    official sample.py does, else its "model" weights. ``.safetensors``: read as is (no args).
     """
     path = Path(path)
     if not path.is_file():
@@ -115,7 +147,13 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
             ) from None
     else:
         raise CheckpointError(f"{path}: an official checkpoint must be a .pt, .pth or .safetensors file")
+    args = None
     if isinstance(loaded, Mapping):
+        recorded = loaded.get("args")
+        if isinstance(recorded, argparse.Namespace):
+            args = dict(vars(recorded))
+        elif isinstance(recorded, Mapping):
+            args = dict(recorded)
         for entry in ("ema", "model"):
             if isinstance(loaded.get(entry), Mapping):
                 loaded = loaded[entry]
@@ -125,7 +163,31 @@ def read_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     for key, value in loaded.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return dict(loaded)
+    return dict(loaded), args
+
+
+def check_training_args(kind: OfficialKind, args: Mapping[str, object] | None, source: str) -> None:
+    """Refuse a training checkpoint whose recorded ``args`` say it is not what ``kind`` imports: a
+    SiT checkpoint given as DiT (or the reverse), or a SiT trained on another path (GVP, VP) or to
+    predict another quantity (score, noise), which a velocity v-head would silently misread."""
+    if not args:
+        return
+    model = str(args.get("model", ""))
+    trained_by = "sit" if model.startswith("SiT") or "path_type" in args else "dit" if model.startswith("DiT") else None
+    if trained_by is not None and trained_by != kind:
+        named = f"args.model {model}" if model else "its args name a SiT transport"
+        raise CheckpointError(
+            f"{source} was trained by the official {trained_by.upper()} code ({named}); import it as '{trained_by}'"
+        )
+    if kind != "sit":
+        return
+    for key, wanted in SIT_VELOCITY_ARGS.items():
+        found = args.get(key, wanted)
+        if found != wanted:
+            raise CheckpointError(
+                f"{source} is a SiT trained with {key} {found} (its args); dumo imports only Linear-path "
+                "velocity-prediction SiT (path_type Linear, prediction velocity)"
+            )
 
 
 def one_line(error: BaseException) -> str:
@@ -320,19 +382,66 @@ def convert_official(
     )
 
 
+def autoencoder_folder(config: Config, autoencoder: str | None) -> str | None:
+    """The local folder of the SD-VAE that decodes an imported latent model's samples (``--autoencoder``,
+    else ``data.autoencoder_path``); None for data that is not decoded. Refused when a latent model has none."""
+    if config.data.name != "latents":
+        return None  # images need no decoder; random_latents are timing data with none
+    folder = autoencoder or config.data.autoencoder_path
+    if not folder:
+        raise ConfigError(
+            "an imported latent model decodes its samples with the SD-VAE the official code used: give its "
+            "local diffusers folder with --autoencoder DIR (stabilityai/sd-vae-ft-ema or -mse, downloaded)"
+        )
+    return str(Path(folder).expanduser().absolute())  # sampling may run from another folder
+
+
+def sample_space_of(
+    config: Config,
+    shape: tuple[int, ...],
+    classes: int,
+    autoencoder: str | None,
+    source: str,
+    args: Mapping[str, object] | None = None,
+) -> SampleSpace:
+    """What sampling needs to know about the imported model's data, recorded in its weights so that it
+    samples with no data present: shape and classes and, for latents, the official autoencoder (its
+    name, from the checkpoint's --vae where recorded, and the local folder that decodes)."""
+    from dumo.data import SampleSpace
+
+    data = config.data
+    if data.name not in ("latents", "random_latents"):
+        return SampleSpace("images", data.name, tuple(shape), classes, summary=f"imported from {source}")
+    recorded = None
+    folder = autoencoder_folder(config, autoencoder)
+    if folder is not None:
+        recorded = {
+            "kind": OFFICIAL_AUTOENCODER_KIND,
+            "name": f"stabilityai/sd-vae-ft-{(args or {}).get('vae', 'ema')}",  # ema and mse share the encoder
+            "path": folder,
+            "scaling_factor": OFFICIAL_LATENT_SCALE,
+            "shift_factor": 0.0,
+        }
+    summary = f"imported from {source}"
+    return SampleSpace("latents", data.name, tuple(shape), classes, autoencoder=recorded, summary=summary)
+
+
 def import_official_weights(
     kind: OfficialKind,
     checkpoint: str | Path,
     config: Config,
     out_dir: str | Path,
     num_heads: int | None = None,
+    autoencoder: str | None = None,
 ) -> ImportedModel:
     """Write an official DiT/SiT checkpoint as a dumo export folder (config.yaml + model.safetensors).
 
     ``config`` supplies everything but the model: its ``model`` section is replaced by what the
     checkpoint needs. It must be a Flow Matching config (one v-head) whose data matches the
-    checkpoint's shape and classes. The folder reads like one of ``dumo export``: ``dumo sample``
-    and ``dumo eval`` take it.
+    checkpoint's shape and classes. The folder is one of ``dumo export``: the weights record the
+    config and what sampling needs (shape, classes and, for latents, the SD-VAE at ``autoencoder``
+    or ``data.autoencoder_path`` with the official scale 0.18215), so ``dumo sample`` and
+    ``dumo eval`` take it with no data present.
     """
     from dumo.config import save_config
     from dumo.errors import RunDirError
@@ -359,9 +468,15 @@ def import_official_weights(
             "the data's shape or classes are known only from its files: set data.resolution (image folders) "
             "or data.latent_shape and data.num_classes (latents)"
         )
+    autoencoder_folder(config, autoencoder)  # refuse before reading a checkpoint of gigabytes
+    state, args = read_official_checkpoint_and_args(checkpoint)
+    check_training_args(kind, args, str(checkpoint))
+    source = f"{kind}:{Path(checkpoint).name}"
+    data_classes = classes if config.data.conditional else (config.data.expected_classes() or 0)
+    space = sample_space_of(config, shape, data_classes, autoencoder, source, args)
     imported = convert_official(
         kind,
-        read_official_checkpoint(checkpoint),
+        state,
         num_heads=num_heads,
         conditional=config.data.conditional,
         source=str(checkpoint),
@@ -380,9 +495,15 @@ def import_official_weights(
     load_weights(model, imported.state, str(checkpoint))  # the converted dict must fit dumo's model exactly
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, out_dir / CONFIG_FILE)
-    metadata = {"step": "0", "imported_from": f"{kind}:{Path(checkpoint).name}"}
+    metadata = {
+        "step": "0",
+        "imported_from": source,
+        "prediction": PREDICTIONS[kind],
+        "config": json.dumps(config.to_dict()),
+        "data": space.to_json(),
+    }
     save_checkpoint(out_dir / EXPORTED_WEIGHTS, model.state_dict(), metadata, kind=MODEL_FORMAT)
-    return imported
+    return dataclasses.replace(imported, space=space)
 
 
 __all__ = [
@@ -391,6 +512,8 @@ __all__ = [
     "ImportedModel",
     "convert_official",
     "fold_time_reversal",
+    "check_training_args",
     "import_official_weights",
     "read_official_checkpoint",
+    "read_official_checkpoint_and_args",
 ]

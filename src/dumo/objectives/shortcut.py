@@ -8,13 +8,21 @@ Each batch mixes two kinds of rows, as the public code (kvfrans/shortcut-models)
 
 - flow-matching rows: t on the finest grid {1/M, 2/M, ..., 1}, the smallest step d = 1/M (the
   paper's "d = 0"), target z - x;
-- self-consistency rows (a fraction ``bootstrap_fraction``): a level k in 0 .. log2(M) - 1 spread
-  evenly over the rows, d = 2^-k, t on that level's grid {d, 2d, ..., 1}, and the target two half
+- self-consistency rows (a fraction ``bootstrap_fraction``, first in the batch): a level k in
+  0 .. log2(M) - 1, d = 2^-k, t on that level's grid {d, 2d, ..., 1}, and the target two half
   steps of the stop-gradient network theta^- (:func:`shortcut_target`)::
 
       v1 = s(x_t, t, d/2),   x' = x_t - (d/2) v1,   v2 = s(x', t - d/2, d/2),   target = (v1 + v2) / 2
 
   with x' and the target clipped to +-``target_clip`` as in the public code.
+
+The levels are laid out as the public code lays them out: of the B_s self-consistency rows, each
+level gets B_s // log2(M) consecutive rows, the smallest step (d = 2/M) first and d = 1 last, and
+the remaining B_s mod log2(M) rows take d = 1 too. With ``bootstrap_cfg`` w the rows of the
+smallest level (d = 2/M, whose half steps are flow-matching steps 1/M) get a guided target: each
+half-step velocity is ``s(., null) + w (s(., c) - s(., null))``, as the public code's
+``bootstrap_cfg`` (its ImageNet recipe: w = 1.5). The guidance reaches the larger steps through
+self-consistency: their half steps read the conditional network at the guided smaller levels.
 
 Labels are dropped (``label_dropout``) on flow-matching rows only; the loss is plain MSE over the
 whole batch. Sampling is MeanFlow's sampler with uniform times: k Euler steps of size 1/k, each
@@ -27,15 +35,18 @@ Deviations from the public code:
   through its sinusoidal interval embedding (features of ``time_embedding_scale * d``). Any k may
   be sampled; the step sizes trained are 1/M and the powers 2^-k, k < log2(M), so other k rely on
   the embedding interpolating between them.
-- The level of a self-consistency row: the original repeats each level ``rows // log2(M)``
-  times and gives the remaining rows d = 1 (with fewer rows than levels, every row gets d = 1);
-  dumo assigns the levels round robin from a random first level, so every level is trained
-  whatever the batch size. The number of such rows is ``round(B * bootstrap_fraction)``, at least
-  one when the fraction is positive (the original: ``B // bootstrap_every``); it depends on the
-  batch size only, so every rank under FSDP runs the same target passes.
-- Paths and targets are exactly linear (the original's 1e-5 offset of the noise is left out), and
-  the original's option of guidance inside the self-consistency target (``bootstrap_cfg``) is not
-  implemented.
+- Fewer self-consistency rows than levels: the original gives every such row d = 1 (the smaller
+  steps are never trained); dumo spreads them round robin over the levels from a random first
+  level, so every level is trained over the steps. The number of such rows is
+  ``round(B * bootstrap_fraction)`` of the batch each process runs (B: per rank and accumulation
+  shard), at least one when the fraction is positive (the original: ``B // bootstrap_every`` of
+  the global batch); it depends on the batch size only, so every rank under FSDP runs the same
+  target passes.
+- Paths and targets are exactly linear (the original's 1e-5 offset of the noise is left out).
+- theta^- (``target_network: ema``) is dumo's EMA of the run, which is also the sampled model and
+  follows ``train.ema_warmup`` (decay min(ema_decay, (1 + step) / (10 + step)) by default); the
+  original's target EMA has a constant rate (target_update_rate 0.999) from step 1, and it samples
+  with the online weights (use_ema 0).
 """
 
 from __future__ import annotations
@@ -71,6 +82,10 @@ class ShortcutConfig(ObjectiveConfig):
     # the stop-gradient online weights.
     target_network: Literal["online", "ema"] = "ema"
     target_clip: float | None = 4.0  # clip the half-step point and the target to +-this; null = off
+    # Guidance scale w of the self-consistency target on the rows of the smallest level (d = 2/M): the
+    # original's bootstrap_cfg 1 with cfg_scale w (its ImageNet recipe: 1.5). null = off (the original's
+    # default); needs class labels (data.conditional), else it has no effect.
+    bootstrap_cfg: float | None = None
     # Precision of the two no-grad target passes (see dumo.objectives.base.derivative_precision).
     # bf16 by default: nothing is differenced, so the passes round no worse than the trained pass
     # (the original runs every pass in bf16).
@@ -90,10 +105,55 @@ class ShortcutConfig(ObjectiveConfig):
             self.target_clip is None or self.target_clip > 0,
             f"{prefix}.target_clip must be > 0 or null; got {self.target_clip}",
         )
+        require(
+            self.bootstrap_cfg is None or self.bootstrap_cfg >= 0,
+            f"{prefix}.bootstrap_cfg must be >= 0 or null; got {self.bootstrap_cfg}",
+        )
 
 
 def _clip(value: Tensor, limit: float | None) -> Tensor:
     return value if limit is None else value.clamp(-limit, limit)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Which rows of a self-consistency batch get a guided target: the candidate ``rows`` (indices)
+    where ``mask`` holds, with scale ``scale`` and the null class ``null_label``."""
+
+    rows: Tensor
+    mask: Tensor
+    scale: float
+    null_label: int
+
+
+def half_step_velocity(
+    target_model: nn.Module,
+    x: Tensor,
+    t: Tensor,
+    step: Tensor,
+    labels: Tensor | None,
+    head: str,
+    guidance: Guidance | None,
+) -> Tensor:
+    """``s(x, t, step)`` in (at least) fp32; on the rows ``guidance`` marks, its guided value
+    ``s(., null) + w (s(., c) - s(., null))``. The unconditional passes of the guided rows join the
+    conditional pass in one call, as in the original."""
+    if guidance is None or labels is None:
+        return at_least_fp32(getattr(target_model(x, t, r=t - step, labels=labels), head))
+    rows = guidance.rows
+    null = torch.full_like(labels[rows], guidance.null_label)
+    both = target_model(
+        torch.cat([x, x[rows]]),
+        torch.cat([t, t[rows]]),
+        r=torch.cat([t - step, (t - step)[rows]]),
+        labels=torch.cat([labels, null]),
+    )
+    velocity = at_least_fp32(getattr(both, head))
+    conditional, unconditional = velocity[: x.shape[0]], velocity[x.shape[0] :]
+    guided = unconditional + guidance.scale * (conditional[rows] - unconditional)
+    # candidates at another level (round robin over few rows) keep their conditional velocity
+    at_guided_level = guidance.mask.reshape(-1, *([1] * (guided.dim() - 1)))
+    return conditional.index_copy(0, rows, torch.where(at_guided_level, guided, conditional[rows]))
 
 
 @torch.no_grad()
@@ -105,19 +165,20 @@ def shortcut_target(
     labels: Tensor | None = None,
     clip: float | None = 4.0,
     head: str = "u",
+    guidance: Guidance | None = None,
 ) -> Tensor:
     """The self-consistency target of a step of size d from t: the mean of two steps of size d/2.
 
     ``v1 = s(x_t, t, d/2)``, ``x' = x_t - (d/2) v1`` (half a step toward the data),
     ``v2 = s(x', t - d/2, d/2)``, target ``(v1 + v2) / 2``; x' and the target are clipped to
     +-``clip`` (None: not clipped). ``s`` is the ``head`` output of ``target_model`` called with
-    ``r = t - step``. Returns the target in (at least) fp32, without gradient.
+    ``r = t - step``; on the rows ``guidance`` selects, both half-step velocities are guided (see
+    :func:`half_step_velocity`), x' included. Returns the target in (at least) fp32, without gradient.
     """
     half = d / 2
-    v1 = at_least_fp32(getattr(target_model(x_t, t, r=t - half, labels=labels), head))
+    v1 = half_step_velocity(target_model, x_t, t, half, labels, head, guidance)
     x_half = _clip(x_t - expand_time(half, v1) * v1, clip).to(x_t.dtype)
-    t_half = t - half
-    v2 = at_least_fp32(getattr(target_model(x_half, t_half, r=t_half - half, labels=labels), head))
+    v2 = half_step_velocity(target_model, x_half, t - half, half, labels, head, guidance)
     return _clip((v1 + v2) / 2, clip)
 
 
@@ -150,17 +211,46 @@ class ShortcutObjective(Objective):
         """Self-consistency rows: a step larger than 1/M (they have d >= 2/M)."""
         return d > 1.5 / self.config.max_steps
 
+    def row_levels(self, count: int, device: torch.device | str) -> Tensor:
+        """The level k (d = 2^-k) of each of ``count`` self-consistency rows.
+
+        As the original lays them out: ``count // log2(M)`` rows per level, the smallest step first
+        (k = log2(M) - 1, ..., 0), then the remainder at k = 0 (d = 1). With fewer rows than levels
+        (where the original trains d = 1 only) round robin from a random first level instead.
+        """
+        levels = self.levels
+        if count < levels:
+            first = torch.randint(levels, (), device=device)
+            return (first + torch.arange(count, device=device)) % levels
+        per_level = count // levels
+        blocks = torch.arange(levels - 1, -1, -1, device=device).repeat_interleave(per_level)
+        return torch.cat([blocks, torch.zeros(count - blocks.numel(), dtype=blocks.dtype, device=device)])
+
     def sample_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """(t, d): the first ``bootstrap_rows`` rows on the levels k = 0 .. log2(M) - 1 round robin
-        from a random first level, the rest on the finest level (d = 1/M); t uniform on each row's
-        grid {d, 2d, ..., 1}."""
+        """(t, d): the first ``bootstrap_rows`` rows on the self-consistency levels (:meth:`row_levels`),
+        the rest on the finest level (d = 1/M); t uniform on each row's grid {d, 2d, ..., 1}."""
         count = bootstrap_rows(n, self.config.bootstrap_fraction)
-        first_level = torch.randint(self.levels, (), device=device)
         level = torch.full((n,), self.levels, device=device)
-        level[:count] = (first_level + torch.arange(count, device=device)) % self.levels
+        level[:count] = self.row_levels(count, device)
         steps = torch.pow(2.0, level.float())  # grid points of each row's level
         index = (torch.rand(n, device=device) * steps).floor().clamp(max=steps - 1) + 1
         return index / steps, 1.0 / steps
+
+    def guided_candidates(self, count: int) -> int:
+        """How many leading rows of ``count`` self-consistency rows laid out by :meth:`row_levels`
+        may be at the smallest level d = 2/M: its block, or every row when there are fewer rows than
+        levels (round robin). Known from the count alone: no host sync, the same passes on every rank."""
+        return count // self.levels if count >= self.levels else count
+
+    def guidance(self, d: Tensor, candidates: int) -> Guidance | None:
+        """With ``bootstrap_cfg``: the guided rows among the first ``candidates`` self-consistency
+        rows (steps ``d``), those at the smallest level d = 2/M; else None."""
+        scale = self.config.bootstrap_cfg
+        if scale is None or candidates == 0:
+            return None
+        rows = torch.arange(candidates, device=d.device)
+        mask = (d[:candidates] - 2.0 / self.config.max_steps).abs() < 0.5 / self.config.max_steps
+        return Guidance(rows, mask, float(scale), self.null_label)
 
     def __call__(
         self,
@@ -208,6 +298,8 @@ class ShortcutObjective(Objective):
             rows = torch.arange(bootstrap, device=d.device)
         kind = torch.zeros_like(t).index_fill(0, rows, 1.0)  # 1 on self-consistency rows
         if rows.numel() > 0:
+            # rows laid out by sample_times: the guided level's block leads; rows found from d: any row
+            candidates = rows.numel() if bootstrap is None else self.guided_candidates(bootstrap)
             with derivative_precision(cfg, x_t):
                 consistent = shortcut_target(
                     target_model,
@@ -216,6 +308,7 @@ class ShortcutObjective(Objective):
                     d[rows],
                     None if labels is None else labels[rows],
                     cfg.target_clip,
+                    guidance=self.guidance(d[rows], candidates),
                 )
             target = target.index_copy(0, rows, consistent.to(target.dtype))
 
