@@ -277,14 +277,6 @@ def test_a_batch_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_corrected_rerun(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    save_config(config(2, "data.batch_size=64"), run / CONFIG_FILE)  # what a failed start leaves behind
-    result = Trainer(config(2), run).run()
-    assert result.step == 2 and load_config(run / CONFIG_FILE).data.batch_size == 32
-
-
 # -- 21: exit statuses -----------------------------------------------------------------------------------
 
 
@@ -386,3 +378,150 @@ def test_set_takes_several_pairs_after_one_flag():
     assert args.set == ["a.b=1", "c.d=2", "e.f=3"]
     with pytest.raises(ConfigError, match="give CONFIG before --set"):
         load_config(CONFIG, ["configs/toy/moons-dumo.yaml"])
+
+
+# -- a run folder is dumo's only where dumo marked it; --overwrite clears what dumo wrote -----------------
+
+
+def folder_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_args(run: Path, *extra: str) -> list[str]:
+    return ["train", str(CONFIG), "--out", str(run), *[x for o in [*TINY, *extra] for x in ("--set", o)]]
+
+
+def test_resume_and_overwrite_together_are_refused_and_touch_nothing(run_of_4, capsys):
+    before = folder_digest(run_of_4)
+    assert main(["train", "--resume", "--overwrite", "--out", str(run_of_4)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--resume and --overwrite contradict each other" in error[0]
+    assert folder_digest(run_of_4) == before
+
+
+def test_a_folder_dumo_did_not_mark_is_not_taken_over(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text("my own notes, not a dumo config\n")
+    with pytest.raises(RunDirError, match="holds files dumo did not write"):
+        Trainer(config(2), folder).run()
+    # --overwrite trains beside the user's files, never over them: config.yaml would be replaced
+    with pytest.raises(RunDirError, match=r"was not made by dumo .* holds config.yaml"):
+        Trainer(config(2), folder).run(overwrite=True)
+    assert (folder / CONFIG_FILE).read_text() == "my own notes, not a dumo config\n"
+    assert not (folder / "checkpoints").exists()
+    (folder / CONFIG_FILE).rename(folder / "notes.yaml")
+    assert Trainer(config(2), folder).run(overwrite=True).step == 2
+    assert (folder / "notes.yaml").read_text() == "my own notes, not a dumo config\n"
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_corrected_rerun(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        Trainer(config(2, "data.batch_size=64", f"train.init_from={tmp_path / 'missing'}"), run).run()
+    assert (run / CONFIG_FILE).is_file() and not list_checkpoints(run)  # what the failed start left behind
+    result = Trainer(config(2), run).run()
+    assert result.step == 2 and load_config(run / CONFIG_FILE).data.batch_size == 32
+
+
+def test_a_run_made_before_the_run_record_still_resumes_and_gets_one(tmp_path):
+    from dumo.run_dir import CHECKPOINT_DIR_NAME, RUN_RECORD, SNAPSHOT_DIR_NAME
+    from dumo.training.checkpoint import CHECKPOINT_DIR
+    from dumo.training.snapshots import SNAPSHOT_DIR
+
+    assert (CHECKPOINT_DIR_NAME, SNAPSHOT_DIR_NAME) == (CHECKPOINT_DIR, SNAPSHOT_DIR)  # one name each
+    run = tmp_path / "run"
+    Trainer(config(2), run).run()
+    (run / RUN_RECORD).unlink()  # as a run written by an earlier dumo
+    result = Trainer(config(4), run).run()
+    assert result.resumed_from == 2 and result.step == 4
+    assert (run / RUN_RECORD).is_file()
+
+
+def test_overwrite_clears_what_the_record_lists_says_so_and_keeps_the_rest(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(config(2, "train.eval_every=1", "train.tensorboard=true"), run).run()
+    assert len(list((run / "samples").iterdir())) == 2 and any((run / "tensorboard").iterdir())
+    (run / "samples" / "my_drawing.png").write_bytes(b"mine")
+    capsys.readouterr()
+    Trainer(config(1, "objective.beta=0.2"), run).run(overwrite=True)
+    removed = [line for line in capsys.readouterr().out.splitlines() if "--overwrite: removed" in line]
+    assert len(removed) == 1
+    for name in ("config.yaml", "train_log.csv", "eval_log.csv", "checkpoints", "samples", "tensorboard"):
+        assert name in removed[0]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["my_drawing.png", "step_00000001.png"]
+    assert not (run / "tensorboard").exists()  # the new run logs no TensorBoard: none of the old events remain
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000001.safetensors"]
+
+
+def test_overwrite_deletes_nothing_in_a_folder_that_was_never_a_run(tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "step_00000001.safetensors").write_bytes(b"someone's weights")
+    (folder / TRAIN_LOG).write_text("my own measurements\n")
+    before = folder_digest(folder)
+    with pytest.raises(RunDirError, match=r"was not made by dumo .* holds checkpoints, train_log.csv"):
+        Trainer(config(2), folder).run(overwrite=True)
+    assert folder_digest(folder) == before
+
+
+def test_sample_force_replaces_a_png_folder_as_a_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DUMO_CACHE", str(tmp_path / "cache"))
+    data = image_folder(tmp_path / "images", 12)
+    images = ["data.name=image_folder", f"data.path={data}", "data.batch_size=8", "model.name=DiT-S/2",
+              "model.hidden_dim=16", "model.num_heads=2", "train.eval_samples=12"]  # fmt: skip
+    Trainer(config(1, *images), tmp_path / "run").run()
+    out = tmp_path / "pngs"
+    sample = ["sample", str(tmp_path / "run"), "--nfe", "1", "--out", str(out)]
+    assert main([*sample, "-n", "6"]) == 0
+    assert main([*sample, "-n", "2", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pngs")]  # no temporary sibling left
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*sample, "-n", "2", "--force"]) == 2
+    assert "holds files dumo did not write (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "notes.txt"]
+
+
+def test_a_run_whose_only_checkpoint_is_corrupt_is_never_restarted_silently(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(config(2), run).run()
+    log = (run / TRAIN_LOG).read_text()
+    flip_bit_in_data(list_checkpoints(run)[0])
+    with pytest.raises(CheckpointError, match="could be read"):
+        Trainer(config(2), run).run()
+    assert "moved it to step_00000002.safetensors.corrupt" in capsys.readouterr().err
+    with pytest.raises(RunDirError, match=r"no readable checkpoint .*\.corrupt.*--overwrite"):
+        Trainer(config(2), run).run()
+    assert (run / TRAIN_LOG).read_text() == log
+    assert Trainer(config(2), run).run(overwrite=True).step == 2
+    assert not (run / "checkpoints" / "step_00000002.safetensors.corrupt").exists()
+
+
+# -- options that cannot take effect say so ----------------------------------------------------------------
+
+
+def test_guidance_on_an_unconditional_run_and_fsdp_in_one_process_are_reported(tmp_path, capsys):
+    Trainer(config(1, "objective.zeta=0.5", "train.parallel=fsdp", "train.fsdp_param_dtype=bf16",
+                   "objective.target_precision=bf16"), tmp_path / "run")  # fmt: skip
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dumo: warning:")]
+    assert any("objective.zeta=0.5" in line and "without guidance" in line for line in warnings)
+    assert any("train.parallel=fsdp" in line and "single process" in line for line in warnings)
+    assert any("train.fsdp_param_dtype=bf16" in line for line in warnings)
+    # FSDP and the exact JVP cannot go together: refused in one process as under torchrun
+    with pytest.raises(ConfigError, match="train.parallel=fsdp needs objective.derivative=finite_difference"):
+        Trainer(config(1, "train.parallel=fsdp", "objective.derivative=jvp"), tmp_path / "jvp")
+
+
+def test_uint8_outside_a_npz_and_resume_of_nothing_are_reported(run_of_4, tmp_path, capsys):
+    out = tmp_path / "points.npy"
+    assert main(["sample", str(run_of_4), "--nfe", "1", "-n", "5", "--out", str(out), "--uint8"]) == 2
+    assert "--uint8 writes a .npz only" in capsys.readouterr().err and not out.exists()
+    picture = tmp_path / "points.png"
+    assert main(["sample", str(run_of_4), "--nfe", "1", "-n", "5", "--out", str(picture), "--uint8"]) == 0
+    assert "dumo: warning: --uint8" in capsys.readouterr().err and picture.is_file()
+    empty = tmp_path / "empty"
+    assert main(["train", str(CONFIG), "--resume", "--out", str(empty)]) == 2
+    assert f"--resume: {empty} holds no run to resume" in capsys.readouterr().err
+    assert not empty.exists()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -87,15 +88,21 @@ def parse_times(text: str | None) -> list[float] | None:
 def command_train(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.distributed import shutdown
-    from dumo.run_dir import CONFIG_FILE
+    from dumo.run_dir import CONFIG_FILE, is_dumo_run
     from dumo.training import train
 
     out = Path(args.out)
-    if args.config is None:
-        if not args.resume:
-            raise UsageError("CONFIG is required unless --resume continues the run in --out")
-        if not (out / CONFIG_FILE).is_file():
-            raise UsageError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume and --overwrite contradict each other: --resume continues the run in --out, --overwrite "
+            "deletes it to start afresh; give one of them"
+        )
+    if args.config is None and not args.resume:
+        raise UsageError("CONFIG is required unless --resume continues the run in --out")
+    if args.resume and not (out.is_dir() and is_dumo_run(out)):
+        raise UsageError(f"--resume: {out} holds no run to resume; drop --resume to start a new run there")
+    if args.config is None and not (out / CONFIG_FILE).is_file():
+        raise UsageError(f"--resume: {out} holds no {CONFIG_FILE} to resume with; give the run's CONFIG")
     config = load_config(args.config or out / CONFIG_FILE, args.set)
     try:
         result = train(config, out, overwrite=args.overwrite)
@@ -180,13 +187,6 @@ def label_array(labels, num: int) -> np.ndarray:
     return np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
 
 
-def png_sink(folder: Path):
-    def sink(first: int, images, pixels) -> None:
-        write_png_folder(folder, pixels.permute(0, 2, 3, 1).cpu().numpy(), first)
-
-    return sink
-
-
 def sampling_session(args: argparse.Namespace):
     """Join torchrun's process group if there is one, and load the run on this rank's device
     (cuda:LOCAL_RANK when there is a GPU)."""
@@ -229,15 +229,23 @@ def command_sample(args: argparse.Namespace) -> int:
         images = run.space.is_images
         check_output_file(out, (".npz", ".png") if images else (".npy", ".png"), folder_ok=images, force=args.force)
         picture = out.suffix.lower() == ".png"
+        png_folder = images and out.suffix == ""
+        if png_folder:
+            check_png_folder(out, "--out")
+        if args.uint8 and out.suffix.lower() != ".npz":
+            if not (picture or png_folder):
+                raise UsageError(f"--uint8 writes a .npz only; {out} gets the float coordinates of 2-D samples")
+            if dist.is_main:
+                print("dumo: warning: --uint8 shapes a .npz only; PNGs are 8-bit anyway: ignored", file=sys.stderr)
         num = args.num or (PICTURE_SAMPLES if picture and images else DATA_SAMPLES)
         label = class_index(run, args.class_label)
         ranks = f" on {dist.world_size} processes" if dist.enabled else ""
         if images and not picture:
             # a .npz or a folder of PNGs: every rank writes its own chunks as it decodes them
             labels = sample_labels(run, num, label)
-            if out.suffix == "":
-                sinks = [png_sink(out)]
-                writer = None
+            if png_folder:
+                writer = PngFolder(out, dist, label_array(labels, num) if labels is not None else None, run.space)
+                sinks = [writer.sink]
             else:
                 writer = sample_npz(out, run, num, args.batch_size, labels, dist, float_images=not args.uint8)
                 sinks = [npz_sink(writer, float_images=not args.uint8)]
@@ -246,10 +254,7 @@ def command_sample(args: argparse.Namespace) -> int:
             stream_from_run(
                 run, args.nfe, num, args.seed, method, times, labels, args.batch_size, args.decode_batch, dist, sinks
             )
-            if writer is not None:
-                writer.finish()
-            elif dist.is_main and labels is not None:
-                write_labels_csv(out, label_array(labels, num), run.space)
+            writer.finish()
             if dist.is_main:
                 print(f"wrote {num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
             return 0
@@ -275,6 +280,67 @@ def command_sample(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutdown()
+
+
+class PngFolder:
+    """A folder of one PNG per sample (``000000.png``, ... by global sample index) and, for labelled
+    samples, labels.csv: every rank writes its own chunks into a temporary sibling folder, which rank
+    0 then puts in place of the old folder, so that the folder holds this call's files only (16 new
+    images never sit beside 48 stale ones). The old folder must hold only such files
+    (:func:`check_png_folder`)."""
+
+    def __init__(self, out: Path, dist, labels: np.ndarray | None, space):
+        self.out, self.dist, self.labels, self.space = out, dist, labels, space
+        self.staging = out.parent / f".{out.name}.writing"
+        if dist.is_main:
+            if self.staging.is_dir() and not self.staging.is_symlink():
+                shutil.rmtree(self.staging)  # left by a killed call: dumo's own temporary name
+            self.staging.mkdir(parents=True)
+        dist.barrier()  # the staging folder exists before any rank writes to it
+
+    def sink(self, first: int, images, pixels) -> None:
+        write_png_folder(self.staging, pixels.permute(0, 2, 3, 1).cpu().numpy(), first)
+
+    def finish(self) -> None:
+        """Wait for every rank's images; rank 0 writes labels.csv and swaps the folder in (all ranks call this)."""
+        self.dist.barrier()
+        if self.dist.is_main:
+            if self.labels is not None:
+                write_labels_csv(self.staging, self.labels, self.space)
+            replace_folder(self.staging, self.out)
+        self.dist.barrier()
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the folder ``new`` at ``out``; an old folder there (checked to hold dumo's files only) is
+    renamed aside first and deleted after, so an interruption leaves one whole folder or the other."""
+    old = out.parent / f".{out.name}.replaced"
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    if out.is_symlink():
+        out.unlink()  # the link goes; the folder it pointed to keeps its files
+    elif out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+#: the files of a folder of PNG samples: its images, labels.csv, and their temporary copies
+PNG_FOLDER_FILES = r"^(?:\d{6,}\.png|labels\.csv|\.(?:\d{6,}\.png|labels\.csv)\.[^/]+\.tmp(?:\.\w+)?)$"
+
+
+def check_png_folder(path: Path, option: str) -> None:
+    """Refuse to replace a folder of PNGs that holds anything dumo did not write there."""
+    if not path.is_dir():
+        return
+    others = sorted(p.name for p in path.iterdir() if not (re.match(PNG_FOLDER_FILES, p.name) and p.is_file()))
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UsageError(
+            f"{option} {path} holds files dumo did not write ({shown}); dumo replaces only a folder of its own "
+            "PNGs: choose another folder"
+        )
 
 
 def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
@@ -337,6 +403,7 @@ def command_eval(args: argparse.Namespace) -> int:
             check_sample_output(npz, "--npz", folder=False)
         if png_dir is not None:
             check_sample_output(png_dir, "--png-dir", folder=True)
+            check_png_folder(png_dir, "--png-dir")
         if not latent:  # the domain metrics score all samples at once on rank 0: meant for small data
             size = math.prod(run.space.shape) * 4
             check_memory(3 * args.num * size, f"{args.num} samples gathered for the domain metrics")
@@ -358,7 +425,7 @@ def command_eval(args: argparse.Namespace) -> int:
         for nfe in args.nfe:
             labels = sample_labels(run, args.num, None)
             gather = None if latent else ChunkGather(args.num, run.space.shape, args.batch_size, dist, run.device)
-            streamed, image_sinks, writer = None, [], None
+            streamed, image_sinks, writer, png_writer = None, [], None, None
             if inception is not None:
                 from dumo.metrics.fid_stats import inception_scores
 
@@ -372,7 +439,9 @@ def command_eval(args: argparse.Namespace) -> int:
                 writer = sample_npz(npz, run, args.num, args.batch_size, labels, dist, float_images=False)
                 image_sinks.append(npz_sink(writer, float_images=False))
             if png_dir is not None:
-                image_sinks.append(png_sink(png_dir))
+                png_labels = None if labels is None else label_array(labels, args.num)
+                png_writer = PngFolder(png_dir, dist, png_labels, run.space)
+                image_sinks.append(png_writer.sink)
             stream_from_run(
                 run,
                 nfe,
@@ -392,8 +461,8 @@ def command_eval(args: argparse.Namespace) -> int:
                 streamed.reduce(dist)
             if writer is not None:
                 writer.finish()
-            if png_dir is not None and dist.is_main and labels is not None:
-                write_labels_csv(png_dir, label_array(labels, args.num), run.space)
+            if png_writer is not None:
+                png_writer.finish()
             if not dist.is_main:
                 continue
             metrics = {} if score is None else score(points, labels)
@@ -924,7 +993,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model from a YAML config",
         description="Train a model. If --out already holds this run (same config, except train.steps and "
         "logging cadence), training resumes from its latest checkpoint; a different run there is refused "
-        "unless --overwrite. SIGINT/SIGTERM save a checkpoint and stop.",
+        "unless --overwrite. dumo marks its run folders with dumo-run.json, the list of what it wrote there; a "
+        "non-empty folder without it is refused, and with --overwrite trained beside its files (none of them "
+        "deleted or replaced). SIGINT/SIGTERM save a checkpoint and stop.",
     )
     train.add_argument("config", nargs="?", help="YAML config, e.g. configs/toy/moons-dumo.yaml")
     train.add_argument("--out", required=True, help="run directory for config, logs and checkpoints")
@@ -934,7 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite",
         action="store_true",
-        help="start afresh in --out even if it holds another run (deletes that run's checkpoints and logs)",
+        help="start afresh in --out even if it holds another run: deletes what dumo wrote there as its "
+        "dumo-run.json lists it (config, logs, checkpoints, sample pictures, TensorBoard events, snapshots; "
+        "history.txt is kept) and nothing else",
     )
     add_set_argument(train)
     train.set_defaults(handler=command_train)
@@ -965,7 +1038,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output: .npy (2-D) / .npz (images) or .png, or for images a folder (no suffix) of one PNG per sample; "
         "missing folders are created",
     )
-    sample.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
+    sample.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists (default: refuse); a folder of PNGs is replaced as a whole, and only "
+        "if it holds nothing but dumo's PNGs and labels.csv",
+    )
     sample.add_argument(
         "--uint8",
         action="store_true",
@@ -1012,7 +1090,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--png-dir",
         metavar="FOLDER",
-        help="also write the scored images (one --nfe) as 000000.png, ... by sample index (and labels.csv)",
+        help="also write the scored images (one --nfe) as 000000.png, ... by sample index (and labels.csv); a "
+        "folder written before is replaced as a whole, and only if it holds nothing but such files",
     )
     evaluate.add_argument("--json", metavar="FILE.json", help="also write the scores as JSON (by rank 0)")
     evaluate.set_defaults(handler=command_eval)

@@ -6,7 +6,9 @@ nothing). Training itself lives in :mod:`dumo.training.trainer`; reading a run b
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -26,6 +28,28 @@ LOCK_FILE = ".dumo.lock"  # held (flock) by the process training the run, for th
 HISTORY_FILE = "history.txt"  # one line per start: time, dumo version, command line, starting step
 SAMPLES_DIR = "samples"  # a picture of samples at every evaluation
 TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: the logged scalars and scores as TensorBoard events
+#: dumo's mark on a run folder: the names in it that dumo created. Only a folder with this record (or
+#: a run written before it existed: see is_legacy_run) is resumed or cleared by --overwrite, and
+#: --overwrite deletes only what the record lists.
+RUN_RECORD = "dumo-run.json"
+RECORD_FORMAT = "dumo-run"
+# dumo.training.checkpoint.CHECKPOINT_DIR and dumo.training.snapshots.SNAPSHOT_DIR, named again here:
+# importing them at module level would import dumo.training, whose trainer imports this module
+CHECKPOINT_DIR_NAME = "checkpoints"
+SNAPSHOT_DIR_NAME = "snapshots"
+#: every top-level name a training run may write in its folder (the lock aside, which is never removed)
+RUN_NAMES = (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    TRAIN_LOG,
+    EVAL_LOG,
+    TEACHER_FILE,
+    CHECKPOINT_DIR_NAME,
+    SAMPLES_DIR,
+    TENSORBOARD_DIR,
+    SNAPSHOT_DIR_NAME,
+)
+KEPT_ON_OVERWRITE = (HISTORY_FILE,)  # every start of the folder, the overwriting one included
 
 #: keys that may change between a run and its resumption (they do not change the maths).
 #: train.grad_accumulation may change, with the number of ranks, as long as the global batch
@@ -75,19 +99,28 @@ def check_global_batch(then: Config, now: Config, source: Path) -> None:
 def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
     """Refuse ``run_dir`` if it holds something else than this run, before anything is written there.
 
-    A folder with a config.yaml but no checkpoint holds nothing to resume (a start that failed
-    before its first save); it is taken over, so that a corrected rerun is not refused.
+    Only a folder dumo marked as a run (its run record, or a run from before the record: see
+    :func:`is_legacy_run`) is continued; any other non-empty folder needs ``overwrite``, and even
+    then none of its files may carry a name the run writes. A marked run with no checkpoint (a
+    start that failed before its first save) is taken over, unless it holds what a start at step 0
+    would destroy: training logs or a checkpoint set aside as corrupt.
     """
     from dumo.training.checkpoint import list_checkpoints
 
     config_file = run_dir / CONFIG_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
-    if overwrite or not run_dir.exists():
+    if not run_dir.exists():
+        return
+    if not is_dumo_run(run_dir):
+        check_unmarked_folder(run_dir, overwrite)
+        return
+    if overwrite:
+        return
+    if not list_checkpoints(run_dir):
+        check_nothing_to_lose(run_dir)
         return
     if config_file.is_file():
-        if not list_checkpoints(run_dir):
-            return
         previous = load_config(config_file)
         differences = config_differences(previous, config, ignore=RESUMABLE_KEYS)
         if differences == ["data.batch_size"]:  # the same run on another number of ranks, say
@@ -99,8 +132,141 @@ def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> Non
                 "it with 'dumo train --resume --out' (its own config), or replace it with --overwrite (deletes "
                 "its checkpoints and logs)"
             )
-    elif any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise RunDirError(f"{run_dir} exists and is not an empty directory or a dumo run; choose another --out")
+
+
+def check_unmarked_folder(run_dir: Path, overwrite: bool) -> None:
+    """A folder dumo did not mark as a run: empty (hidden files aside), or with ``overwrite`` one
+    where the run can write beside the user's files without replacing any of them."""
+    visible = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    if not visible:
+        return
+    if not overwrite:
+        shown = ", ".join(visible[:3]) + (", ..." if len(visible) > 3 else "")
+        raise RunDirError(
+            f"{run_dir} holds files dumo did not write (no {RUN_RECORD}: {shown}); choose another --out, or "
+            "pass --overwrite to train beside them (dumo deletes none of them)"
+        )
+    taken = [name for name in sorted(RUN_NAMES) if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    if taken:
+        raise RunDirError(
+            f"--overwrite: {run_dir} was not made by dumo (no {RUN_RECORD}) and holds {', '.join(taken)}, which "
+            "the run would write over; move them away or choose another --out"
+        )
+
+
+def check_nothing_to_lose(run_dir: Path) -> None:
+    """Refuse to start a marked run without checkpoints at step 0 over its logs or a corrupt checkpoint."""
+    from dumo.training.checkpoint import CORRUPT_SUFFIX
+
+    folder = run_dir / CHECKPOINT_DIR_NAME
+    corrupt = sorted(p.name for p in folder.iterdir() if p.name.endswith(CORRUPT_SUFFIX)) if folder.is_dir() else []
+    logs = [name for name in (TRAIN_LOG, EVAL_LOG) if log_has_rows(run_dir / name)]
+    if corrupt or logs:
+        held = [f"{CHECKPOINT_DIR_NAME}/{corrupt[0]}"] if corrupt else []
+        raise RunDirError(
+            f"{run_dir} has no readable checkpoint but holds {', '.join(held + logs)}: starting again at step 0 "
+            "would replace them; pass --overwrite to start afresh, or choose another --out"
+        )
+
+
+def log_has_rows(path: Path) -> bool:
+    """Whether a CSV log holds a row after its header."""
+    if not path.is_file():
+        return False
+    with path.open() as handle:
+        return sum(1 for line in handle if line.strip()) > 1
+
+
+# -- the run record --------------------------------------------------------------------------------
+
+
+def read_run_record(run_dir: Path) -> list[str] | None:
+    """The names the run record of ``run_dir`` lists (only dumo's own names); None without a record."""
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        names = record["written"] if record.get("format") == RECORD_FORMAT else None
+    except (ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError):
+        names = None
+    if not isinstance(names, list):
+        raise RunDirError(f"{path} is not a dumo run record; remove it if it is yours, or choose another --out")
+    return [name for name in RUN_NAMES if name in names]  # an edited record never names another file
+
+
+def is_legacy_run(run_dir: Path) -> bool:
+    """A run written before the run record: dumo's config.yaml with checkpoints, dumo's history.txt or
+    a training log."""
+    from dumo.training.checkpoint import list_checkpoints
+
+    if (run_dir / RUN_RECORD).exists() or not (run_dir / CONFIG_FILE).is_file():
+        return False
+    return (
+        bool(list_checkpoints(run_dir)) or written_by_dumo(run_dir / HISTORY_FILE) or log_has_rows(run_dir / TRAIN_LOG)
+    )
+
+
+def written_by_dumo(history: Path) -> bool:
+    """Whether ``history`` starts like the history.txt of :func:`record_start`."""
+    if not history.is_file():
+        return False
+    with history.open(errors="replace") as handle:
+        first = handle.readline()
+    return re.match(r"^\S+  dumo \S+  torch \S+  step \d+  ", first) is not None
+
+
+def is_dumo_run(run_dir: Path) -> bool:
+    """Whether dumo marked ``run_dir`` as a run (its record), or it is a run from before the record."""
+    return read_run_record(run_dir) is not None or is_legacy_run(run_dir)
+
+
+def owned_names(run_dir: Path) -> list[str]:
+    """What dumo wrote in ``run_dir``: its record's names; for a run from before the record, dumo's
+    names found there; nothing in a folder dumo did not mark."""
+    recorded = read_run_record(run_dir)
+    if recorded is not None:
+        return recorded
+    if is_legacy_run(run_dir):
+        return [name for name in RUN_NAMES if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    return []
+
+
+def names_written_by(config: Config) -> list[str]:
+    """The top-level names a run of ``config`` writes in its folder."""
+    cfg = config.train
+    wanted = {
+        CONFIG_FILE: True,
+        HISTORY_FILE: True,
+        TRAIN_LOG: cfg.log_every > 0,
+        EVAL_LOG: True,
+        TEACHER_FILE: cfg.init_from is not None,
+        CHECKPOINT_DIR_NAME: True,
+        SAMPLES_DIR: True,
+        TENSORBOARD_DIR: cfg.tensorboard,
+        SNAPSHOT_DIR_NAME: bool(cfg.snapshot_steps) or cfg.snapshot_every > 0,
+    }
+    return [name for name in RUN_NAMES if wanted[name]]
+
+
+def write_run_record(run_dir: Path, owned: list[str], config: Config) -> None:
+    """Mark ``run_dir`` as a dumo run: the record lists ``owned`` and what this run will create there
+    (its names that do not exist yet; one that exists and is not owned belongs to someone else)."""
+    from dumo.safetensors_io import atomic_write
+
+    created = [name for name in names_written_by(config) if not (run_dir / name).exists()]
+    names = [name for name in RUN_NAMES if name in owned or name in created]
+    record = {
+        "format": RECORD_FORMAT,
+        "version": 1,
+        "about": "written by 'dumo train': the names below are what dumo created in this folder; "
+        "'dumo train --overwrite' removes dumo's files in them (history.txt is kept)",
+        "written": names,
+    }
+    text = json.dumps(record, indent=2) + "\n"
+    path = run_dir / RUN_RECORD
+    if not (path.is_file() and path.read_text() == text):
+        atomic_write(path, text.encode())
 
 
 class RunLock:
@@ -138,13 +304,16 @@ class RunLock:
             self.fd = None
 
 
-def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> None:
+def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> list[str]:
     """Check that ``run_dir`` holds this same run (or nothing); with ``overwrite`` delete the files
-    dumo wrote there first. Call it holding the run's lock."""
+    dumo wrote there first (the returned list says what). Then mark it as this run's folder. Call it
+    holding the run's lock."""
     check_run_dir(config, run_dir, overwrite)
-    if overwrite:
-        clear_run(run_dir)
+    owned = owned_names(run_dir) if run_dir.is_dir() else []
+    removed = clear_run(run_dir) if overwrite else []
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_record(run_dir, owned, config)
+    return removed
 
 
 def remove_torn_writes(run_dir: Path) -> None:
@@ -159,34 +328,70 @@ def remove_torn_writes(run_dir: Path) -> None:
                 path.unlink()
 
 
-def clear_run(run_dir: Path) -> None:
-    """Delete the files dumo wrote in ``run_dir`` (config, logs, checkpoints); leave anything else.
+def clear_run(run_dir: Path) -> list[str]:
+    """Delete what dumo wrote in ``run_dir``, as its run record lists it; leave anything else. Returns
+    what was removed ("config.yaml", "samples/ (3 files)", ...).
 
-    Nothing outside the run folder is touched: a ``checkpoints`` that is a symbolic link (or
-    resolves elsewhere) is refused rather than emptied, a link in place of a log is removed as a
-    link, and in the checkpoints folder only dumo's checkpoint and temporary names are deleted.
+    Only dumo's own names are deleted: the files the record names (history.txt aside: it keeps every
+    start), and inside the folders it names only dumo's file names (checkpoints, their temporary and
+    corrupt copies, sample pictures, TensorBoard events, snapshots and their scores); a folder left
+    empty is removed. A folder without a record (not a run) loses nothing. Nothing outside the run
+    folder is touched: a named folder that is a symbolic link (or resolves elsewhere) is refused
+    before anything is deleted, and a link in place of a file is removed as a link.
     """
-    from dumo.training.checkpoint import CHECKPOINT_DIR, CHECKPOINT_NAME, CORRUPT_SUFFIX, TEMP_NAME
-    from dumo.training.snapshots import SNAPSHOT_DIR, list_snapshots
-
     run_dir = Path(run_dir)
-    folder = run_dir / CHECKPOINT_DIR
-    if folder.is_symlink() or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
-        raise RunDirError(
-            f"--overwrite: {folder} is a link to {folder.resolve()}; dumo only deletes inside the run folder: "
-            "remove the link yourself or choose another --out"
-        )
-    for name in (CONFIG_FILE, TRAIN_LOG, EVAL_LOG, TEACHER_FILE):
-        (run_dir / name).unlink(missing_ok=True)  # a symbolic link is removed, not followed
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if CHECKPOINT_NAME.match(path.name) or TEMP_NAME.match(path.name) or path.name.endswith(CORRUPT_SUFFIX):
-                path.unlink()
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    if (run_dir / SNAPSHOT_DIR).is_dir() and not (run_dir / SNAPSHOT_DIR).is_symlink():
-        for _, path in list_snapshots(run_dir):  # the old run's EMA snapshots would be scored as this one's
+    owned = [name for name in owned_names(run_dir) if name not in KEPT_ON_OVERWRITE]
+    folders = [name for name in owned if name in OWN_FILES_IN]
+    for name in folders:
+        folder = run_dir / name
+        if folder.is_symlink() or (folder.exists() and folder.resolve().parent != run_dir.resolve()):
+            raise RunDirError(
+                f"--overwrite: {folder} is a link to {folder.resolve()}; dumo only deletes inside the run folder: "
+                "remove the link yourself or choose another --out"
+            )
+    removed = []
+    for name in owned:
+        path = run_dir / name
+        if name in OWN_FILES_IN:
+            if path.is_dir():
+                count = clear_folder(path, OWN_FILES_IN[name])
+                if count:
+                    removed.append(f"{name}/ ({count} file{'s' * (count != 1)})")
+        elif path.is_symlink() or path.is_file():
+            path.unlink()  # a symbolic link is removed, not followed
+            removed.append(name)
+    return removed
+
+
+def own_file_patterns() -> dict[str, re.Pattern[str]]:
+    """For each folder a run writes, the names of the files dumo puts in it: its own names, and
+    their temporary copies (``.NAME.<random>.tmp[.suffix]``) from an atomic write killed before its rename."""
+
+    def own(name: str) -> re.Pattern[str]:
+        return re.compile(rf"^(?:{name}|\.{name}\.[^/]+\.tmp(?:\.[a-z]+)?)$")
+
+    return {
+        CHECKPOINT_DIR_NAME: own(r"step_\d{8,}\.safetensors(?:\.corrupt)?"),
+        SAMPLES_DIR: own(r"step_\d{8,}\.png"),
+        TENSORBOARD_DIR: re.compile(r"^events\.out\.tfevents\.[^/]+$"),
+        SNAPSHOT_DIR_NAME: own(r"(?:ema_step_\d{8,}\.safetensors|scores\.csv)"),
+    }
+
+
+OWN_FILES_IN = own_file_patterns()
+
+
+def clear_folder(folder: Path, own_files: re.Pattern[str]) -> int:
+    """Delete the files of ``folder`` named like ``own_files`` (no subfolder is entered); remove the
+    folder if that empties it. Returns how many files were deleted."""
+    count = 0
+    for path in folder.iterdir():
+        if own_files.match(path.name) and (path.is_symlink() or path.is_file()):
             path.unlink()
+            count += 1
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return count
 
 
 def record_start(run_dir: Path, step: int) -> None:

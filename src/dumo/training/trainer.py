@@ -179,11 +179,15 @@ class Trainer:
         self.model = self.build_plain_model().to(self.device)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
-        if self.sharded and self.objective.needs_forward_ad():
+        if config.train.parallel == "fsdp" and self.objective.needs_forward_ad():
+            # refused in a single process too (where FSDP is not applied): the config fails alike everywhere
             raise ConfigError(
                 "train.parallel=fsdp needs objective.derivative=finite_difference: "
                 "forward-mode AD (jvp) cannot run through FSDP's parameter gathering"
             )
+        if self.dist.is_main:
+            for line in ineffective_settings(config, self.num_classes, self.dist.enabled):
+                print(f"dumo: warning: {line}", file=sys.stderr, flush=True)
         # The objective calls the DDP-wrapped or FSDP-sharded (and/or compiled) module, so that
         # gradients are reduced over ranks whatever the objective does (its exact-JVP pass
         # included). Under FSDP the EMA copy is sharded the same way, so its update stays local.
@@ -500,14 +504,19 @@ class Trainer:
                 older = "the previous checkpoint" if path != existing[0] else "nothing: no readable checkpoint"
                 print(f"dumo: warning: {error}; moved it to {aside.name}, resuming from {older}", file=sys.stderr)
         if existing:
-            raise CheckpointError(f"no checkpoint in {self.run_dir / CHECKPOINT_DIR} could be read (see above)")
+            raise CheckpointError(
+                f"no checkpoint in {self.run_dir / CHECKPOINT_DIR} could be read (see above): put a good copy back, "
+                "or start afresh with --overwrite"
+            )
         return None
 
     def _run(self, overwrite: bool) -> TrainResult:
         cfg = self.config.train
         main = self.dist.is_main
         if main:
-            prepare_run_dir(self.config, self.run_dir, overwrite)
+            removed = prepare_run_dir(self.config, self.run_dir, overwrite)
+            if removed:
+                print(f"--overwrite: removed {', '.join(removed)} from {self.run_dir}", flush=True)
             remove_torn_writes(self.run_dir)
         self.dist.barrier()
         resumed_from = None
@@ -752,6 +761,28 @@ class Trainer:
                     signal.signal(sig, handler)
 
         return Handler()
+
+
+def ineffective_settings(config: Config, num_classes: int, distributed: bool) -> list[str]:
+    """Settings of ``config`` that cannot take effect in this run, each with what happens instead."""
+    found = []
+    zeta = getattr(config.objective, "zeta", 0.0)
+    if zeta > 0 and num_classes == 0:
+        found.append(
+            f"objective.zeta={zeta:g} is training-time guidance, which needs class labels; this run is unconditional "
+            "(data.conditional is false or the data has no classes), so it trains without guidance"
+        )
+    if config.train.parallel == "fsdp" and not distributed:
+        found.append(
+            "train.parallel=fsdp shards the model over torchrun's processes; in this single process the model "
+            "trains whole and unsharded"
+        )
+    if config.train.fsdp_param_dtype == "bf16" and not (distributed and config.train.parallel == "fsdp"):
+        found.append(
+            "train.fsdp_param_dtype=bf16 applies to train.parallel=fsdp under torchrun only; the blocks keep "
+            "their fp32 parameters here (train.precision decides the compute)"
+        )
+    return found
 
 
 def summary_writer_class():
