@@ -154,3 +154,99 @@ def test_2d_trajectories_draw_each_samplers_states_as_paths(trained_run, tmp_pat
     # the same noise starts every path
     starts = [states[0] for states in drawn.values()]
     assert all(np.allclose(start, starts[0]) for start in starts)
+
+
+# -- sampler numbers, samplers that fit the objective, sample counts, the cost of guidance ----------
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory, configs_dir):
+    """Two-step moons runs: a class-conditional DuMo, a Flow Matching and a MeanFlow model."""
+    folder = tmp_path_factory.mktemp("small")
+    kinds = {
+        "conditional": ("moons-dumo", ["data.conditional=true"]),
+        "fm": ("moons-fm", []),
+        "meanflow": ("moons-meanflow", []),
+    }
+    for name, (config, extra) in kinds.items():
+        Trainer(load_config(configs_dir / f"toy/{config}.yaml", [*TINY, "train.steps=2", *extra]), folder / name).run()
+    return {name: folder / name for name in kinds}
+
+
+def run_main(capsys, *args):
+    """``dumo ARGS`` in this process: (exit status, stdout, stderr); a traceback fails the test."""
+    from dumo.cli import main
+
+    status = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    "option", ["--guidance=nan", "--guidance=inf", "--guidance=-1", "--times=1,nan", "--times=inf,0.5"]
+)
+def test_non_finite_sampler_numbers_are_refused_in_one_line(small_runs, tmp_path, capsys, option):
+    out = tmp_path / "x.npy"
+    status, _, err = run_main(capsys, "sample", small_runs["conditional"], "--nfe", 2, "-n", 4, option, "--out", out)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "must be finite numbers" in err or "must be a finite number >= 0" in err, err
+    assert not out.exists()
+
+
+def test_eval_refuses_non_finite_samples_by_metric(small_runs, tmp_path, capsys):
+    from dumo.run import export_run
+    from dumo.training.checkpoint import MODEL_FORMAT, save_checkpoint
+
+    weights = export_run(small_runs["conditional"], tmp_path / "export")
+    tensors, metadata = load_checkpoint(weights, kind=MODEL_FORMAT)
+    broken = {k: torch.full_like(v, float("nan")) if k.startswith("heads.u.") else v for k, v in tensors.items()}
+    save_checkpoint(weights, broken, metadata, kind=MODEL_FORMAT)  # a diverged u-head: NaN samples
+    status, out, err = run_main(capsys, "eval", tmp_path / "export", "--nfe", 1, "-n", 20)
+    assert status == 2 and "nan" not in out.lower()
+    assert err.strip().startswith("dumo: error: MMD: 20 of 20 samples are not finite (NaN/inf)"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("run", "method", "known"), [("fm", "flow_map", "euler, heun"), ("meanflow", "euler", "meanflow")]
+)
+@pytest.mark.parametrize("command", ["sample", "eval", "trajectories"])
+def test_a_sampler_that_does_not_fit_the_objective_is_one_line(
+    small_runs, tmp_path, capsys, command, run, method, known
+):
+    out = {"sample": ["--out", tmp_path / "x.npy"], "eval": [], "trajectories": ["--out", tmp_path / "x.png"]}[command]
+    status, _, err = run_main(capsys, command, small_runs[run], "--nfe", 1, "-n", 4, "--method", method, *out)
+    objective = "fm" if run == "fm" else "meanflow"
+    expected = (
+        f"dumo: error: sampler '{method}' does not fit this model (objective {objective}); it samples with {known}"
+    )
+    assert status == 2 and err.strip() == expected
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_eval_names_the_fewest_samples_its_metric_needs(trained_run, capsys):
+    status, _, err = run_main(capsys, "eval", trained_run, "--nfe", 1, "-n", 1)
+    assert status == 2 and err.strip() == "dumo: error: -n 1: MMD needs at least 2 samples"
+
+
+def test_guided_sampling_shows_steps_and_network_passes(small_runs, tmp_path, capsys):
+    run = small_runs["conditional"]
+    status, out, _ = run_main(capsys, "sample", run, "--nfe", 1, "-n", 4, "--guidance", 2, "--out", tmp_path / "x.npy")
+    assert status == 0 and "(1 step (2 passes with guidance), step 2)" in out, out
+    status, out, _ = run_main(capsys, "eval", run, "--nfe", 1, 2, "-n", 20, "--guidance", 2)
+    assert status == 0 and " NFE" not in out, out
+    assert "1 step (2 passes with guidance)  MMD" in out and "2 steps (4 passes with guidance)  MMD" in out
+    status, out, _ = run_main(capsys, "eval", run, "--nfe", 3, "-n", 20, "--guidance", 2, "--method", "heun")
+    assert "2 steps (6 passes with guidance)  MMD" in out, out  # Heun: 2 steps, 3 evaluations
+    status, out, _ = run_main(capsys, "eval", run, "--nfe", 1, "-n", 20, "--guidance", 1)
+    assert "    1 NFE  MMD" in out, out  # scale 1 is no guidance: one pass per NFE
+
+
+def test_training_scores_of_guided_samples_say_what_they_cost(configs_dir, tmp_path, capsys):
+    from dumo.cli import print_result
+
+    overrides = [*TINY, "train.steps=2", "data.conditional=true", "sample.guidance_scale=2"]
+    result = Trainer(load_config(configs_dir / "toy/moons-dumo.yaml", overrides), tmp_path / "run").run()
+    print_result(result, 2)
+    out = capsys.readouterr().out
+    assert "mmd_1nfe" in out and "guidance scale 2.0: each NFE above is 2 network passes" in out, out

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from conftest import PointMassOracle
@@ -154,3 +156,101 @@ def test_asking_for_the_path_leaves_the_samples_unchanged(method):
     assert torch.equal(plain, traced) and torch.equal(states[-1], plain) and torch.equal(states[0], noise())
     stacked = sample_path(model, noise(), 3, method, generator=torch.Generator().manual_seed(5))
     assert torch.equal(stacked[-1], plain)
+
+
+# -- samplers that fit the objective, finite settings, sample counts, the cost of guidance --------
+
+
+def toy_network(objective: str, **objective_keys):
+    """A tiny untrained moons network of ``objective``, built as a run builds it."""
+    from dumo.config import config_from_dict
+    from dumo.network import build_network
+
+    config = config_from_dict(
+        {"objective": {"name": objective, **objective_keys}, "model": {"hidden_dim": 16, "depth": 1}}
+    )
+    return build_network(config, (2,))
+
+
+def test_each_objective_declares_the_samplers_it_supports():
+    from dumo.objectives import OBJECTIVES
+    from dumo.samplers import SAMPLERS
+
+    for name, (config_class, objective_class) in OBJECTIVES.items():
+        objective = objective_class(config_class())
+        declared = objective.head_methods()
+        for head, methods in declared.items():
+            assert head in objective.heads and methods and all(m in SAMPLERS for m in methods), name
+        assert all(objective.head_samplers()[head] in declared[head] for head in objective.head_samplers()), name
+        assert toy_network(name).head_methods == declared  # the network carries them to sampling
+    assert OBJECTIVES["fm"][1].sampling_methods == ("euler", "heun")
+    assert OBJECTIVES["meanflow"][1].sampling_methods == ("meanflow",)
+
+
+@pytest.mark.parametrize(
+    ("objective", "method", "known"),
+    [
+        ("fm", "flow_map", "euler, heun"),
+        ("meanflow", "euler", "meanflow"),
+        ("shortcut", "heun", "meanflow"),
+        ("dumo", "meanflow", "flow_map, euler, heun"),
+    ],
+)
+def test_a_sampler_that_does_not_fit_the_objective_is_refused_by_name(objective, method, known):
+    from dumo.config import SampleConfig
+    from dumo.errors import SamplingError
+    from dumo.evaluation import generate
+
+    expected = f"sampler '{method}' does not fit this model (objective {objective}); it samples with {known}"
+    with pytest.raises(SamplingError, match=f"^{re.escape(expected)}$"):
+        generate(toy_network(objective), objective, (4, 2), 1, SampleConfig(), method=method)
+
+
+def test_a_named_sampler_draws_the_head_of_its_kind_on_a_multi_head_model():
+    from dumo.config import SampleConfig
+    from dumo.errors import SamplingError
+    from dumo.evaluation import generate
+
+    heads = {"v": {"kind": "velocity"}, "u": {"kind": "dumo_flow_map"}, "m": {"kind": "meanflow"}}
+    model = toy_network("multihead", heads=heads)
+    by_method = generate(model, "multihead", (8, 2), 2, SampleConfig(), method="meanflow")
+    by_head = generate(model, "multihead", (8, 2), 2, SampleConfig(head="m"))
+    assert torch.equal(by_method, by_head)  # the MeanFlow head m, not the flow-map head u the sampler reads
+    with pytest.raises(SamplingError, match="^sampler 'euler' does not fit head 'u' of this model"):
+        generate(model, "multihead", (8, 2), 2, SampleConfig(head="u"), method="euler")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -1.0])
+def test_guidance_must_be_a_finite_number_at_least_zero(scale):
+    from dumo.config import SampleConfig
+    from dumo.errors import ConfigError
+    from dumo.evaluation import generate
+    from dumo.samplers import GuidedModel
+
+    model = toy_network("dumo")
+    with pytest.raises(ValueError, match="guidance scale must be a finite number >= 0"):
+        GuidedModel(model, scale, 0)
+    with pytest.raises(ConfigError, match="sample.guidance_scale must be a finite number >= 0"):
+        generate(model, "dumo", (4, 2), 1, SampleConfig(guidance_scale=scale), labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_zero_samples_or_nfe_is_refused_by_name():
+    from dumo.config import SampleConfig
+    from dumo.errors import SamplingError
+    from dumo.evaluation import generate, generate_many
+
+    model = toy_network("dumo")
+    with pytest.raises(SamplingError, match=r"^the number of samples must be >= 1; got 0$"):
+        generate_many(model, "dumo", (0, 2), 1, SampleConfig(), batch_size=4)
+    with pytest.raises(SamplingError, match=r"^nfe must be >= 1; got 0$"):
+        generate(model, "dumo", (4, 2), 0, SampleConfig())
+
+
+def test_guided_cost_shows_steps_and_network_passes():
+    from dumo.samplers import cost_label, network_passes
+
+    assert cost_label(1, "flow_map", guided=False) == "1 NFE"
+    assert cost_label(1, "flow_map", guided=True) == "1 step (2 passes with guidance)"
+    assert cost_label(4, "euler", guided=True) == "4 steps (8 passes with guidance)"
+    assert cost_label(3, "heun", guided=True) == "2 steps (6 passes with guidance)"  # 3 evaluations, 2 passes each
+    assert network_passes(3, "heun", guided=False) == 3

@@ -77,9 +77,12 @@ def parse_times(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(v) for v in text.split(",")]
+        times = [float(v) for v in text.split(",")]
     except ValueError:
         raise UsageError(f"--times must be comma-separated numbers like 1.0,0.5; got {text!r}") from None
+    if not all(math.isfinite(t) for t in times):
+        raise UsageError(f"--times must be finite numbers in (0, 1]; got {text!r}")
+    return times
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -145,6 +148,21 @@ def positive(name: str, maximum: int | None = None):
     return parse
 
 
+def finite_non_negative(name: str):
+    """An argparse type: a finite number >= 0 (float() reads 'nan' and 'inf' too)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number; got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0; got {text}")
+        return value
+
+    return parse
+
+
 MAX_NFE = 1000  # more network evaluations per sample than any sampler here needs
 
 
@@ -199,13 +217,16 @@ def sampling_session(args: argparse.Namespace):
     if args.head is not None:
         check_head(run, args.head)
         run.config.sample.head = args.head
-    if args.guidance is not None:
-        if args.guidance < 0:
-            raise UsageError(f"--guidance must be >= 0; got {args.guidance}")
-        if run.num_classes == 0 and args.guidance != 1:
-            raise UsageError("--guidance needs a class-conditional model")
-        run.config.sample.guidance_scale = args.guidance
+    apply_guidance(run, args.guidance)
     return dist, run
+
+
+def apply_guidance(run, guidance: float | None) -> None:
+    """--guidance W: the run samples with guidance scale W (a class-conditional model only)."""
+    if guidance is not None:
+        if run.num_classes == 0 and guidance != 1:
+            raise UsageError("--guidance needs a class-conditional model")
+        run.config.sample.guidance_scale = guidance
 
 
 def check_head(run, head: str) -> None:
@@ -214,12 +235,14 @@ def check_head(run, head: str) -> None:
         raise UsageError(f"--head {head}: this model has no such head (its heads: {', '.join(run.model.heads)})")
 
 
+EVAL_MINIMUM = 2  # every score of dumo eval needs two samples: a covariance (FD, FID) or MMD's pairs
 PICTURE_SAMPLES = 64  # default -n for a .png grid (2000 tiles would be a 1100 x 24000 px picture)
 DATA_SAMPLES = 2000  # default -n for data files and scoring
 
 
 def command_sample(args: argparse.Namespace) -> int:
     from dumo.distributed import shutdown
+    from dumo.evaluation import sampling_cost
     from dumo.plotting import image_grid, scatter_over_density
     from dumo.training.checkpoint import atomic_output
 
@@ -239,6 +262,9 @@ def command_sample(args: argparse.Namespace) -> int:
                 print("dumo: warning: --uint8 shapes a .npz only; PNGs are 8-bit anyway: ignored", file=sys.stderr)
         num = args.num or (PICTURE_SAMPLES if picture and images else DATA_SAMPLES)
         label = class_index(run, args.class_label)
+        # "2 NFE", or under guidance the steps and passes; it also refuses a sampler unfit for the model
+        conditional = run.num_classes > 0
+        cost = sampling_cost(run.model, run.objective_name, args.nfe, run.config.sample, args.method, conditional)
         ranks = f" on {dist.world_size} processes" if dist.enabled else ""
         if images and not picture:
             # a .npz or a folder of PNGs: every rank writes its own chunks as it decodes them
@@ -256,7 +282,7 @@ def command_sample(args: argparse.Namespace) -> int:
             )
             writer.finish()
             if dist.is_main:
-                print(f"wrote {num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
+                print(f"wrote {num} samples ({cost}, step {run.step}) to {out}{ranks}")
             return 0
         labels, points = generate_from_run(
             run, args.nfe, num, args.seed, args.method, parse_times(args.times), label, args.batch_size, dist
@@ -264,7 +290,7 @@ def command_sample(args: argparse.Namespace) -> int:
         if not dist.is_main:
             return 0
         data = run.space.unstandardise(points).numpy()
-        title = f"{run.objective_name}, step {run.step}, {args.nfe} NFE"
+        title = f"{run.objective_name}, step {run.step}, {cost}"
         if picture and images:
             names = None if labels is None else [run.space.class_name(int(c)) for c in labels]
             with atomic_output(out) as tmp:
@@ -276,7 +302,7 @@ def command_sample(args: argparse.Namespace) -> int:
         else:
             with atomic_output(out) as tmp:
                 np.save(tmp, data.astype(np.float64))
-        print(f"wrote {num} samples ({args.nfe} NFE, step {run.step}) to {out}{ranks}")
+        print(f"wrote {num} samples ({cost}, step {run.step}) to {out}{ranks}")
         return 0
     finally:
         shutdown()
@@ -385,7 +411,7 @@ def command_eval(args: argparse.Namespace) -> int:
 
     from dumo.data import ToyDataset
     from dumo.distributed import shutdown
-    from dumo.evaluation import ChunkGather, image_scorer, toy_scorer
+    from dumo.evaluation import ChunkGather, image_scorer, sampling_cost, toy_scorer
     from dumo.training.trainer import small_data_note
 
     dist, run = sampling_session(args)
@@ -397,6 +423,14 @@ def command_eval(args: argparse.Namespace) -> int:
             raise UsageError("--npz and --png-dir keep the samples of one NFE; give one --nfe")
         if (args.npz or args.png_dir) and not run.space.is_images:
             raise UsageError("--npz and --png-dir write images; this run draws 2-D points (use 'dumo sample')")
+        if args.num < EVAL_MINIMUM:
+            metric = "FID" if latent else "MMD" if run.space.kind == "toy" else "domain FD"
+            raise UsageError(f"-n {args.num}: {metric} needs at least {EVAL_MINIMUM} samples")
+        # each NFE as shown ("2 NFE", or the steps and passes under guidance); an unfit sampler is refused here
+        costs = {
+            nfe: sampling_cost(run.model, run.objective_name, nfe, run.config.sample, args.method, run.num_classes > 0)
+            for nfe in args.nfe
+        }
         npz = None if args.npz is None else Path(args.npz).expanduser()
         png_dir = None if args.png_dir is None else Path(args.png_dir).expanduser()
         if npz is not None:
@@ -432,7 +466,8 @@ def command_eval(args: argparse.Namespace) -> int:
                 streamed = inception_scores(inception, args.num)
 
                 def add_to_scores(first, images, pixels, streamed=streamed):
-                    streamed.add(pixels, torch.arange(first, first + pixels.shape[0]))
+                    # the float images: a non-finite one is refused by number, not scored as black pixels
+                    streamed.add(images, torch.arange(first, first + images.shape[0]))
 
                 image_sinks.append(add_to_scores)
             if npz is not None:
@@ -472,7 +507,7 @@ def command_eval(args: argparse.Namespace) -> int:
                 metrics.update(scores)
                 shown = f"{shown}  {inception_line(scores)}".strip()
             results[str(nfe)] = metrics
-            print(f"  {nfe:3d} NFE  {shown}")
+            print(f"  {costs[nfe]:>7}  {shown}")
         if args.json is not None and dist.is_main:
             from dumo.training.checkpoint import atomic_output
 
@@ -482,6 +517,7 @@ def command_eval(args: argparse.Namespace) -> int:
                 "num": args.num,
                 "seed": args.seed,
                 "processes": dist.world_size,
+                "guidance_scale": run.config.sample.guidance_scale if run.num_classes else None,
                 "nfe": results,
             }
             with atomic_output(Path(args.json).expanduser()) as tmp:
@@ -691,15 +727,16 @@ TRAJECTORY_PATHS = 32  # default paths per panel of the trajectories figure of a
 
 
 def command_trajectories(args: argparse.Namespace) -> int:
-    from dumo.evaluation import balanced_labels, generate, sampler_for
+    from dumo.evaluation import balanced_labels, generate, head_for_sampler, is_guided, sampler_for
     from dumo.plotting import image_grid, paths_over_density
     from dumo.run import load_run
-    from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER
+    from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER, cost_label
     from dumo.training.checkpoint import atomic_output
 
     out = Path(args.out).expanduser()
     check_output_file(out, (".png",))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
+    apply_guidance(run, args.guidance)
     # --method auto draws every head of the model with its own sampler (the objective's own head
     # first: DuMo's u-head, then Euler on its v-head); --head draws that head only; a named sampler
     # without --head draws the head it reads
@@ -712,8 +749,8 @@ def command_trajectories(args: argparse.Namespace) -> int:
     elif args.method == "auto":
         own = sampler_for(run.objective_name)
         draws = list(head_samplers.items()) or [(SAMPLERS[own].head, own)]
-    else:
-        draws = [(SAMPLERS[args.method].head, args.method)]
+    else:  # the head the sampler fits (refused by name if none does)
+        draws = [(head_for_sampler(run.model, run.objective_name, args.method), args.method)]
     heads = []
     for head, method in draws:
         if head not in run.model.heads:
@@ -727,7 +764,9 @@ def command_trajectories(args: argparse.Namespace) -> int:
             heads.append((f"{head}-head", head, method))
     num = args.num or (TRAJECTORY_IMAGES if run.space.is_images else TRAJECTORY_PATHS)
     labels = balanced_labels(num, run.num_classes)
+    guided = is_guided(run.config.sample, labels is not None)
     columns = {}  # (head, nfe) -> samples in the data's own space (2-D: every state of the sampler)
+    costs = {}  # (head, nfe) -> "2 NFE", or under guidance the steps and passes
     for name, head, method in heads:
         for nfe in args.nfe:
             states: list = []
@@ -742,6 +781,7 @@ def command_trajectories(args: argparse.Namespace) -> int:
                 method,
                 path=None if run.space.is_images else states,
             )
+            costs[name, nfe] = cost_label(nfe, method, guided)
             if run.space.is_images:
                 columns[name, nfe] = run.space.unstandardise(x).numpy()
             else:
@@ -750,7 +790,7 @@ def command_trajectories(args: argparse.Namespace) -> int:
         title = f"{run.objective_name}, step {run.step}: the same noise at each NFE"
         # one row per sample (its class on the left), one column per (head, NFE)
         grid = [columns[key][i] for i in range(num) for key in columns]
-        column_titles = [f"{name}\n{nfe} NFE" for name, nfe in columns]
+        column_titles = [f"{name}\n{costs[name, nfe]}" for name, nfe in columns]
         rows = [run.space.class_name(int(c)) for c in labels] if labels is not None else None
         with atomic_output(out) as tmp:
             image_grid(
@@ -766,11 +806,13 @@ def command_trajectories(args: argparse.Namespace) -> int:
         # one row per head, one column per NFE: each noise point's path through the sampler's states
         title = f"{run.objective_name}, step {run.step}: {num} paths from noise (grey) to sample (red)"
         reference = run.space.reference_points(50_000)
-        panels = [(f"{name}, {nfe} NFE", states) for (name, nfe), states in columns.items()]
+        panels = [(f"{name}, {costs[name, nfe]}", states) for (name, nfe), states in columns.items()]
         with atomic_output(out) as tmp:
             paths_over_density(panels, reference.numpy(), tmp, columns=len(args.nfe), title=title)
+    passes = f", each 2 network passes with guidance {run.config.sample.guidance_scale}" if guided else ""
     print(
-        f"wrote trajectories ({', '.join(name for name, _, _ in heads)}; NFE {', '.join(map(str, args.nfe))}) to {out}"
+        f"wrote trajectories ({', '.join(name for name, _, _ in heads)}; NFE {', '.join(map(str, args.nfe))}{passes}) "
+        f"to {out}"
     )
     return 0
 
@@ -945,7 +987,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--guidance",
-        type=float,
+        type=finite_non_negative("--guidance"),
         metavar="W",
         help="classifier-free guidance scale at sampling, uncond + W (cond - uncond) on the sampled head; "
         "two network passes per step; 1 = off (default: the config's sample.guidance_scale)",

@@ -8,6 +8,7 @@ Sections: ``data``, ``model``, ``objective`` (its keys depend on ``objective.nam
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,7 +117,10 @@ class SampleConfig:
         require(0 < self.t_start <= 1, f"{prefix}.t_start must be in (0, 1]; got {self.t_start}")
         require(self.schedule_power > 0, f"{prefix}.schedule_power must be > 0; got {self.schedule_power}")
         require(0 <= self.stochasticity <= 1, f"{prefix}.stochasticity must be in [0, 1]; got {self.stochasticity}")
-        require(self.guidance_scale >= 0, f"{prefix}.guidance_scale must be >= 0; got {self.guidance_scale}")
+        require(
+            math.isfinite(self.guidance_scale) and self.guidance_scale >= 0,
+            f"{prefix}.guidance_scale must be a finite number >= 0; got {self.guidance_scale}",
+        )
 
 
 @dataclass

@@ -17,5 +17,14 @@ class RunDirError(DumoError):
     """A run directory is missing, empty, or holds a different run."""
 
 
+class SamplingError(DumoError):
+    """Sampling cannot go ahead as asked: a bad sampler or schedule, too little memory, an unreadable file."""
+
+
 class TrainingError(DumoError):
     """Training cannot continue (for example: the loss stayed non-finite)."""
+
+
+class MetricsError(DumoError):
+    """A score cannot be computed: too few or non-finite samples, or missing or unusable Inception
+    weights or reference statistics."""

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 from dumo.config import SampleConfig
 from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, SampleSpace, ToyDataset
 from dumo.distributed import Distributed
+from dumo.errors import MetricsError, SamplingError
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
 from dumo.objectives import objective_class
-from dumo.samplers import GuidedModel, HeadView, check_times, null_label, sample, sampler_named
+from dumo.objectives.base import methods_by_head
+from dumo.samplers import GuidedModel, HeadView, check_times, cost_label, null_label, sample, sampler_named
 
 REFERENCE_SEED = 1_000_003  # reference points are drawn apart from any training seed
 
@@ -28,28 +30,91 @@ def sampler_for(objective_name: str, method: str = "auto") -> str:
     return objective_class(objective_name).default_sampler if method == "auto" else method
 
 
+def head_methods(model: nn.Module, objective_name: str) -> dict[str, tuple[str, ...]]:
+    """The samplers each head of ``model`` may be drawn with, as its objective declares them (recorded
+    in ``model.head_methods`` by :func:`dumo.network.build_network`; else the objective class's own)."""
+    return getattr(model, "head_methods", None) or methods_by_head(objective_class(objective_name).supported_samplers())
+
+
+def unfit_sampler(method: str, objective_name: str, methods: dict[str, tuple[str, ...]], head: str | None = None):
+    """The one-line error for a sampler that the objective's model cannot be drawn with."""
+    if head is None:
+        known = ", ".join(dict.fromkeys(m for ms in methods.values() for m in ms))
+        return SamplingError(
+            f"sampler {method!r} does not fit this model (objective {objective_name}); it samples with {known}"
+        )
+    known = ", ".join(methods.get(head, ())) or "none"
+    return SamplingError(
+        f"sampler {method!r} does not fit head {head!r} of this model (objective {objective_name}); that head "
+        f"samples with {known}"
+    )
+
+
+def head_for_sampler(model: nn.Module, objective_name: str, method: str) -> str:
+    """The head a named sampler draws when no head is named: the head it reads, or on a multi-head
+    model the head of that kind under another name (a MeanFlow head ``m``); refused if none fits."""
+    reads = sampler_named(method).head  # an unknown name is told apart from an unfit one
+    methods = head_methods(model, objective_name)
+    fitting = [name for name, allowed in methods.items() if method in allowed]
+    if methods and not fitting:
+        raise unfit_sampler(method, objective_name, methods)
+    return reads if not fitting or reads in fitting else fitting[0]
+
+
 def head_sampling(model: nn.Module, objective_name: str, head: str | None, method: str) -> tuple[nn.Module, str]:
     """(the network to sample, the sampler) for drawing ``head`` of ``model`` with ``method``.
 
-    ``head`` None keeps the objective's own sampler (``method`` auto) or the head a named sampler
-    reads; a model whose objective has no single sampler (multi-head) draws its first head. A
-    head's sampler for ``method`` auto is the one :func:`dumo.network.build_network` recorded in
-    ``model.head_samplers``; a sampler that reads another name sees the head under that name.
+    ``head`` None keeps the objective's own sampler (``method`` auto) or the head that a named
+    sampler fits; a model whose objective has no single sampler (multi-head) draws its first head.
+    A head's sampler for ``method`` auto is the one :func:`dumo.network.build_network` recorded in
+    ``model.head_samplers``; a sampler that reads another name sees the head under that name. A
+    sampler the objective does not declare for the head (``sampling_methods``) is refused by name.
     """
     samplers = getattr(model, "head_samplers", None) or {}
+    methods = head_methods(model, objective_name)
     if head is None:
-        if method != "auto" or objective_class(objective_name).default_sampler or not samplers:
+        if method == "auto" and (objective_class(objective_name).default_sampler or not samplers):
             return model, sampler_for(objective_name, method)
-        head = next(iter(samplers))
+        if method == "auto":
+            head = next(iter(samplers))
+        else:
+            head = head_for_sampler(model, objective_name, method)
+            if head == sampler_named(method).head:
+                return model, method
     names = tuple(getattr(model, "head_names", ()))
     if head not in names:
-        raise ValueError(f"this model has no head {head!r}; its heads are {', '.join(names)}")
+        raise SamplingError(f"this model has no head {head!r}; its heads are {', '.join(names)}")
     if method == "auto":
         if head not in samplers:
-            raise ValueError(f"no sampler is known for head {head!r}; name one with --method / sample.method")
+            raise SamplingError(f"no sampler is known for head {head!r}; name one with --method / sample.method")
         method = samplers[head]
+    if methods and method not in methods.get(head, ()):
+        raise unfit_sampler(method, objective_name, methods, head)
     reads = sampler_named(method).head
     return (model if reads == head else HeadView(model, head, reads)), method
+
+
+def drawing_sampler(model: nn.Module, objective_name: str, config: SampleConfig, method: str = "auto") -> str:
+    """The sampler :func:`generate` draws with for ``method`` and ``config`` (refusing one unfit for the model)."""
+    return head_sampling(model, objective_name, config.head, method if method != "auto" else config.method)[1]
+
+
+def is_guided(config: SampleConfig, conditional: bool) -> bool:
+    """Whether :func:`generate` guides: a scale other than 1, and class labels to guide towards."""
+    return conditional and config.guidance_scale != 1.0
+
+
+def sampling_cost(
+    model: nn.Module,
+    objective_name: str,
+    nfe: int,
+    config: SampleConfig,
+    method: str = "auto",
+    conditional: bool = False,
+) -> str:
+    """How drawing with ``nfe`` as :func:`generate` would is shown to people: ``"1 NFE"``, or with
+    guidance its steps and network passes, ``"1 step (2 passes with guidance)"``."""
+    return cost_label(nfe, drawing_sampler(model, objective_name, config, method), is_guided(config, conditional))
 
 
 def schedule(nfe: int, config: SampleConfig) -> list[float]:
@@ -81,8 +146,11 @@ def generate(
 
     ``path``, if given, receives the sampler's states in order, from the noise to the samples.
     """
+    config.validate("sample")  # a config built in Python skips the checks of a config file
+    if nfe < 1:
+        raise SamplingError(f"nfe must be >= 1; got {nfe}")
     model, method = head_sampling(model, objective_name, config.head, method if method != "auto" else config.method)
-    if config.guidance_scale != 1.0 and labels is not None:
+    if is_guided(config, labels is not None):
         model = GuidedModel(model, config.guidance_scale, null_label(model))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=generator).to(device)
@@ -125,6 +193,8 @@ class Chunk:
 
 def rank_chunks(num: int, batch_size: int | None, dist: Distributed) -> tuple[int, list[int]]:
     """The chunk size and the chunks rank ``dist.rank`` draws: r, r + W, r + 2W, ..."""
+    if num < 1:
+        raise SamplingError(f"the number of samples must be >= 1; got {num}")
     batch = min(batch_size or num, num)  # the buffer holds at most the samples asked for
     return batch, list(range(dist.rank, math.ceil(num / batch), dist.world_size))
 
@@ -261,6 +331,8 @@ def reference_points(dataset: ToyDataset, num: int) -> Tensor:
 
 def toy_scorer(dataset: ToyDataset, num: int):
     """MMD and sliced Wasserstein against fresh data, on standardised coordinates."""
+    if num < 2:  # refused before any sample is drawn
+        raise MetricsError(f"MMD needs at least 2 samples; got {num}")
     reference = reference_points(dataset, num)
 
     def score(x: Tensor, labels: Tensor | None) -> dict[str, float]:
@@ -281,6 +353,8 @@ def image_scorer(dataset: ImageDataset, num: int):
     class-conditional samples, class fidelity: the classifier's accuracy on the requested labels."""
     if isinstance(dataset, LatentDataset):
         raise DataError("domain metrics need pixel data; score latent runs on decoded samples (dumo sample .npz)")
+    if num < 2:  # refused before the classifier is trained or any sample drawn
+        raise MetricsError(f"domain FD needs at least 2 samples; got {num}")
     classifier = train_classifier(dataset.images, dataset.labels, dataset.num_classes)
     real_features, _ = classifier.embed(reference_images(dataset, num))
 

@@ -17,11 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dumo.errors import DumoError
-
-
-class SamplingError(DumoError):
-    """Sampling cannot go ahead as asked: a bad sampler or schedule, too little memory, an unreadable file."""
+from dumo.errors import SamplingError  # defined beside dumo's other errors; imported from here too
 
 
 def check_memory(nbytes: int, what: str) -> None:
@@ -170,6 +166,8 @@ def read_pixels(source: str, num: int | None):
 
     from dumo.config import load_config
     from dumo.data import ImageDataset, LatentDataset, build_dataset
+    from dumo.errors import MetricsError
+    from dumo.metrics.checks import count_nonfinite
     from dumo.metrics.inception import to_uint8
     from dumo.run_dir import CONFIG_FILE
     from dumo.sample_files import open_npz_array
@@ -196,7 +194,16 @@ def read_pixels(source: str, num: int | None):
         count = len(array) if num is None else min(num, len(array))
         if uint8:
             return count, lambda part: torch.from_numpy(np.array(array[part])).permute(0, 3, 1, 2)
-        return count, lambda part: to_uint8(torch.from_numpy(np.array(array[part], dtype=np.float32)))
+
+        def finite_pixels(part: slice):
+            images = torch.from_numpy(np.array(array[part], dtype=np.float32))
+            bad = count_nonfinite(images)
+            if bad:  # 8-bit pixels would hide them as black
+                first, last = part.start, part.stop - 1
+                raise MetricsError(f"{path}: {bad} of the images {first} to {last} are not finite (NaN/inf)")
+            return to_uint8(images)
+
+        return count, finite_pixels
     config_file = path / CONFIG_FILE if path.is_dir() else path
     if not config_file.is_file():
         raise SamplingError(f"{source} is neither a samples .npz, a config file nor a run directory")

@@ -21,6 +21,8 @@ def build_network(config: Config, shape: Sequence[int], num_classes: int = 0) ->
     network = build_model(config.model, shape, objective.heads, num_classes, objective.time_inputs)
     # Which sampler reads each head (sampling picks a head by name: sample.head, dumo sample --head).
     network.head_samplers = objective.head_samplers()
+    # The samplers each head may be drawn with (others are refused by name, not met by an AttributeError).
+    network.head_methods = objective.head_methods()
     return network
 
 

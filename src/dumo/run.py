@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from dumo.config import Config, config_from_dict, load_config, save_config
 from dumo.data import Dataset, SampleSpace, build_dataset
-from dumo.errors import ConfigError, RunDirError
+from dumo.errors import ConfigError, RunDirError, SamplingError
 from dumo.network import build_network
 from dumo.run_dir import CONFIG_FILE
 from dumo.training.checkpoint import (
@@ -192,6 +193,10 @@ class Model:
         """
         from dumo.evaluation import balanced_labels, generate_many
 
+        if num < 1:
+            raise SamplingError(f"num must be >= 1; got {num}")
+        if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+            raise SamplingError(f"guidance must be a finite number >= 0; got {guidance}")
         labels = balanced_labels(num, self.num_classes)
         if classes is not None:
             if self.num_classes == 0:

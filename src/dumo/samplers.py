@@ -14,6 +14,7 @@ state at each later time of its grid, and last the returned sample (:func:`sampl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class GuidedModel(nn.Module):
 
     def __init__(self, model: nn.Module, scale: float, null_label: int):
         super().__init__()
+        check_guidance_scale(scale)
         self.model, self.scale, self.null_label = model, scale, null_label
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None):
@@ -66,6 +68,12 @@ class HeadView(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
         return ModelOutput({self.shown_as: self.model(x, t, r=r, labels=labels).outputs[self.head]})
+
+
+def check_guidance_scale(scale: float, name: str = "the guidance scale") -> None:
+    """A guidance scale must be a finite number >= 0 (NaN or inf would turn every sample into NaN)."""
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {scale}")
 
 
 def null_label(model: nn.Module) -> int:
@@ -193,6 +201,28 @@ def ode_sample(
 def heun_steps_for_nfe(nfe: int) -> int:
     """The number of Heun steps whose cost is at most ``nfe`` evaluations."""
     return max(1, (nfe + 1) // 2)
+
+
+def sampler_cost(method: str, nfe: int) -> tuple[int, int]:
+    """(steps, network evaluations) of sampling with ``method`` and a budget of ``nfe`` evaluations."""
+    if method == "heun":
+        steps = heun_steps_for_nfe(nfe)
+        return steps, 2 * steps - 1  # no correction on the last step onto t = 0
+    return nfe, nfe
+
+
+def network_passes(nfe: int, method: str, guided: bool) -> int:
+    """Network passes per sample: each evaluation of a :class:`GuidedModel` is two."""
+    return sampler_cost(method, nfe)[1] * (2 if guided else 1)
+
+
+def cost_label(nfe: int, method: str, guided: bool) -> str:
+    """A draw's cost as shown to people: ``"2 NFE"``; under guidance each evaluation is two network
+    passes, so its steps and passes instead: ``"1 step (2 passes with guidance)"``."""
+    if not guided:
+        return f"{nfe} NFE"
+    steps, _ = sampler_cost(method, nfe)
+    return f"{steps} step{'' if steps == 1 else 's'} ({network_passes(nfe, method, guided)} passes with guidance)"
 
 
 #: ``run(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> samples``

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from dumo.metrics.checks import check_samples
+
 FEATURE_DIM = 128
 
 
@@ -105,8 +107,13 @@ def train_classifier(
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D)."""
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D): the domain FD of samples'
+    features ``a`` against reference features ``b``."""
     from scipy import linalg
+
+    # a covariance needs two rows; a NaN row (from a non-finite sample) would end inside sqrtm
+    check_samples(a, "domain FD", minimum=2)
+    check_samples(b, "domain FD", minimum=2, what="reference images")
 
     a, b = a.double().numpy(), b.double().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)

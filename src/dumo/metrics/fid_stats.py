@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from dumo.distributed import Distributed
+from dumo.metrics.checks import count_nonfinite, nonfinite_message
 from dumo.metrics.inception import (
     FEATURE_DIM,
     LOGITS_DIM,
@@ -30,6 +31,7 @@ from dumo.metrics.inception import (
     MetricsError,
     Statistics,
     frechet_inception_distance,
+    to_uint8,
 )
 
 #: uint8 images (N, C, H, W) -> (pool features (N, D), class logits (N, K)), both on one device
@@ -127,6 +129,9 @@ class StreamingScores:
     ``add`` takes uint8 images (N, C, H, W) and their global sample indices; ``reduce`` adds up
     all ranks' sums (every rank must call it, also one that saw no image); ``scores`` then gives
     FID against a reference and the Inception Score, the same on every rank.
+
+    ``add`` also takes float images in [0, 1]: their non-finite ones (which 8-bit pixels would
+    hide as black) are counted instead of scored, and ``scores`` refuses them by number.
     """
 
     def __init__(
@@ -138,11 +143,19 @@ class StreamingScores:
         device: torch.device | str = "cpu",
         splits: int = IS_SPLITS,
     ):
-        self.network = network
+        if num < 2:  # refused before any sample is drawn, not after
+            raise MetricsError(f"FID needs at least 2 samples; got {num}")
+        self.network, self.num = network, num
         self.moments = FeatureMoments(feature_dim, device)
         self.score_splits = ScoreSplits(num, classes, splits, device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
 
     def add(self, pixels: Tensor, indices: Tensor) -> None:
+        """Score uint8 images (N, C, H, W), or float images in [0, 1], with their global sample indices."""
+        if pixels.is_floating_point():
+            finite = pixels.reshape(pixels.shape[0], -1).isfinite().all(dim=1)
+            self.nonfinite += count_nonfinite(pixels)
+            pixels, indices = to_uint8(pixels[finite]), indices[finite.to(indices.device)]
         if pixels.dtype != torch.uint8:
             raise MetricsError(f"expected uint8 images; got {pixels.dtype}")
         features, logits = self.network(pixels)
@@ -152,12 +165,20 @@ class StreamingScores:
     def reduce(self, dist: Distributed) -> None:
         self.moments.reduce(dist)
         self.score_splits.reduce(dist)
+        self.nonfinite = dist.sum(self.nonfinite)
+
+    def check_finite(self, metric: str) -> None:
+        bad = int(self.nonfinite)
+        if bad:
+            raise MetricsError(nonfinite_message(metric, bad, self.num))
 
     def statistics(self) -> Statistics:
+        self.check_finite("FID")
         return self.moments.statistics()
 
     def scores(self, reference: Statistics) -> dict[str, float]:
         """FID against ``reference`` and the Inception Score (mean, std) of all images added."""
+        self.check_finite("FID and IS")
         is_mean, is_std = self.score_splits.score()
         fid = frechet_inception_distance(self.statistics(), reference)
         return {"fid": fid, "is": is_mean, "is_std": is_std}

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dumo.errors import DumoError
+from dumo.errors import MetricsError
+from dumo.metrics.checks import check_samples
 
 FEATURES = "2048"  # pool features, for FID
 LOGITS = "logits_unbiased"  # class logits, for the Inception Score
@@ -33,10 +34,6 @@ LOGITS_DIM = 1008  # the TensorFlow Inception's 1008 classes (1000 of ImageNet, 
 def to_uint8(images: Tensor) -> Tensor:
     """Images in [0, 1] rounded to 8 bits (round half to even, as ``np.round``), on their device."""
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-class MetricsError(DumoError):
-    """Missing or unusable Inception weights or reference statistics."""
 
 
 def _torch_fidelity():
@@ -99,6 +96,7 @@ class InceptionNetwork:
         """Pool features (N, 2048) and logits (N, 1008) of images in [0, 1], float64 on the CPU."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise MetricsError(f"expected images of shape (N, 1 or 3, H, W); got {tuple(images.shape)}")
+        check_samples(images, "FID and IS", what="images")  # 8-bit pixels would hide a NaN as 0
         features, logits = [], []
         for start in range(0, images.shape[0], self.batch_size):
             chunk = images[start : start + self.batch_size]
@@ -149,6 +147,7 @@ class Statistics:
 
     @classmethod
     def of(cls, features: Tensor) -> Statistics:
+        check_samples(features, "FID", minimum=2, what="images")  # a covariance needs two
         _, metric_fid, _ = _torch_fidelity()
         stats = metric_fid.fid_features_to_statistics(features.double().cpu())
         return cls(stats["mu"], stats["sigma"], features.shape[0])
@@ -179,6 +178,9 @@ class Statistics:
 
 
 def frechet_inception_distance(a: Statistics, b: Statistics) -> float:
+    for statistics, which in ((a, "the samples' features"), (b, "the reference statistics")):
+        if not (np.isfinite(statistics.mu).all() and np.isfinite(statistics.sigma).all()):
+            raise MetricsError(f"FID: the mean or covariance of {which} is not finite (NaN/inf)")
     _, metric_fid, _ = _torch_fidelity()
     stat_a = {"mu": a.mu.astype(np.float64), "sigma": a.sigma.astype(np.float64)}
     stat_b = {"mu": b.mu.astype(np.float64), "sigma": b.sigma.astype(np.float64)}
@@ -187,6 +189,8 @@ def frechet_inception_distance(a: Statistics, b: Statistics) -> float:
 
 def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     """Mean and standard deviation over ``splits`` of exp(E KL(p(y|x) || p(y)))."""
+    # torch-fidelity averages over empty splits (NaN) when there are fewer samples than splits
+    check_samples(logits, f"IS with {splits} splits", minimum=splits)
     _, _, metric_isc = _torch_fidelity()
     result = metric_isc.isc_features_to_metric(logits.double().cpu(), splits=splits)
     return result[metric_isc.KEY_METRIC_ISC_MEAN], result[metric_isc.KEY_METRIC_ISC_STD]
@@ -195,5 +199,5 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
 def score_images(network: InceptionNetwork, images: Tensor, reference: Statistics) -> dict[str, float]:
     """FID against ``reference`` and the Inception Score (mean, std) of ``images`` in [0, 1]."""
     features, logits = network(images)
-    is_mean, is_std = inception_score(logits)
+    is_mean, is_std = inception_score(logits, min(10, len(logits)))  # as the streamed score: a split per sample
     return {"fid": frechet_inception_distance(Statistics.of(features), reference), "is": is_mean, "is_std": is_std}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dumo.metrics.checks import check_samples
+
 DEFAULT_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
 
@@ -17,9 +19,10 @@ def mmd(samples: Tensor, reference: Tensor, bandwidths: tuple[float, ...] = DEFA
     Uses the unbiased estimate of MMD^2 (no self-pairs), clamped at 0 before the square
     root, so two samples of one distribution give a value near 0 whatever their size.
     """
+    # the unbiased estimate averages over distinct pairs: each set needs two points
+    check_samples(samples, "MMD", minimum=2)
+    check_samples(reference, "MMD", minimum=2, what="reference points")
     x, y = samples.double(), reference.double()
-    if x.shape[0] < 2 or y.shape[0] < 2:
-        raise ValueError("mmd needs at least two points in each set")
 
     def kernel_mean(a: Tensor, b: Tensor, same: bool) -> Tensor:
         squared = torch.cdist(a, b).square()
@@ -38,6 +41,8 @@ def sliced_wasserstein(samples: Tensor, reference: Tensor, projections: int = 25
 
     Sets of different sizes are compared through their quantile functions.
     """
+    check_samples(samples, "SW")
+    check_samples(reference, "SW", what="reference points")
     x, y = samples.double(), reference.double()
     generator = torch.Generator().manual_seed(seed)
     directions = torch.randn(x.shape[1], projections, generator=generator, dtype=torch.float64)

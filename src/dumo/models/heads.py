@@ -49,6 +49,8 @@ class FlowModel(nn.Module):
         self.heads = nn.ModuleDict({name: head(**head_kwargs) for name in heads})
         # head name -> name of the sampler that reads it (filled by dumo.network.build_network)
         self.head_samplers: dict[str, str] = {}
+        # head name -> every sampler that may draw it (filled by dumo.network.build_network)
+        self.head_methods: dict[str, tuple[str, ...]] = {}
 
     @property
     def head_names(self) -> tuple[str, ...]:

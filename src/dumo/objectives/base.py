@@ -133,7 +133,7 @@ class Objective(ABC):
     module under DDP); ``teacher_model`` the frozen initial weights of a run started from a checkpoint.
 
     Everything the rest of dumo needs to know about an objective is declared here: the network it
-    trains (``heads``, ``time_inputs``), how its model samples (``default_sampler``) and what the
+    trains (``heads``, ``time_inputs``), how its model samples (``default_sampler``, ``sampling_methods``) and what the
     trainer must provide (``target_network``, ``wants_teacher``, ``needs_forward_ad``,
     ``target_precision``). A new objective is a subclass in its own module plus one line in
     :data:`dumo.objectives.OBJECTIVES`.
@@ -143,6 +143,9 @@ class Objective(ABC):
     time_inputs: int = 1  # 2 when the network also takes the second time r (MeanFlow)
     #: name in :data:`dumo.samplers.SAMPLERS` of the sampler this objective's model is meant for
     default_sampler: str = ""
+    #: every sampler its model can be drawn with (``sample.method``, ``--method``); any other is
+    #: refused by name. Empty: ``default_sampler`` alone.
+    sampling_methods: tuple[str, ...] = ()
 
     def __init__(self, config: ObjectiveConfig, num_classes: int = 0):
         self.config = config
@@ -164,6 +167,16 @@ class Objective(ABC):
         if "v" in self.heads and "v" not in samplers:
             samplers["v"] = VELOCITY_SAMPLER
         return samplers
+
+    @classmethod
+    def supported_samplers(cls) -> tuple[str, ...]:
+        """``sampling_methods``, or ``default_sampler`` alone where none are declared."""
+        return cls.sampling_methods or ((cls.default_sampler,) if cls.default_sampler else ())
+
+    def head_methods(self) -> dict[str, tuple[str, ...]]:
+        """The samplers each head of this objective's model can be drawn with, by head name: each
+        supported sampler under the head it reads."""
+        return methods_by_head(self.supported_samplers())
 
     def wants_teacher(self) -> bool:
         """Whether the objective uses a frozen teacher (the trainer keeps one only when asked)."""
@@ -208,6 +221,17 @@ class Objective(ABC):
 
     def null_labels(self, labels: Tensor) -> Tensor:
         return torch.full_like(labels, self.null_label)
+
+
+def methods_by_head(methods: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Sampler names grouped by the head each reads (``{"u": ("flow_map",), "v": ("euler", "heun")}``)."""
+    from dumo.samplers import SAMPLERS
+
+    by_head: dict[str, tuple[str, ...]] = {}
+    for method in methods:
+        head = SAMPLERS[method].head
+        by_head[head] = (*by_head.get(head, ()), method)
+    return by_head
 
 
 def squared_error(prediction: Tensor, target: Tensor) -> Tensor:

@@ -91,6 +91,7 @@ class DuMoObjective(FewStepObjective):
     heads = ("v", "u")
     time_inputs = 1
     default_sampler = "flow_map"
+    sampling_methods = ("flow_map", "euler", "heun")  # the u-head's flow map; the v-head's ODE
     config: DuMoConfig
 
     def wants_teacher(self) -> bool:

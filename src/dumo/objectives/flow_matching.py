@@ -21,6 +21,7 @@ class FlowMatchingObjective(Objective):
     heads = ("v",)
     time_inputs = 1
     default_sampler = "euler"
+    sampling_methods = ("euler", "heun")  # a velocity only: no flow map to jump with
 
     def __call__(
         self,

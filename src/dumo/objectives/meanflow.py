@@ -74,6 +74,7 @@ class MeanFlowObjective(FewStepObjective):
     heads = ("u",)
     time_inputs = 2
     default_sampler = "meanflow"
+    sampling_methods = ("meanflow",)  # its one head is the average velocity u(x_t, r, t): no v to integrate
     config: MeanFlowConfig
 
     def wants_teacher(self) -> bool:

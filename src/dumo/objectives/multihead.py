@@ -63,7 +63,8 @@ from dumo.objectives.base import (
     time_derivative_jvp,
 )
 from dumo.objectives.dumo import flow_map_target
-from dumo.objectives.meanflow import average_velocity_target, draw_average_velocity_times
+from dumo.objectives.flow_matching import FlowMatchingObjective
+from dumo.objectives.meanflow import MeanFlowObjective, average_velocity_target, draw_average_velocity_times
 from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, bootstrap_rows, shortcut_target
 from dumo.paths import expand_time
 from dumo.schema import require
@@ -168,6 +169,7 @@ class HeadTerm(ABC):
 
     kind: str = ""
     sampler: str = ""  # name in dumo.samplers.SAMPLERS of the sampler for a head of this kind
+    methods: tuple[str, ...] = ()  # every sampler a head of this kind can be drawn with (empty: ``sampler``)
     uses_r: bool = False  # the head's target depends on r, and the term draws (t, r)
     is_velocity: bool = False  # the head is the velocity v(x_t, t) (guidance, the v_head tangent)
 
@@ -189,13 +191,14 @@ class HeadTerm(ABC):
 
 class VelocityTerm(HeadTerm):
     kind, sampler, is_velocity = "velocity", "euler", True
+    methods = FlowMatchingObjective.sampling_methods
 
     def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
         return context.v_target
 
 
 class DuMoFlowMapTerm(HeadTerm):
-    kind, sampler = "dumo_flow_map", "flow_map"
+    kind, sampler, methods = "dumo_flow_map", "flow_map", ("flow_map",)
 
     def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
         # As in DuMoObjective: "guided" is the conditional path when nothing is guided.
@@ -209,6 +212,7 @@ class DuMoFlowMapTerm(HeadTerm):
 
 class MeanFlowTerm(HeadTerm):
     kind, sampler, uses_r = "meanflow", "meanflow", True
+    methods = MeanFlowObjective.sampling_methods
 
     def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
         return draw_average_velocity_times(time_sampler, self.config.rho, n, device)
@@ -244,6 +248,7 @@ class ShortcutTerm(HeadTerm):
     others; (t, d) are drawn as the Shortcut objective draws them."""
 
     kind, sampler, uses_r = "shortcut", ShortcutObjective.default_sampler, True
+    methods = ShortcutObjective.sampling_methods
 
     def __init__(self, head: str, config: MultiHeadConfig):
         super().__init__(head, config)
@@ -299,6 +304,9 @@ class MultiHeadObjective(FewStepObjective):
 
     def head_samplers(self) -> dict[str, str]:
         return {name: term.sampler for name, term in self.terms.items()}
+
+    def head_methods(self) -> dict[str, tuple[str, ...]]:
+        return {name: term.methods or (term.sampler,) for name, term in self.terms.items()}
 
     def __call__(
         self,

@@ -194,6 +194,7 @@ class ShortcutObjective(Objective):
     heads = ("u",)
     time_inputs = 2
     default_sampler = "meanflow"  # with uniform times: k steps x_{t-1/k} = x_t - u(x_t, t, r = t - 1/k) / k
+    sampling_methods = ("meanflow",)
     config: ShortcutConfig
 
     def target_network(self) -> Literal["online", "ema"]:

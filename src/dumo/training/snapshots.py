@@ -78,10 +78,21 @@ def score_snapshots(
     Latent runs need ``inception`` and ``reference``. One process; the scorer is built once.
     """
     from dumo.data import ToyDataset
-    from dumo.errors import RunDirError
-    from dumo.evaluation import balanced_labels, generate_many, image_scorer, reference_images, toy_scorer
+    from dumo.errors import MetricsError, RunDirError
+    from dumo.evaluation import (
+        balanced_labels,
+        drawing_sampler,
+        generate_many,
+        image_scorer,
+        is_guided,
+        reference_images,
+        toy_scorer,
+    )
     from dumo.run import load_run
+    from dumo.samplers import network_passes
 
+    if num < 2:  # every score here needs two samples: a covariance (FD, FID) or MMD's pairs
+        raise MetricsError(f"scoring needs at least 2 samples per snapshot; got {num}")
     run_dir = Path(run_dir).expanduser()
     snapshots = list_snapshots(run_dir)
     if not snapshots:
@@ -92,8 +103,6 @@ def score_snapshots(
     first = load_run(run_dir, snapshots[0][1], device=device)
     latent = first.space.kind == "latents"  # known from the weights: a latent file can be tens of GB
     if latent and (inception is None or reference is None):
-        from dumo.metrics.inception import MetricsError
-
         raise MetricsError("a latent-space run is scored with Inception metrics: give --inception and --ref")
     score = None
     if not latent:
@@ -127,6 +136,9 @@ def score_snapshots(
                 batch_size=batch_size,
             ).cpu()
             row: dict[str, float] = {"step": step, "nfe": nfe}
+            if is_guided(run.config.sample, labels is not None):  # each NFE was two network passes
+                method = drawing_sampler(run.model, run.objective_name, run.config.sample)
+                row["passes"] = network_passes(nfe, method, guided=True)
             if score is not None:
                 row.update(score(points, labels))
             if network is not None:

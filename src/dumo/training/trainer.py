@@ -23,8 +23,8 @@ from dumo import __version__
 from dumo.config import Config, config_differences, config_from_dict, save_config
 from dumo.data import LatentDataset, SampleSpace, build_dataset, build_stream, conditioning_classes
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
-from dumo.errors import CheckpointError, ConfigError, DumoError, RunDirError, TrainingError
-from dumo.evaluation import evaluate
+from dumo.errors import CheckpointError, ConfigError, DumoError, MetricsError, RunDirError, TrainingError
+from dumo.evaluation import evaluate, is_guided, sampling_cost
 from dumo.network import build_network
 from dumo.objectives import build_objective
 from dumo.run_dir import (  # noqa: F401 (the run folder's bookkeeping; re-exported for older imports)
@@ -617,8 +617,18 @@ class Trainer:
             time.perf_counter() - started,
             signal=self._stop_signal,
             skipped_steps=self.skipped_steps,
-            note=small_data_note(self.dataset) if metrics else None,
+            note=self.metrics_note() if metrics else None,
         )
+
+    def metrics_note(self) -> str | None:
+        """Caveats about the metrics for the person reading them: too little data, guided samples."""
+        notes = [small_data_note(self.dataset)]
+        if is_guided(self.config.sample, self.num_classes > 0):
+            notes.append(
+                f"the scores are of samples drawn with guidance scale {self.config.sample.guidance_scale}: "
+                "each NFE above is 2 network passes"
+            )
+        return "; ".join(note for note in notes if note) or None
 
     def _save_everywhere(self) -> None:
         """Rank 0 writes (under FSDP after every rank helped gather the state); the others wait."""
@@ -635,7 +645,10 @@ class Trainer:
         model = self.sampling_model()  # collective under FSDP: every rank takes the same branch
         if self.dist.is_main:
             if not latent:
-                metrics = self.evaluate(model)
+                try:
+                    metrics = self.evaluate(model)
+                except MetricsError as error:  # samples a metric refuses (NaN) must not end a long run
+                    print(f"dumo: warning: step {self.step}: no scores: {error}", file=sys.stderr, flush=True)
             if metrics:
                 append_row(self.run_dir / EVAL_LOG, {"step": self.step, **metrics})
                 self._add_scalars("eval", metrics)
@@ -698,7 +711,8 @@ class Trainer:
         )
         data = self._to_data(x)
         path = self.run_dir / SAMPLES_DIR / f"step_{self.step:08d}.png"
-        title = f"{self.config.objective.name}, step {self.step}, 1 NFE (EMA)"
+        cost = sampling_cost(model, self.config.objective.name, 1, self.config.sample, conditional=labels is not None)
+        title = f"{self.config.objective.name}, step {self.step}, {cost} (EMA)"
         path.parent.mkdir(exist_ok=True)
         with atomic_output(path) as tmp:
             if self.space.is_images:
