@@ -221,6 +221,11 @@ BAD_INPUTS = [
         ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=image_folder", "--set", "data.path={tmp}/mixed"],
         "images of mixed sizes",
     ),
+    (
+        "empty class folder",
+        ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=image_folder", "--set", "data.path={tmp}/classes"],
+        "classes/owl has no images",
+    ),
 ]
 
 
@@ -231,6 +236,9 @@ def test_bad_input_gives_one_line_and_leaves_runs_untouched(name, arguments, fra
     (tmp_path / "mixed").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
     Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "owl").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes" / "cat" / "a.png")
     before = digest(existing_run)
     args = [str(a).format(run=existing_run, tmp=tmp_path) for a in arguments]
     result = dumo(*args)
