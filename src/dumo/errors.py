@@ -19,3 +19,7 @@ class RunDirError(DumoError):
 
 class TrainingError(DumoError):
     """Training cannot continue (for example: the loss stayed non-finite)."""
+
+
+class DiskFullError(DumoError):
+    """The disk (or the user's quota) filled up while writing a file; the file's previous version is kept."""
