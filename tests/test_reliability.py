@@ -233,8 +233,8 @@ def test_a_full_disk_in_any_other_write_is_one_line(tmp_path, monkeypatch, capsy
     status = main(["train", str(CONFIG), "--out", str(tmp_path / "run"), "--set", *TINY, "train.steps=2"])
     assert status == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"dumo: error: no space left on device writing {tmp_path / 'run' / 'train_log.csv'}; free some "
-                     "space and run again"]  # fmt: skip
+    log = tmp_path / "run" / "train_log.csv"
+    assert lines == [f"dumo: error: no space left on device writing {log}; free some space and run again"]
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
