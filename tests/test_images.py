@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -15,7 +16,13 @@ from PIL import Image
 
 from dumo.config import config_from_dict
 from dumo.data import DataConfig, DataError, ImageStream, build_dataset
-from dumo.data.images import load_cifar10, load_fashion_mnist, load_image_folder, load_mnist_json
+from dumo.data.images import (
+    list_image_folder,
+    load_cifar10,
+    load_fashion_mnist,
+    load_image_folder,
+    load_mnist_json,
+)
 from dumo.metrics.classifier import frechet_distance
 from dumo.training import Trainer
 
@@ -83,6 +90,33 @@ def test_image_folder_classes_and_mixed_sizes(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
         load_image_folder(str(empty))
+
+
+def class_folders(root, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(root / name / "0.png")
+    return root
+
+
+def test_an_empty_class_folder_is_refused_naming_it(tmp_path):
+    root = class_folders(tmp_path, ["cat", "dog"])
+    (root / "owl").mkdir()
+    (root / "owl" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder .*owl has no images"):
+        load_image_folder(str(root))
+    (root / "owl" / "0.jpg").write_bytes(b"")  # once it holds an image file, it is a class like the others
+    assert list_image_folder(str(root))[2] == ["cat", "dog", "owl"]
+
+
+def test_images_beside_class_folders_are_refused_not_dropped(tmp_path):
+    root = class_folders(tmp_path, ["cat", "dog"])
+    Image.new("RGB", (4, 4)).save(root / "stray.png")
+    expected = re.escape(str(root)) + r" has class subfolders \(cat, dog\) and 1 image of its own \(e.g. stray.png\)"
+    with pytest.raises(DataError, match=expected):
+        load_image_folder(str(root))
+    (root / "stray.png").rename(root / "cat" / "1.png")
+    assert load_image_folder(str(root)).labels.tolist() == [0, 0, 1]
 
 
 def test_cifar_batches_are_read_without_running_code(tmp_path):

@@ -1,10 +1,13 @@
 """Runs that survive interruption, checkpoints that cannot hurt, bad input that is named."""
 
+import errno
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -15,9 +18,12 @@ import torch
 from conftest import MOONS_CONFIG, TINY_MOONS
 from PIL import Image
 
+from dumo.cli import main
 from dumo.config import load_config
-from dumo.errors import TrainingError
+from dumo.distributed import Distributed
+from dumo.errors import DumoError, TrainingError
 from dumo.objectives.base import ObjectiveOutput
+from dumo.sample_files import ShardedNpz
 from dumo.training import Trainer
 from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 
@@ -126,6 +132,111 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp
     assert_identical(run, tmp_path / "straight")
 
 
+class FillingFile:
+    """A file on a disk that fills up: the first ``room`` bytes are written, then ENOSPC."""
+
+    def __init__(self, handle, room: int):
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        self.handle.write(bytes(data[: self.room]))
+        self.handle.flush()  # the partial file really is on disk, as it would be
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def fill_disk_while_writing(monkeypatch, prefix: str, room: int = 1000) -> None:
+    """Make every atomic write of a file whose name starts with ``prefix`` stop after ``room``
+    bytes with ENOSPC, as on a full disk (other files are written as usual)."""
+    filling: set[int] = set()
+    real_mkstemp, real_fdopen = tempfile.mkstemp, os.fdopen
+
+    def mkstemp(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        if Path(name).name.startswith(f".{prefix}"):
+            filling.add(fd)
+        return fd, name
+
+    def fdopen(fd, *args, **kwargs):
+        handle = real_fdopen(fd, *args, **kwargs)
+        return FillingFile(handle, room) if fd in filling else handle
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "fdopen", fdopen)
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    Trainer(config(2, "train.checkpoint_every=2"), run).run()
+    before = load_checkpoint(run / "checkpoints" / "step_00000002.safetensors")[0]
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        fill_disk_while_writing(patch, "step_")
+        sets = [*TINY, "train.steps=4", "train.checkpoint_every=2"]
+        status = main(["train", str(CONFIG), "--out", str(run), "--set", *sets])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    failed = run / "checkpoints" / "step_00000004.safetensors"
+    assert lines[0].startswith(f"dumo: error: no space left on device writing {failed} (needed ~"), lines[0]
+    assert re.search(r"needed ~[\d.]+ [kM]B, [\d.]+ [kMGT]?B free\); step_00000002.safetensors is intact", lines[0])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.safetensors"]  # no temp file
+    after = load_checkpoint(run / "checkpoints" / "step_00000002.safetensors")[0]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert Trainer(config(4, "train.checkpoint_every=2"), run).run().resumed_from == 2  # once there is room again
+
+
+def test_a_full_disk_while_writing_samples_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    run, out = tmp_path / "run", tmp_path / "samples.npy"
+    Trainer(config(2), run).run()
+    assert main(["sample", str(run), "--nfe", "1", "-n", "5", "--out", str(out)]) == 0
+    previous = out.read_bytes()
+    capsys.readouterr()
+
+    def save_until_full(file, array, *args, **kwargs):
+        Path(file).write_bytes(previous[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    status = main(["sample", str(run), "--nfe", "1", "-n", "7", "--out", str(out), "--force"])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"dumo: error: no space left on device writing {out} (needed more than the 100 B")
+    assert out.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["run", "samples.npy"]
+
+
+def test_a_full_disk_is_found_before_sampling_into_an_npz(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    out = tmp_path / "samples.npz"
+    with pytest.raises(DumoError, match=r"no space left on device writing .*arr_0.00000.npy \(needed ~4.8 kB"):
+        ShardedNpz(out, 100, 16, Distributed(), {"arr_0": ((4, 4, 3), np.uint8)})
+    assert list(tmp_path.iterdir()) == []  # neither parts nor their folder left behind
+
+
+def test_a_full_disk_in_any_other_write_is_one_line(tmp_path, monkeypatch, capsys):
+    def log_on_a_full_disk(path, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("dumo.training.trainer.append_row", log_on_a_full_disk)
+    status = main(["train", str(CONFIG), "--out", str(tmp_path / "run"), "--set", *TINY, "train.steps=2"])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    log = tmp_path / "run" / "train_log.csv"
+    assert lines == [f"dumo: error: no space left on device writing {log}; free some space and run again"]
+
+
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     trainer = Trainer(config(50, "train.checkpoint_every=3", "train.max_nonfinite_steps=3"), tmp_path / "run")
     real_objective = trainer.objective
@@ -221,6 +332,11 @@ BAD_INPUTS = [
         ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=image_folder", "--set", "data.path={tmp}/mixed"],
         "images of mixed sizes",
     ),
+    (
+        "empty class folder",
+        ["train", CONFIG, "--out", "{tmp}/new", *DATA, "data.name=image_folder", "--set", "data.path={tmp}/classes"],
+        "classes/owl has no images",
+    ),
 ]
 
 
@@ -231,6 +347,9 @@ def test_bad_input_gives_one_line_and_leaves_runs_untouched(name, arguments, fra
     (tmp_path / "mixed").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
     Image.new("RGB", (8, 6)).save(tmp_path / "mixed" / "b.png")
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "owl").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "classes" / "cat" / "a.png")
     before = digest(existing_run)
     args = [str(a).format(run=existing_run, tmp=tmp_path) for a in arguments]
     result = dumo(*args)

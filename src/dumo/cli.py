@@ -1448,3 +1448,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as error:
+        # a full disk in a write that does not name its file itself (a log, a library's own files)
+        from dumo.safetensors_io import DISK_FULL_ERRNOS
+
+        if debug or error.errno not in DISK_FULL_ERRNOS:
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"dumo: error: {DISK_FULL_ERRNOS[error.errno]}{where}; free some space and run again", file=sys.stderr)
+        return EXIT_USAGE

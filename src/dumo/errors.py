@@ -28,3 +28,7 @@ class TrainingError(DumoError):
 class MetricsError(DumoError):
     """A score cannot be computed: too few or non-finite samples, or missing or unusable Inception
     weights or reference statistics."""
+
+
+class DiskFullError(DumoError):
+    """The disk (or the user's quota) filled up while writing a file; the file's previous version is kept."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dumo.config import Config, config_from_dict, load_config, save_config
+from dumo.config import Config, config_differences, config_from_dict, load_config, save_config
 from dumo.data import Dataset, SampleSpace, build_dataset
 from dumo.errors import ConfigError, RunDirError, SamplingError
 from dumo.network import build_network
-from dumo.run_dir import CONFIG_FILE
+from dumo.run_dir import CONFIG_FILE, RESUMABLE_KEYS
 from dumo.training.checkpoint import (
     MODEL_FORMAT,
     list_checkpoints,
@@ -26,9 +29,13 @@ from dumo.training.checkpoint import (
 )
 
 EXPORTED_WEIGHTS = "model.safetensors"
-#: config keys that decide what the weights are; config.yaml may not contradict the weights' own record
-#: (sample.* and train.* may be edited freely, and data.path may move)
-WEIGHT_KEYS = ("objective.name", "data.name", "data.conditional", "data.resolution", "data.latent_shape")
+#: data.* keys that say where files are: config.yaml's values win where it sets them (the data or the
+#: decoder may have moved since training)
+LOCATION_KEYS = ("path", "autoencoder_path")
+#: keys in which a run's config.yaml may lawfully differ from an older checkpoint of the same run
+#: (changed on resume: train.steps and the like; the per-rank batch on another number of ranks)
+RESUMED_KEYS = tuple(key for key in RESUMABLE_KEYS if key != "data.path") + ("data.batch_size",)
+SHOWN_KEYS = 12  # differing keys named in the warning
 
 
 @dataclass
@@ -57,22 +64,46 @@ class LoadedRun:
         return self._dataset
 
 
-def check_config_matches_weights(config: Config, metadata: dict[str, str], config_file: Path, weights: Path) -> None:
-    """Refuse a config.yaml that contradicts the config recorded in the weights (an edited export
-    claiming another dataset would otherwise sample in that dataset's coordinates)."""
+def recorded_config(metadata: dict[str, str]) -> Config | None:
+    """The config recorded in a checkpoint's or export's metadata; None when there is none (weights
+    of an older dumo, imported weights) or it no longer reads."""
     try:
-        stored = config_from_dict(json.loads(metadata["config"]))
+        return config_from_dict(json.loads(metadata["config"]))
     except (KeyError, ValueError, ConfigError):
-        return  # written by a dumo that recorded no (or another) config
-    mine, theirs = config.to_dict(), stored.to_dict()
-    keys = [f"model.{k}" for k in theirs["model"]] + list(WEIGHT_KEYS)
-    for key in keys:
-        section, name = key.split(".")
-        if mine[section].get(name) != theirs[section].get(name):
-            raise RunDirError(
-                f"{config_file} does not match {weights}: {key} is {mine[section].get(name)!r} in the config but "
-                f"{theirs[section].get(name)!r} in the weights (was {CONFIG_FILE} edited?)"
-            )
+        return None
+
+
+def run_config(config_file: Path, metadata: dict[str, str], weights: Path) -> Config:
+    """The config to sample and score the weights with: the one recorded in them (what they were
+    trained with), taking only the data's locations from ``config_file``.
+
+    A truncated or hand-edited config.yaml would otherwise fill defaults unnoticed (another
+    guidance scale, sampler times, even another dataset's coordinates); where it disagrees with the
+    record, or cannot be read, one warning line names the keys. Weights that record no config use
+    ``config_file`` as it is.
+    """
+    stored = recorded_config(metadata)
+    if stored is None:
+        return load_config(config_file)
+    try:
+        on_disk = load_config(config_file)
+    except ConfigError as error:
+        warn(f"{config_file} is unreadable ({error}); using the config recorded in {weights}")
+        return stored
+    locations = {key: getattr(on_disk.data, key) for key in LOCATION_KEYS if getattr(on_disk.data, key) is not None}
+    config = dataclasses.replace(stored, data=dataclasses.replace(stored.data, **locations))
+    differences = config_differences(config, on_disk, ignore=RESUMED_KEYS)
+    if differences:
+        shown = ", ".join(differences[:SHOWN_KEYS])
+        more = f" and {len(differences) - SHOWN_KEYS} more" if len(differences) > SHOWN_KEYS else ""
+        warn(f"{config_file} differs from the config recorded in {weights} in {shown}{more}; using the recorded one")
+    return config
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr, from the first process only (under torchrun every rank loads the run)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"dumo: warning: {message}", file=sys.stderr, flush=True)
 
 
 def is_model_file(path: Path) -> bool:
@@ -103,7 +134,6 @@ def load_run(
         raise RunDirError(f"run directory not found: {run_dir}")
     if not (run_dir / CONFIG_FILE).is_file():
         raise RunDirError(f"{run_dir} is not a dumo run directory (no {CONFIG_FILE})")
-    config = load_config(run_dir / CONFIG_FILE)
     if checkpoint is None and (run_dir / EXPORTED_WEIGHTS).is_file():
         checkpoint = run_dir / EXPORTED_WEIGHTS
         tensors, metadata = load_checkpoint(checkpoint, kind=MODEL_FORMAT)
@@ -123,7 +153,7 @@ def load_run(
         else:
             tensors, metadata = load_checkpoint(checkpoint)
             weights = f"{weights}."
-    check_config_matches_weights(config, metadata, run_dir / CONFIG_FILE, Path(checkpoint))
+    config = run_config(run_dir / CONFIG_FILE, metadata, Path(checkpoint))
     dataset = None
     if "data" in metadata:
         space = SampleSpace.from_json(metadata["data"])

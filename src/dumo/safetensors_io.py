@@ -8,8 +8,10 @@ in a file can run code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
-from dumo.errors import CheckpointError
+from dumo.errors import CheckpointError, DiskFullError
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -33,6 +35,48 @@ FORMAT_VERSION = "1"
 CHECKSUM_KEY = "checksum_sha256"
 
 
+#: errno values of a write that failed for want of room: the disk itself, or the user's quota on it
+DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def format_bytes(count: float) -> str:
+    """``12345678`` -> ``"12.3 MB"`` (decimal units, as ``df -H`` shows them)."""
+    if count < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB", "GB"):
+        count /= 1000
+        if round(count, 1) < 1000:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1000:.1f} TB"
+
+
+def disk_full_error(error: OSError, path: Path, needed: int | None, written: int | None = None) -> DiskFullError:
+    """A one-line :class:`DiskFullError` for ``error`` while writing ``path``: the room the file needed
+    (when known; else what was written before the disk filled) and the room left beside it."""
+    try:
+        free = f"{format_bytes(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = "free space unknown"
+    if needed is not None:
+        room = f"needed ~{format_bytes(needed)}, {free}"
+    elif written:
+        room = f"needed more than the {format_bytes(written)} written, {free}"
+    else:
+        room = free
+    return DiskFullError(f"{DISK_FULL_ERRNOS[error.errno]} writing {path} ({room})")
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -40,16 +84,23 @@ def _current_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix) to write to; on success fsync it and
     rename it over ``path``, so that a crash at any point leaves the old file or the complete new one.
 
     The file gets the permissions of a plain ``open()`` (0666 less the umask): ``mkstemp`` would
-    leave it 0600, unreadable to the user's group.
+    leave it 0600, unreadable to the user's group. A full disk gives a :class:`DiskFullError` naming
+    ``path`` and the room it needed (``expected_bytes`` when the caller knows it), with the
+    temporary file removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full_error(error, path, expected_bytes) from error
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -58,8 +109,11 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
+        written = _size_or_none(tmp_path)
         tmp_path.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise disk_full_error(error, path, expected_bytes, written) from error
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -71,11 +125,17 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename it over ``path``.
 
-    A crash at any point leaves either the old file or the complete new one.
+    A crash at any point leaves either the old file or the complete new one; a full disk gives a
+    :class:`DiskFullError` naming ``path`` and its size, with the temporary file removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        if is_disk_full(error):
+            raise disk_full_error(error, path, len(data)) from error
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide exports from the group
         with os.fdopen(fd, "wb") as handle:
@@ -83,8 +143,10 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):  # named once the partial file is gone, so the free space shown is the real one
+            raise disk_full_error(error, path, len(data)) from error
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -10,7 +10,10 @@ of memory. The ``.npz`` is an ordinary uncompressed one, as ``np.savez`` writes 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
+import os
 import shutil
 import zipfile
 from collections.abc import Mapping
@@ -20,6 +23,7 @@ import numpy as np
 
 from dumo.distributed import Distributed
 from dumo.evaluation import rank_chunks
+from dumo.safetensors_io import disk_full_error, is_disk_full
 
 
 def parts_folder(out: Path) -> Path:
@@ -49,10 +53,23 @@ class ShardedNpz:
         self.folder = parts_folder(out)
         self.folder.mkdir(parents=True, exist_ok=True)
         count = sum(min(self.batch, num - chunk * self.batch) for chunk in mine)
-        self.parts = {
-            key: np.lib.format.open_memmap(self.part(key, dist.rank), mode="w+", dtype=dtype, shape=(count, *shape))
-            for key, (shape, dtype) in self.arrays.items()
-        }
+        self.parts = {}
+        try:
+            for key, (shape, dtype) in self.arrays.items():
+                path = self.part(key, dist.rank)
+                self.parts[key] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(count, *shape))
+                reserve_disk(path)
+        except BaseException as error:
+            self.parts = {}  # unmaps the files
+            for key in self.arrays:
+                self.part(key, dist.rank).unlink(missing_ok=True)
+            if dist.world_size == 1:
+                with contextlib.suppress(OSError):
+                    self.folder.rmdir()
+            if is_disk_full(error):  # named once this rank's parts are gone, so the free space shown is real
+                needed = sum(count * math.prod(shape) * dtype.itemsize for shape, dtype in self.arrays.values())
+                raise disk_full_error(error, self.part(next(iter(self.arrays)), dist.rank), needed) from error
+            raise
 
     def part(self, key: str, rank: int) -> Path:
         return self.folder / f"{key}.{rank:05d}.npy"
@@ -82,7 +99,12 @@ class ShardedNpz:
         from dumo.training.checkpoint import atomic_output
 
         chunks, world = math.ceil(self.num / self.batch), self.dist.world_size
-        with atomic_output(self.out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        size = sum(self.part(key, rank).stat().st_size for key in self.arrays for rank in range(world))
+        size += sum(value.nbytes for value in self.whole.values())
+        with (
+            atomic_output(self.out, expected_bytes=size) as tmp,
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive,
+        ):
             for key, (shape, dtype) in self.arrays.items():
                 parts = [np.load(self.part(key, rank), mmap_mode="r") for rank in range(world)]
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
@@ -96,6 +118,21 @@ class ShardedNpz:
             for key, value in self.whole.items():
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.ascontiguousarray(value), allow_pickle=False)
+
+
+def reserve_disk(path: Path) -> None:
+    """Allocate the blocks of the (sparse) memory-mapped file at ``path`` now: a disk that fills up
+    later would kill the process with SIGBUS on a write to the map, instead of an ``OSError`` (ENOSPC)
+    here. File systems without ``fallocate`` are left as they are."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return
+    with open(path, "rb+") as handle:
+        try:
+            allocate(handle.fileno(), 0, path.stat().st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 def open_npz_array(path: Path, key: str) -> np.ndarray:

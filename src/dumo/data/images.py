@@ -281,13 +281,33 @@ def list_image_folder(path: str | None) -> tuple[Path, list[tuple[Path, int]], l
     if not root.is_dir():
         raise DataError(f"image folder not found: {root} (data.path)")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    sources = [(root / c, i) for i, c in enumerate(classes)] if classes else [(root, 0)]
-    files = [
-        (f, label) for folder, label in sources for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
-    return root, files, classes if classes else [root.name]
+    if not classes:
+        files = [(f, 0) for f in image_files(root)]
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
+        return root, files, [root.name]
+    # With class subfolders, images beside them would silently be left out of training.
+    loose = image_files(root)
+    if loose:
+        raise DataError(
+            f"{root} has class subfolders ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}) and "
+            f"{len(loose)} image{'s' * (len(loose) > 1)} of its own (e.g. {loose[0].name}) that training would "
+            "leave out: move them into a class subfolder"
+        )
+    files = []
+    for label, name in enumerate(classes):
+        members = image_files(root / name)
+        if not members:  # a class without images: the model would be conditioned on a label it never saw
+            raise DataError(
+                f"class folder {root / name} has no images ({', '.join(IMAGE_SUFFIXES)}); add images or remove it"
+            )
+        files.extend((f, label) for f in members)
+    return root, files, classes
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside ``folder``, in sorted order (the same on every machine)."""
+    return [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
 
 
 def load_image_folder(path: str | None, resolution: int | None = None) -> ImageDataset:

@@ -23,7 +23,7 @@ from dumo import __version__
 from dumo.config import Config, config_differences, config_from_dict, save_config
 from dumo.data import LatentDataset, SampleSpace, build_dataset, build_stream, conditioning_classes
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
-from dumo.errors import CheckpointError, ConfigError, DumoError, MetricsError, RunDirError, TrainingError
+from dumo.errors import CheckpointError, ConfigError, DiskFullError, DumoError, MetricsError, RunDirError, TrainingError
 from dumo.evaluation import evaluate, is_guided, sampling_cost
 from dumo.network import build_network
 from dumo.objectives import build_objective
@@ -266,7 +266,12 @@ class Trainer:
             "wall_seconds": repr(self.wall_seconds),
         }
         path = checkpoint_path(self.run_dir, self.step)
-        save_checkpoint(path, tensors, metadata)
+        try:
+            save_checkpoint(path, tensors, metadata)
+        except DiskFullError as error:
+            kept = list_checkpoints(self.run_dir)
+            resume = f"; {kept[-1].name} is intact: free some space and resume" if kept else ""
+            raise DiskFullError(f"{error}{resume}") from error
         for old in list_checkpoints(self.run_dir)[: -self.config.train.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path
@@ -667,6 +672,8 @@ class Trainer:
         try:
             path = self.save_picture(model)
         except DumoError as error:
+            if isinstance(error, DiskFullError):  # the next checkpoint would not fit either: stop now
+                raise
             self._picture_error = str(error)
             print(f"dumo: warning: no sample pictures for this run: {error}", file=sys.stderr, flush=True)
             return None
