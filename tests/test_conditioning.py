@@ -15,7 +15,17 @@ from dumo.conditioning import (
 from dumo.data.batch import Batch
 from dumo.models import ModelConfig, build_model
 from dumo.models.text_dit import build_text_dit
-from dumo.objectives import DuMoConfig, DuMoObjective, TimeConfig
+from dumo.objectives import (
+    DuMoConfig,
+    DuMoObjective,
+    MeanFlowConfig,
+    MeanFlowObjective,
+    MultiHeadConfig,
+    MultiHeadObjective,
+    ShortcutConfig,
+    ShortcutObjective,
+    TimeConfig,
+)
 from dumo.samplers import GuidedModel
 
 
@@ -72,11 +82,11 @@ def test_mixing_kinds_is_refused():
 TEXT_DIM = 12
 
 
-def tiny_text_dit() -> torch.nn.Module:
+def tiny_text_dit(heads: tuple[str, ...] = ("v", "u"), time_inputs: int = 1) -> torch.nn.Module:
     """A two-block TextDiT on 2 x 8 x 8 images reading float prompt embeddings, its zero-initialised
     layers given weights so that the prompt reaches the output."""
     torch.manual_seed(0)
-    model = build_text_dit("TextDiT-XS/2", 8, 2, TEXT_DIM)
+    model = build_text_dit("TextDiT-XS/2", 8, 2, TEXT_DIM, heads, time_inputs)
     model.backbone.blocks = model.backbone.blocks[:2]
     with torch.no_grad():
         for parameter in model.parameters():
@@ -170,3 +180,29 @@ def test_dumo_guidance_on_a_text_model_gets_its_unconditional_pass_from_null_pro
         v_uncond = model(x_t, t, cond=prompts.with_null()).v
     expected = (z - x) + zeta * kept.float()[:, None, None, None] * (v_cond - v_uncond)
     torch.testing.assert_close(out.targets["v"], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        MeanFlowObjective(MeanFlowConfig(zeta=0.5, label_dropout=0.0)),
+        ShortcutObjective(ShortcutConfig(max_steps=4, bootstrap_fraction=0.5, bootstrap_cfg=1.5, label_dropout=0.0)),
+        MultiHeadObjective(MultiHeadConfig(zeta=0.5, label_dropout=0.0)),
+    ],
+    ids=["meanflow", "shortcut", "multihead"],
+)
+def test_training_time_guidance_on_a_text_model_reads_null_prompts_in_its_unconditional_passes(objective):
+    model = tiny_text_dit(objective.heads, objective.time_inputs)
+    seen: list[TextCondition] = []
+    spy = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["cond"]), with_kwargs=True)
+    out = objective(model, Batch(torch.randn(8, 2, 8, 8), embedded_prompts(8)))
+    spy.remove()
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    # no prompt is dropped (label_dropout 0), so every null row is a guidance pass's unconditional row
+    assert any(not cond.null.any() for cond in seen)  # the pass with gradients
+    assert any(cond.null.any() for cond in seen)
+    for cond in seen:
+        if cond.null.any():  # the unconditional rows follow the conditional ones, or are a call of their own
+            count = int(cond.null.sum())
+            assert cond.null[-count:].all()
