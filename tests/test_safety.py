@@ -291,7 +291,7 @@ def test_chunk_seeds_of_different_seeds_never_meet():
     class Noise(torch.nn.Module):  # a "model" whose one-step sample is its noise
         heads = ("u",)
 
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             from dumo.models.output import ModelOutput
 
             return ModelOutput(u=torch.zeros_like(x))
@@ -333,7 +333,7 @@ def test_sizes_and_outputs_are_checked_before_the_work(run_of_4, tmp_path, capsy
     from dumo.config import SampleConfig
 
     class Zero(torch.nn.Module):
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             from dumo.models.output import ModelOutput
 
             return ModelOutput(u=torch.zeros_like(x))

@@ -20,7 +20,7 @@ from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
 from dumo.objectives import objective_class
 from dumo.objectives.base import methods_by_head
-from dumo.samplers import GuidedModel, HeadView, check_times, cost_label, null_label, sample, sampler_named
+from dumo.samplers import GuidedModel, HeadView, check_times, cost_label, sample, sampler_named
 
 REFERENCE_SEED = 1_000_003  # reference points are drawn apart from any training seed
 
@@ -151,7 +151,7 @@ def generate(
         raise SamplingError(f"nfe must be >= 1; got {nfe}")
     model, method = head_sampling(model, objective_name, config.head, method if method != "auto" else config.method)
     if is_guided(config, labels is not None):
-        model = GuidedModel(model, config.guidance_scale, null_label(model))
+        model = GuidedModel(model, config.guidance_scale)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=generator).to(device)
     if times is None and sampler_named(method).scheduled:
@@ -161,7 +161,7 @@ def generate(
         noise,
         nfe,
         method,
-        labels=labels,
+        cond=labels,
         times=times,
         t_start=config.t_start,
         stochasticity=config.stochasticity,
