@@ -101,7 +101,7 @@ def wait_while_training(run_dir: Path) -> None:
     import fcntl
     import time
 
-    from dumo.training.trainer import LOCK_FILE
+    from dumo.run_dir import LOCK_FILE
 
     lock = run_dir / LOCK_FILE
     if not lock.is_file():

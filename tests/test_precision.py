@@ -11,8 +11,8 @@ from test_distributed import ROOT, TINY, sets, torchrun, weights
 from dumo.config import config_from_dict, load_config
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
+from dumo.training import Trainer
 from dumo.training.ema import EMA
-from dumo.training.trainer import Trainer
 
 
 def test_older_configs_with_fp32_target_passes_still_load():

@@ -23,9 +23,10 @@ from dumo.errors import CheckpointError, ConfigError, RunDirError, TrainingError
 from dumo.evaluation import chunk_seed, generate_many
 from dumo.objectives.base import ObjectiveOutput
 from dumo.run import load_run
-from dumo.training import Trainer
+from dumo.run_dir import CONFIG_FILE, TRAIN_LOG, RunLock
+from dumo.training import Trainer, TrainResult
 from dumo.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dumo.training.trainer import CONFIG_FILE, TRAIN_LOG, RunLock, TrainResult, truncate_log
+from dumo.training.logs import truncate_log
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = MOONS_CONFIG
@@ -235,7 +236,7 @@ def test_log_truncation_survives_torn_and_empty_logs(tmp_path):
     assert log.read_text() == "step,loss\n1,0.5\n"
     log.write_text("")  # a kill that left an empty file: the next row writes the header again
     truncate_log(log, 1)
-    from dumo.training.trainer import append_row
+    from dumo.training.logs import append_row
 
     append_row(log, {"step": 2, "loss": 0.1})
     assert log.read_text().splitlines() == ["step,loss", "2,0.1"]

@@ -412,7 +412,7 @@ def command_eval(args: argparse.Namespace) -> int:
     from dumo.data import ToyDataset
     from dumo.distributed import shutdown
     from dumo.evaluation import ChunkGather, image_scorer, sampling_cost, toy_scorer
-    from dumo.training.trainer import small_data_note
+    from dumo.training.logs import small_data_note
 
     dist, run = sampling_session(args)
     try:
