@@ -48,6 +48,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """dumo export or dumo import-weights, by the command's name."""
     return run_export(args) if args.command == "export" else run_import_weights(args)
 
 

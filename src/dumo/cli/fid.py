@@ -42,6 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """dumo fid-stats or dumo fid, by the command's name."""
     return run_fid_stats(args) if args.command == "fid-stats" else run_fid(args)
 
 

@@ -58,6 +58,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """dumo shapes (render, prompts) or dumo eval-shapes, by the command's name."""
     return run_shapes(args) if args.command == "shapes" else run_eval_shapes(args)
 
 
