@@ -243,7 +243,7 @@ def test_guided_sampling_shows_steps_and_network_passes(small_runs, tmp_path, ca
 
 
 def test_training_scores_of_guided_samples_say_what_they_cost(configs_dir, tmp_path, capsys):
-    from dumo.cli import print_result
+    from dumo.cli.train import print_result
 
     overrides = [*TINY, "train.steps=2", "data.conditional=true", "sample.guidance_scale=2"]
     result = Trainer(load_config(configs_dir / "toy/moons-dumo.yaml", overrides), tmp_path / "run").run()

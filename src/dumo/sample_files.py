@@ -23,6 +23,7 @@ import numpy as np
 
 from dumo.distributed import Distributed
 from dumo.evaluation import rank_chunks
+from dumo.generation import image_shape
 from dumo.safetensors_io import disk_full_error, is_disk_full
 
 
@@ -158,3 +159,99 @@ def open_npz_array(path: Path, key: str) -> np.ndarray:
     offset = info.header_offset + 30 + int(name_size) + int(extra_size) + header_size
     order = "F" if fortran_order else "C"
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+
+
+def npz_sink(writer, float_images: bool):
+    """Write decoded batches into a :class:`dumo.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
+
+    def sink(first: int, images, pixels) -> None:
+        writer.write("arr_0", first, pixels.permute(0, 2, 3, 1).cpu().numpy())
+        if float_images:
+            writer.write("images", first, images.float().cpu().numpy())
+
+    return sink
+
+
+def sample_npz(out: Path, run, num: int, batch_size: int, labels, dist, float_images: bool):
+    """The writer of a samples .npz: 'arr_0' (N, H, W, C) uint8, 'labels' (N,) int64 (-1: unconditional)
+    and, with ``float_images``, 'images' (N, C, H, W) float32 in [0, 1]."""
+    channels, height, width = image_shape(run)
+    arrays = {"arr_0": ((height, width, channels), np.uint8)}
+    if float_images:
+        arrays["images"] = ((channels, height, width), np.float32)
+    return ShardedNpz(out, num, batch_size, dist, arrays, {"labels": label_array(labels, num)})
+
+
+def label_array(labels, num: int) -> np.ndarray:
+    return np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
+
+
+class PngFolder:
+    """A folder of one PNG per sample (``000000.png``, ... by global sample index) and, for labelled
+    samples, labels.csv: every rank writes its own chunks into a temporary sibling folder, which rank
+    0 then puts in place of the old folder, so that the folder holds this call's files only (16 new
+    images never sit beside 48 stale ones). The old folder must hold only such files
+    (``dumo.cli.common.check_png_folder``)."""
+
+    def __init__(self, out: Path, dist, labels: np.ndarray | None, space):
+        self.out, self.dist, self.labels, self.space = out, dist, labels, space
+        self.staging = out.parent / f".{out.name}.writing"
+        if dist.is_main:
+            if self.staging.is_dir() and not self.staging.is_symlink():
+                shutil.rmtree(self.staging)  # left by a killed call: dumo's own temporary name
+            self.staging.mkdir(parents=True)
+        dist.barrier()  # the staging folder exists before any rank writes to it
+
+    def sink(self, first: int, images, pixels) -> None:
+        write_png_folder(self.staging, pixels.permute(0, 2, 3, 1).cpu().numpy(), first)
+
+    def finish(self) -> None:
+        """Wait for every rank's images; rank 0 writes labels.csv and swaps the folder in (all ranks call this)."""
+        self.dist.barrier()
+        if self.dist.is_main:
+            if self.labels is not None:
+                write_labels_csv(self.staging, self.labels, self.space)
+            replace_folder(self.staging, self.out)
+        self.dist.barrier()
+
+
+def replace_folder(new: Path, out: Path) -> None:
+    """Put the folder ``new`` at ``out``; an old folder there (checked to hold dumo's files only) is
+    renamed aside first and deleted after, so an interruption leaves one whole folder or the other."""
+    old = out.parent / f".{out.name}.replaced"
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    if out.is_symlink():
+        out.unlink()  # the link goes; the folder it pointed to keeps its files
+    elif out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+#: the files of a folder of PNG samples: its images, labels.csv, and their temporary copies
+PNG_FOLDER_FILES = r"^(?:\d{6,}\.png|labels\.csv|\.(?:\d{6,}\.png|labels\.csv)\.[^/]+\.tmp(?:\.\w+)?)$"
+
+
+def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
+    """One PNG per sample of uint8 (N, H, W, C) ``pixels``, named by global sample index: first
+    ``{first:06d}.png``, then the next, ... (each rank writes its own)."""
+    from PIL import Image
+
+    from dumo.training.checkpoint import atomic_output
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(pixels, start=first):
+        with atomic_output(folder / f"{i:06d}.png") as tmp:
+            Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(tmp, format="PNG")
+
+
+def write_labels_csv(folder: Path, labels: np.ndarray, space) -> None:
+    """labels.csv beside the PNGs of class-conditional samples: file, label, class name."""
+    from dumo.training.checkpoint import atomic_output
+
+    if (labels >= 0).any():
+        rows = "".join(f"{i:06d}.png,{int(c)},{space.class_name(int(c))}\n" for i, c in enumerate(labels))
+        with atomic_output(folder / "labels.csv") as tmp:
+            tmp.write_text("file,label,class\n" + rows)

@@ -193,3 +193,15 @@ def rank_batches(count: int, batch_size: int, dist: Distributed) -> Iterator[sli
     """Batches r, r + W, r + 2W, ... of ``count`` items: this rank's share of a file or a dataset."""
     for start in range(dist.rank * batch_size, count, dist.world_size * batch_size):
         yield slice(start, min(start + batch_size, count))
+
+
+def image_statistics(inception, count: int, pixels, dist, batch_size: int):
+    """Inception statistics of ``count`` images, ``pixels(slice)`` giving uint8 batches; each rank
+    embeds its own batches and the sums are added over ranks."""
+    from dumo.metrics.inception import FEATURE_DIM
+
+    moments = FeatureMoments(FEATURE_DIM, inception.device)
+    for part in rank_batches(count, batch_size, dist):
+        moments.update(inception.embed(pixels(part))[0])
+    moments.reduce(dist)
+    return moments.statistics()
