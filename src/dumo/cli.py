@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dumo import __version__
 from dumo.errors import DumoError
-from dumo.generation import (  # the library side of sampling a run (read_pixels re-exported for older imports)
+from dumo.runs.generation import (  # the library side of sampling a run
     check_memory,
     generate_from_run,
     image_shape,
@@ -29,6 +28,7 @@ from dumo.generation import (  # the library side of sampling a run (read_pixels
     sample_labels,
     stream_from_run,
 )
+from dumo.version import __version__
 
 EXIT_USAGE = 2
 DEMO_MARKER = ".dumo-demo"
@@ -91,7 +91,8 @@ def parse_times(text: str | None) -> list[float] | None:
 def command_train(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.distributed import shutdown
-    from dumo.run_dir import CONFIG_FILE, is_dumo_run
+    from dumo.runs.folder import is_dumo_run
+    from dumo.runs.layout import CONFIG_FILE
     from dumo.training import train
 
     out = Path(args.out)
@@ -179,7 +180,7 @@ def class_index(run, text: str | None) -> int | None:
 
 
 def npz_sink(writer, float_images: bool):
-    """Write decoded batches into a :class:`dumo.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
+    """Write decoded batches into a :class:`dumo.runs.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
 
     def sink(first: int, images, pixels) -> None:
         writer.write("arr_0", first, pixels.permute(0, 2, 3, 1).cpu().numpy())
@@ -192,7 +193,7 @@ def npz_sink(writer, float_images: bool):
 def sample_npz(out: Path, run, num: int, batch_size: int, labels, dist, float_images: bool):
     """The writer of a samples .npz: 'arr_0' (N, H, W, C) uint8, 'labels' (N,) int64 (-1: unconditional)
     and, with ``float_images``, 'images' (N, C, H, W) float32 in [0, 1]."""
-    from dumo.sample_files import ShardedNpz
+    from dumo.runs.sample_files import ShardedNpz
 
     channels, height, width = image_shape(run)
     arrays = {"arr_0": ((height, width, channels), np.uint8)}
@@ -209,7 +210,7 @@ def sampling_session(args: argparse.Namespace):
     """Join torchrun's process group if there is one, and load the run on this rank's device
     (cuda:LOCAL_RANK when there is a GPU)."""
     from dumo.distributed import from_environment, resolve_device
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
 
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank, option="--device")
@@ -242,9 +243,9 @@ DATA_SAMPLES = 2000  # default -n for data files and scoring
 
 def command_sample(args: argparse.Namespace) -> int:
     from dumo.distributed import shutdown
-    from dumo.evaluation import sampling_cost
+    from dumo.files import atomic_output
     from dumo.plotting import image_grid, scatter_over_density
-    from dumo.training.checkpoint import atomic_output
+    from dumo.sampling import sampling_cost
 
     out = Path(args.out).expanduser()
     dist, run = sampling_session(args)
@@ -374,7 +375,7 @@ def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
     ``{first:06d}.png``, then the next, ... (each rank writes its own)."""
     from PIL import Image
 
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(pixels, start=first):
@@ -384,7 +385,7 @@ def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
 
 def write_labels_csv(folder: Path, labels: np.ndarray, space) -> None:
     """labels.csv beside the PNGs of class-conditional samples: file, label, class name."""
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     if (labels >= 0).any():
         rows = "".join(f"{i:06d}.png,{int(c)},{space.class_name(int(c))}\n" for i, c in enumerate(labels))
@@ -411,7 +412,8 @@ def command_eval(args: argparse.Namespace) -> int:
 
     from dumo.data import ToyDataset
     from dumo.distributed import shutdown
-    from dumo.evaluation import ChunkGather, image_scorer, sampling_cost, toy_scorer
+    from dumo.evaluation import image_scorer, toy_scorer
+    from dumo.sampling import ChunkGather, sampling_cost
     from dumo.training.trainer import small_data_note
 
     dist, run = sampling_session(args)
@@ -509,7 +511,7 @@ def command_eval(args: argparse.Namespace) -> int:
             results[str(nfe)] = metrics
             print(f"  {costs[nfe]:>7}  {shown}")
         if args.json is not None and dist.is_main:
-            from dumo.training.checkpoint import atomic_output
+            from dumo.files import atomic_output
 
             record = {
                 "run": str(args.run_dir),
@@ -727,11 +729,11 @@ TRAJECTORY_PATHS = 32  # default paths per panel of the trajectories figure of a
 
 
 def command_trajectories(args: argparse.Namespace) -> int:
-    from dumo.evaluation import balanced_labels, generate, head_for_sampler, is_guided, sampler_for
+    from dumo.files import atomic_output
     from dumo.plotting import image_grid, paths_over_density
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
     from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER, cost_label
-    from dumo.training.checkpoint import atomic_output
+    from dumo.sampling import balanced_labels, generate, head_for_sampler, is_guided, sampler_for
 
     out = Path(args.out).expanduser()
     check_output_file(out, (".png",))
@@ -818,7 +820,7 @@ def command_trajectories(args: argparse.Namespace) -> int:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    from dumo.run import export_run
+    from dumo.runs.loading import export_run
 
     path = export_run(args.run_dir, args.out_dir)
     print(f"exported EMA weights and config to {path.parent}")
@@ -827,7 +829,7 @@ def command_export(args: argparse.Namespace) -> int:
 
 def command_import_weights(args: argparse.Namespace) -> int:
     from dumo.config import load_config
-    from dumo.models.pretrained import import_official_weights
+    from dumo.runs.importing import import_official_weights
 
     config = load_config(args.config, args.set)
     imported = import_official_weights(
@@ -846,9 +848,10 @@ def command_import_weights(args: argparse.Namespace) -> int:
 
 def command_demo(args: argparse.Namespace) -> int:
     from dumo.config import load_config
-    from dumo.evaluation import generate, toy_scorer
+    from dumo.evaluation import toy_scorer
     from dumo.plotting import scatter_over_density
     from dumo.samplers import VELOCITY_SAMPLER
+    from dumo.sampling import generate
     from dumo.training import Trainer
 
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
@@ -908,7 +911,8 @@ def command_plan(args: argparse.Namespace) -> int:
 
 def command_eval_snapshots(args: argparse.Namespace) -> int:
     from dumo.distributed import resolve_device
-    from dumo.training.snapshots import SCORES_FILE, SNAPSHOT_DIR, score_snapshots
+    from dumo.runs.layout import SCORES_FILE, SNAPSHOT_DIR
+    from dumo.training.snapshots import score_snapshots
 
     device = resolve_device(args.device, option="--device")
     print(f"{args.run_dir}: EMA snapshots, {args.num} samples each, seed {args.seed}")
@@ -919,7 +923,7 @@ def command_eval_snapshots(args: argparse.Namespace) -> int:
 
 def command_shapes(args: argparse.Namespace) -> int:
     from dumo.data.shapes import evaluation_prompts, parse_held_out, read_prompt_file, render_prompts
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     out = Path(args.out).expanduser()
     if args.action == "render":
@@ -1450,7 +1454,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as error:
         # a full disk in a write that does not name its file itself (a log, a library's own files)
-        from dumo.safetensors_io import DISK_FULL_ERRNOS
+        from dumo.files import DISK_FULL_ERRNOS
 
         if debug or error.errno not in DISK_FULL_ERRNOS:
             raise

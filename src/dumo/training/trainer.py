@@ -19,50 +19,52 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dumo import __version__
 from dumo.config import Config, config_differences, config_from_dict, save_config
 from dumo.data import LatentDataset, SampleSpace, build_dataset, build_stream, conditioning_classes
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
 from dumo.errors import CheckpointError, ConfigError, DiskFullError, DumoError, MetricsError, RunDirError, TrainingError
-from dumo.evaluation import evaluate, is_guided, sampling_cost
-from dumo.network import build_network
-from dumo.objectives import build_objective
-from dumo.run_dir import (  # noqa: F401 (the run folder's bookkeeping; re-exported for older imports)
-    CONFIG_FILE,
-    EVAL_LOG,
-    HISTORY_FILE,
-    LOCK_FILE,
-    RESUMABLE_KEYS,
-    SAMPLES_DIR,
-    TEACHER_FILE,
-    TENSORBOARD_DIR,
-    TRAIN_LOG,
-    RunLock,
-    check_global_batch,
-    check_run_dir,
-    clear_run,
-    prepare_run_dir,
-    record_start,
-    remove_torn_writes,
-)
-from dumo.training.checkpoint import (
-    CHECKPOINT_DIR,
-    CORRUPT_SUFFIX,
+from dumo.evaluation import evaluate
+from dumo.files import (
     MODEL_FORMAT,
     CorruptCheckpointError,
-    agreed_checkpoint,
     atomic_output,
     atomic_write,
-    checkpoint_path,
-    list_checkpoints,
     load_checkpoint,
+    save_checkpoint,
+)
+from dumo.network import build_network
+from dumo.objectives import build_objective
+from dumo.runs.checkpoints import (
+    agreed_checkpoint,
     load_weights,
     optimizer_state_dict,
     optimizer_tensors,
     prefixed,
-    save_checkpoint,
     unprefixed,
 )
+from dumo.runs.folder import (
+    RESUMABLE_KEYS,
+    RunLock,
+    check_global_batch,
+    check_run_dir,
+    prepare_run_dir,
+    record_start,
+    remove_torn_writes,
+)
+from dumo.runs.layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CORRUPT_SUFFIX,
+    EVAL_LOG,
+    SAMPLES_DIR,
+    TEACHER_FILE,
+    TENSORBOARD_DIR,
+    TRAIN_LOG,
+    checkpoint_path,
+    list_checkpoints,
+    snapshot_path,
+)
+from dumo.sampling import is_guided, sampling_cost
 from dumo.training.ema import EMA
 from dumo.training.initialise import initial_weights
 from dumo.training.parallel import (
@@ -73,13 +75,9 @@ from dumo.training.parallel import (
     set_gradient_sync,
     wrap_for_training,
 )
-from dumo.training.snapshots import (
-    save_snapshot,
-    snapshot_due,
-    snapshot_metadata,
-    snapshot_path,
-)
+from dumo.training.snapshots import save_snapshot, snapshot_due, snapshot_metadata
 from dumo.training.throughput import ThroughputMeter
+from dumo.version import __version__
 
 #: exit status of ``dumo train`` when it stopped before train.steps because train.max_minutes was spent
 #: (a signal gives 128 + its number: 130 for SIGINT, 143 for SIGTERM)
@@ -701,8 +699,8 @@ class Trainer:
         """RUN/samples/step_XXXXXXXX.png: 1-NFE samples of the EMA weights (a grid of images with their
         classes, decoded by the autoencoder for latent runs, or 2-D points over the data density), to
         watch a run by eye."""
-        from dumo.evaluation import balanced_labels, generate
         from dumo.plotting import image_grid, scatter_over_density
+        from dumo.sampling import balanced_labels, generate
 
         num = 40 if self.space.is_images else 1000
         labels = balanced_labels(num, self.num_classes, self.device)

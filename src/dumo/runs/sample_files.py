@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from dumo.distributed import Distributed
-from dumo.evaluation import rank_chunks
-from dumo.safetensors_io import disk_full_error, is_disk_full
+from dumo.files import atomic_output, disk_full_error, is_disk_full
+from dumo.sampling import rank_chunks
 
 
 def parts_folder(out: Path) -> Path:
@@ -34,7 +34,7 @@ def parts_folder(out: Path) -> Path:
 class ShardedNpz:
     """``num`` samples of the arrays in ``arrays`` (key -> (per-sample shape, dtype)) written to
     ``out`` by all ranks of ``dist``, each its own chunks (``batch_size`` samples each, chunk c on
-    rank c % W, as :func:`dumo.evaluation.sample_chunks` deals them); ``whole`` arrays are known
+    rank c % W, as :func:`dumo.sampling.sample_chunks` deals them); ``whole`` arrays are known
     in full on rank 0 (labels) and written by it."""
 
     def __init__(
@@ -96,8 +96,6 @@ class ShardedNpz:
         self.dist.barrier()  # the .npz exists once any rank returns
 
     def merge(self) -> None:
-        from dumo.training.checkpoint import atomic_output
-
         chunks, world = math.ceil(self.num / self.batch), self.dist.world_size
         size = sum(self.part(key, rank).stat().st_size for key in self.arrays for rank in range(world))
         size += sum(value.nbytes for value in self.whole.values())
