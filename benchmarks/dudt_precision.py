@@ -49,7 +49,7 @@ def main() -> None:
     x = batch.x
     z = torch.randn(x.shape, generator=generator).to(device)
     t = torch.linspace(0.05, 0.95, args.batch, device=device)
-    labels = batch.labels
+    labels = batch.cond
     model64 = model.double()
     exact = du_dt(model64, DuMoConfig(derivative="jvp"), x.double(), z.double(), t.double(), labels, False)
     print(

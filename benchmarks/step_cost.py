@@ -122,7 +122,7 @@ def sampling_ratio(network: str, settings: Settings) -> float:
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    bare = median_time(lambda: model(noise, t, labels=labels))
+    bare = median_time(lambda: model(noise, t, cond=labels))
     sampled = median_time(lambda: flow_map_sample(model, noise, [1.0], labels))
     return bare / sampled
 

@@ -543,7 +543,7 @@ def second_step(model, objective_name: str, x0, s: float, labels, generator):
     from dumo.sampling import sampler_for
 
     x_s = s * torch.randn(x0.shape, generator=generator, dtype=x0.dtype) + (1 - s) * x0
-    return sample(model, x_s, 1, sampler_for(objective_name), labels=labels, times=[s])
+    return sample(model, x_s, 1, sampler_for(objective_name), cond=labels, times=[s])
 
 
 def second_step_stage(args: argparse.Namespace) -> None:

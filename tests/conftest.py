@@ -28,7 +28,7 @@ class PointMassOracle(torch.nn.Module):
         self.point = point
         self.calls: list[torch.Tensor] = []
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         self.calls.append(t.detach().clone())
         value = (x - self.point) / t.reshape(-1, *([1] * (x.dim() - 1)))
         return ModelOutput(v=value, u=value)
@@ -49,8 +49,8 @@ def small_model(heads=("v", "u"), num_classes=0, time_inputs=1, dim=2):
     return model
 
 
-def batch_of(n=16, dim=2, labels=None):
-    return Batch(x=torch.randn(n, dim), labels=labels)
+def batch_of(n=16, dim=2, cond=None):
+    return Batch(x=torch.randn(n, dim), cond=cond)
 
 
 def jvp_vs_difference_error(model, batch, num_classes=3, epsilon=0.001):

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,7 @@ from dumo.runs.checkpoints import agreed_checkpoint, load_weights, unprefixed
 from dumo.runs.layout import checkpoint_path, list_checkpoints
 from dumo.runs.loading import load_run
 from dumo.training import Trainer
+from dumo.training.state import restore, resume_latest
 
 TINY = {
     "model": {"hidden_dim": 16, "depth": 1},
@@ -79,7 +82,7 @@ def test_checkpoint_of_another_architecture_is_named(tmp_path):
     wider = config_from_dict({**TINY, "model": {"hidden_dim": 32, "depth": 1}})
     # the config recorded in the checkpoint names the key that differs, before any weight is loaded
     with pytest.raises(RunDirError, match="trained with model.hidden_dim=16 but the config now says 32"):
-        Trainer(wider, tmp_path / "other").restore(checkpoint)
+        restore(Trainer(wider, tmp_path / "other"), checkpoint)
     # weights that do not fit are named too (a file that records no config, or a foreign one)
     tensors, _ = load_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match="does not match this model"):
@@ -150,10 +153,10 @@ def test_a_rank_that_sees_another_newest_checkpoint_stops_and_so_does_rank_0(tmp
     follower = Trainer(config, tmp_path / "run")
     follower.dist = TwoRanks(rank=1, step_of_rank0=4)
     with pytest.raises(CheckpointError, match=r"^rank 1 expected checkpoint step 4 in .* but its newest is step 3"):
-        follower._resume_latest()
+        resume_latest(follower)
     assert follower.step == 0
     follower.dist = TwoRanks(rank=1, step_of_rank0=3)  # rank 0 sees step 3 too: resumed
-    assert follower._resume_latest() == tmp_path / "run" / "checkpoints" / "step_00000003.safetensors"
+    assert resume_latest(follower) == tmp_path / "run" / "checkpoints" / "step_00000003.safetensors"
     assert follower.step == 3
     # rank 0 learns from the all-gather that rank 1 failed, and loads nothing either
     main = Trainer(config, tmp_path / "run")
@@ -161,13 +164,13 @@ def test_a_rank_that_sees_another_newest_checkpoint_stops_and_so_does_rank_0(tmp
     with pytest.raises(
         CheckpointError, match=r"^rank 0 stopped without resuming: rank 1 could not resume checkpoint step 3"
     ):
-        main._resume_latest()
+        resume_latest(main)
     assert main.step == 0
     # and a rank 0 that cannot choose (config changed) stops the others without them reading anything
     other = Trainer(config_from_dict({**TINY, "model": {"hidden_dim": 32, "depth": 1}}), tmp_path / "run")
     other.dist = TwoRanks(rank=1, step_of_rank0=-2, other_rank_ok=False)
     with pytest.raises(CheckpointError, match=r"^rank 1 stopped without resuming: rank 0 could not resume the run"):
-        other._resume_latest()
+        resume_latest(other)
 
 
 def test_global_batch_must_stay_but_grad_accumulation_may_change(tmp_path):
@@ -184,7 +187,7 @@ def test_global_batch_must_stay_but_grad_accumulation_may_change(tmp_path):
     with pytest.raises(
         RunDirError, match=r"step_00000006.safetensors was trained with a global batch of data.batch_size=16"
     ):
-        Trainer(bigger, tmp_path / "run").restore(list_checkpoints(tmp_path / "run")[-1])
+        restore(Trainer(bigger, tmp_path / "run"), list_checkpoints(tmp_path / "run")[-1])
 
 
 def image_folder(root, seed):
@@ -213,3 +216,18 @@ def test_data_path_may_move_but_must_hold_the_same_data(tmp_path):
     other = image_folder(tmp_path / "other", seed=1)  # same names and sizes, other pixels
     with pytest.raises(RunDirError, match="training data changed since"):
         Trainer(images(other, 4), tmp_path / "run").run()
+
+
+def test_importing_a_small_training_module_does_not_load_the_loop():
+    # the loop needs the data, network, objectives and evaluation: a checkpoint or EMA utility must not
+    loaded = "import sys, dumo.training.ema, dumo.training.snapshots; print(sorted(sys.modules))"
+    modules = subprocess.run([sys.executable, "-c", loaded], capture_output=True, text=True, check=True).stdout
+    assert "dumo.training.ema" in modules
+    assert "dumo.training.loop" not in modules and "dumo.training.trainer" not in modules
+    assert "dumo.evaluation" not in modules
+    # the loop's names are still there, imported on first use
+    used = "from dumo.training import Trainer, TrainResult, train; print(Trainer.__module__, train.__name__)"
+    assert subprocess.run([sys.executable, "-c", used], capture_output=True, text=True, check=True).stdout.split() == [
+        "dumo.training.loop",
+        "train",
+    ]

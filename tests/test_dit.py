@@ -47,7 +47,7 @@ def tiny_dit(heads=("v", "u"), num_classes=3, time_inputs=1):
 
 def test_dual_head_dit_outputs_images():
     model = tiny_dit()
-    out = model(torch.randn(2, 1, 8, 8), torch.rand(2), labels=torch.tensor([0, 3]))
+    out = model(torch.randn(2, 1, 8, 8), torch.rand(2), cond=torch.tensor([0, 3]))
     assert out.v.shape == out.u.shape == (2, 1, 8, 8)
     assert not torch.allclose(out.v, out.u)
 
@@ -62,7 +62,7 @@ def test_finite_difference_target_uses_fused_attention(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     model = tiny_dit()
-    batch = Batch(x=torch.randn(4, 1, 8, 8), labels=torch.tensor([0, 1, 2, 0]))
+    batch = Batch(x=torch.randn(4, 1, 8, 8), cond=torch.tensor([0, 1, 2, 0]))
     DuMoObjective(DuMoConfig(zeta=0.5), num_classes=3)(model, batch)
     assert calls.count(True) == 2 and calls.count(False) == 2  # 2 blocks: the grad pass, one batched no-grad pass
 
@@ -72,13 +72,13 @@ def test_jvp_through_attention_needs_and_gets_the_math_kernel():
     with pytest.raises(NotImplementedError):  # the CPU flash kernel has no forward-mode AD
         torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, a, a), (q,), (torch.ones_like(q),))
     model = tiny_dit().double()
-    batch = Batch(x=torch.randn(4, 1, 8, 8, dtype=torch.float64), labels=torch.tensor([0, 1, 2, 0]))
+    batch = Batch(x=torch.randn(4, 1, 8, 8, dtype=torch.float64), cond=torch.tensor([0, 1, 2, 0]))
     assert jvp_vs_difference_error(model, batch) < 1e-2
 
 
 def test_meanflow_on_dit_uses_the_second_time():
     model = tiny_dit(heads=("u",), time_inputs=2)
-    batch = Batch(x=torch.randn(4, 1, 8, 8), labels=torch.tensor([0, 1, 2, 0]))
+    batch = Batch(x=torch.randn(4, 1, 8, 8), cond=torch.tensor([0, 1, 2, 0]))
     out = MeanFlowObjective(MeanFlowConfig(rho=0.5), num_classes=3)(model, batch)
     out.loss.backward()
     assert model.backbone.conditioning.interval.mlp[0].weight.grad.abs().sum() > 0
@@ -87,7 +87,7 @@ def test_meanflow_on_dit_uses_the_second_time():
 @pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
 def test_finite_difference_under_bf16_autocast(precision):
     model = tiny_dit()
-    batch = Batch(x=torch.randn(16, 1, 8, 8), labels=torch.arange(16) % 3)
+    batch = Batch(x=torch.randn(16, 1, 8, 8), cond=torch.arange(16) % 3)
     cfg = DuMoConfig(time=TimeConfig(theta1=20.0, theta2=20.0), target_precision=precision)
     torch.manual_seed(0)
     reference = DuMoObjective(cfg, 3)(model, batch).targets["du_dt"]

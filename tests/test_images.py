@@ -149,13 +149,13 @@ def test_image_stream_resumes_exactly_across_epochs():
     resumed = ImageStream(dataset, 500, conditional=True, seed=99, hflip=True)
     resumed.load_state(state)
     for a, b in zip(expected, (resumed.next_batch() for _ in range(4))):
-        assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.x, b.x) and torch.equal(a.cond, b.cond)
 
 
 def test_each_epoch_visits_every_image_once():
     dataset = build_dataset(DataConfig(name="digits"))
     stream = ImageStream(dataset, 599, conditional=True, seed=0)
-    labels = torch.cat([stream.next_batch().labels for _ in range(3)])  # 1797 = 3 x 599
+    labels = torch.cat([stream.next_batch().cond for _ in range(3)])  # 1797 = 3 x 599
     assert torch.equal(torch.bincount(labels), torch.bincount(dataset.labels))
 
 

@@ -117,14 +117,14 @@ def test_scorers_refuse_too_few_samples_before_drawing_any():
 def test_training_goes_on_when_a_metric_refuses_the_samples(tmp_path, monkeypatch, capsys):
     from conftest import MOONS_CONFIG, TINY_MOONS
 
-    import dumo.training.trainer as trainer_module
+    import dumo.training.periodic as periodic_module
     from dumo.config import load_config
     from dumo.training import Trainer
 
     def refuse(*args, **kwargs):
         raise MetricsError("MMD: 100 of 100 samples are not finite (NaN/inf)")
 
-    monkeypatch.setattr(trainer_module, "evaluate", refuse)
+    monkeypatch.setattr(periodic_module, "evaluate", refuse)
     result = Trainer(load_config(MOONS_CONFIG, [*TINY_MOONS, "train.steps=2"]), tmp_path / "run").run()
     assert result.step == 2 and result.metrics == {}
     assert "dumo: warning: step 2: no scores: MMD: 100 of 100 samples are not finite" in capsys.readouterr().err

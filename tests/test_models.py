@@ -37,8 +37,8 @@ def test_null_class_is_the_unconditional_call():
             p.add_(0.1 * torch.randn_like(p))
     x, t = torch.randn(4, 2), torch.rand(4)
     null = torch.full((4,), 3)
-    assert torch.equal(model(x, t, labels=None).v, model(x, t, labels=null).v)
-    assert not torch.allclose(model(x, t, labels=torch.zeros(4, dtype=torch.long)).v, model(x, t, labels=null).v)
+    assert torch.equal(model(x, t, cond=None).v, model(x, t, cond=null).v)
+    assert not torch.allclose(model(x, t, cond=torch.zeros(4, dtype=torch.long)).v, model(x, t, cond=null).v)
 
 
 def test_time_embedding_is_fp32_under_autocast():

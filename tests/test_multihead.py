@@ -44,9 +44,9 @@ class HeadsAtR(nn.Module):
         super().__init__()
         self.model, self.r, self.names = model, r, names
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         pinned = self.r.repeat(x.shape[0] // self.r.shape[0])
-        out = self.model(x, t, r=pinned, labels=labels)
+        out = self.model(x, t, r=pinned, cond=cond)
         return ModelOutput({shown: out.outputs[head] for shown, head in self.names.items()})
 
 
@@ -57,8 +57,8 @@ class HeadsRenamed(nn.Module):
         super().__init__()
         self.model, self.names = model, names
 
-    def forward(self, x, t, r=None, labels=None):
-        out = self.model(x, t, r=r, labels=labels)
+    def forward(self, x, t, r=None, cond=None):
+        out = self.model(x, t, r=r, cond=cond)
         return ModelOutput({shown: out.outputs[head] for shown, head in self.names.items()})
 
 

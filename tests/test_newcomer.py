@@ -143,7 +143,7 @@ def test_a_run_keeps_pictures_and_its_own_record(tmp_path):
 
 
 def test_small_image_sets_say_what_their_scores_mean(folder_run):
-    from dumo.training.trainer import small_data_note
+    from dumo.training.logs import small_data_note
 
     _, _, run = folder_run
     assert "fit on these same 12 training images" in small_data_note(dumo.runs.loading.load_run(run).dataset)

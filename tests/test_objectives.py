@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import PointMassOracle, batch_of, small_model
 
+from dumo.conditioning import ClassLabels
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
 from dumo.models.output import ModelOutput
@@ -59,7 +60,7 @@ class OscillatingInTime(torch.nn.Module):
         super().__init__()
         self.frequency = frequency
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         wave = torch.sin(self.frequency * t.reshape(-1, 1).to(x.dtype)).expand_as(x)
         return ModelOutput(v=torch.zeros_like(x), u=wave)
 
@@ -84,7 +85,7 @@ def test_the_stencil_sees_a_fast_mode_as_sin_we_over_e(epsilon):
 class AnalyticFlowMap(torch.nn.Module):
     """u(x, t) = sin(3t) * x and v(x, t) = cos(t) * x: du/dt along x_t is known in closed form."""
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         t = t.reshape(-1, 1).to(x.dtype)
         return ModelOutput(v=torch.cos(t) * x, u=torch.sin(3 * t) * x)
 
@@ -116,7 +117,7 @@ class LinearODE(torch.nn.Module):
         super().__init__()
         self.a, self.b = a, b
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         t = t.reshape(-1, 1).to(x.dtype)
         return ModelOutput(v=self.a * x, u=-torch.expm1(-self.b * t) / t * x)
 
@@ -210,7 +211,7 @@ def test_dumo_targets_from_a_wrong_model_are_not_zero_loss():
     oracle = PointMassOracle(a)
 
     class Off(torch.nn.Module):
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             out = oracle(x, t)
             return ModelOutput(v=out.v + 0.1, u=out.u - 0.1)
 
@@ -262,22 +263,23 @@ def test_adaptive_weighting():
 def test_label_dropout_rate_for_every_batch_size(batch_size):
     objective = DuMoObjective(DuMoConfig(label_dropout=0.1), num_classes=10)
     labels = torch.arange(batch_size) % 10
+    classes = ClassLabels(10)
     dropped = total = 0
     for _ in range(2000):
-        out, kept = objective.drop_labels(labels)
+        out, kept = objective.drop_condition(labels, classes)
         assert torch.equal(out == 10, ~kept)
         assert torch.equal(out[kept], labels[kept])
         dropped += int((~kept).sum())
         total += batch_size
     assert abs(dropped / total - 0.1) < 0.02  # never "all of a small batch"
-    assert objective.drop_labels(labels)[0] is not None
-    none = DuMoObjective(DuMoConfig(label_dropout=0.0), num_classes=10).drop_labels(labels)[1]
-    every = DuMoObjective(DuMoConfig(label_dropout=1.0), num_classes=10).drop_labels(labels)[1]
+    assert objective.drop_condition(labels, classes)[0] is not None
+    none = DuMoObjective(DuMoConfig(label_dropout=0.0), num_classes=10).drop_condition(labels, classes)[1]
+    every = DuMoObjective(DuMoConfig(label_dropout=1.0), num_classes=10).drop_condition(labels, classes)[1]
     assert none.all() and not every.any()
 
 
 def labelled_batch(n=64, classes=3):
-    return batch_of(n, labels=torch.arange(n) % classes)
+    return batch_of(n, cond=torch.arange(n) % classes)
 
 
 def test_zero_guidance_leaves_targets_unchanged():
@@ -300,11 +302,11 @@ def test_guided_velocity_target_matches_formula():
     z = torch.randn_like(batch.x)
     t = torch.rand(64)
     kept = torch.rand(64) >= 0.3
-    labels = torch.where(kept, batch.labels, torch.full_like(batch.labels, 3))
+    labels = torch.where(kept, batch.cond, torch.full_like(batch.cond, 3))
     x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
     with torch.no_grad():
-        v_cond = model(x_t, t, labels=labels).v
-        v_uncond = model(x_t, t, labels=torch.full_like(labels, 3)).v
+        v_cond = model(x_t, t, cond=labels).v
+        v_uncond = model(x_t, t, cond=torch.full_like(labels, 3)).v
     on = (kept & (t >= 0.2) & (t <= 0.8)).float()[:, None]
     expected = (z - batch.x) + 0.5 * on * (v_cond - v_uncond)
     assert torch.allclose(out.targets["t"], t)
@@ -375,9 +377,9 @@ class AnalyticAverageVelocity(torch.nn.Module):
     def gain(labels, like):
         return 1.0 if labels is None else 1.0 + 0.5 * labels.reshape(-1, 1).to(like.dtype)
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         t, r = t.reshape(-1, 1).to(x.dtype), r.reshape(-1, 1).to(x.dtype)
-        return ModelOutput(u=self.gain(labels, x) * torch.sin(3 * t + r) * x + t**2)
+        return ModelOutput(u=self.gain(cond, x) * torch.sin(3 * t + r) * x + t**2)
 
     def total_derivative(self, x, t, r, direction, labels=None):
         t, r = t.reshape(-1, 1), r.reshape(-1, 1)
@@ -454,7 +456,7 @@ class LinearAverageVelocity(torch.nn.Module):
         super().__init__()
         self.b = b
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         gap = (t - r).reshape(-1, 1).to(x.dtype)
         safe = torch.where(gap > 0, gap, torch.ones_like(gap))
         return ModelOutput(u=torch.where(gap > 0, -torch.expm1(-self.b * safe) / safe, self.b) * x)

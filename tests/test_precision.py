@@ -11,8 +11,8 @@ from test_distributed import ROOT, TINY, sets, torchrun, weights
 from dumo.config import config_from_dict, load_config
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
+from dumo.training import Trainer
 from dumo.training.ema import EMA
-from dumo.training.trainer import Trainer
 
 
 def test_older_configs_with_fp32_target_passes_still_load():
@@ -46,11 +46,11 @@ def test_ema_update_with_foreach_equals_the_per_tensor_formula():
         assert torch.equal(average, current)
 
 
-def test_batch_to_keeps_values_and_labels():
+def test_batch_to_keeps_values_and_conditions():
     batch = Batch(torch.randn(4, 2), torch.arange(4))
     moved = batch.to("cpu")
-    assert torch.equal(moved.x, batch.x) and torch.equal(moved.labels, batch.labels)
-    assert Batch(torch.ones(2, 1)).to(torch.device("cpu")).labels is None
+    assert torch.equal(moved.x, batch.x) and torch.equal(moved.cond, batch.cond)
+    assert Batch(torch.ones(2, 1)).to(torch.device("cpu")).cond is None
 
 
 def test_fsdp_with_bf16_parameters_trains_and_keeps_fp32_weights(tmp_path):

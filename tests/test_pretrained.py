@@ -194,7 +194,7 @@ def test_dit_weights_give_the_official_output_at_step_index_1000_t(learn_sigma):
     assert (config.name, config.hidden_dim, config.depth, config.num_heads) == ("DiT-S/2", DIM, DEPTH, HEADS)
     assert (config.time_embedding_scale, config.position_order) == (1000.0, "columns_first")
     x, t, labels = inputs()
-    out = dumo_model(imported)(x, t, labels=labels).v
+    out = dumo_model(imported)(x, t, cond=labels).v
     # dumo time t is DDPM step index 1000 t (the index computed in fp32, as the features are)
     expected = reference_forward(state, x, 1000.0 * t.float(), labels)
     assert out.abs().mean() > 0.1
@@ -207,7 +207,7 @@ def test_sit_weights_give_minus_the_official_velocity_at_one_minus_t(learn_sigma
     imported = convert_official("sit", state, num_heads=HEADS)
     assert imported.config.time_embedding_scale == 1.0
     x, t, labels = inputs()
-    out = dumo_model(imported)(x, t, labels=labels).v
+    out = dumo_model(imported)(x, t, cond=labels).v
     expected = -reference_forward(state, x, (1 - t).float(), labels)
     assert out.abs().mean() > 0.1
     # the folded time layer reads fp32 features of t instead of 1 - t: agreement to fp32 rounding
@@ -221,11 +221,11 @@ def test_fp32_agreement_with_the_official_networks_dit_exact_sit_within_5e_6(lea
     x, t, labels = inputs()
     x, t = x.float(), t.float()
     dit = official_state(learn_sigma=learn_sigma)
-    out = dumo_model(convert_official("dit", dit, num_heads=HEADS), torch.float32)(x, t, labels=labels).v
+    out = dumo_model(convert_official("dit", dit, num_heads=HEADS), torch.float32)(x, t, cond=labels).v
     expected = reference_forward_fp32(dit, x, 1000.0 * t, labels)
     assert out.abs().mean() > 0.1 and torch.equal(out, expected)
     sit = official_state(learn_sigma=learn_sigma, seed=1)
-    out = dumo_model(convert_official("sit", sit, num_heads=HEADS), torch.float32)(x, t, labels=labels).v
+    out = dumo_model(convert_official("sit", sit, num_heads=HEADS), torch.float32)(x, t, cond=labels).v
     expected = -reference_forward_fp32(sit, x, 1 - t, labels)
     assert out.abs().mean() > 0.1 and (out - expected).abs().max().item() <= 5e-6
     # the fp32 reference is the fp64 one up to rounding: both restate the same network
@@ -411,7 +411,7 @@ def test_import_weights_writes_an_export_that_samples(tmp_path):
     run = load_run(out)
     assert run.config.model.time_embedding_scale == 1.0 and run.config.model.position_order == "columns_first"
     x, t, labels = inputs(channels=1)
-    out_v = run.model.double()(x, t, labels=labels).v
+    out_v = run.model.double()(x, t, cond=labels).v
     torch.testing.assert_close(out_v, -reference_forward(state, x, (1 - t).float(), labels), rtol=1e-5, atol=1e-5)
 
     samples = tmp_path / "s.npz"

@@ -230,7 +230,7 @@ def test_a_full_disk_in_any_other_write_is_one_line(tmp_path, monkeypatch, capsy
     def log_on_a_full_disk(path, row):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr("dumo.training.trainer.append_row", log_on_a_full_disk)
+    monkeypatch.setattr("dumo.training.logs.append_row", log_on_a_full_disk)
     status = main(["train", str(CONFIG), "--out", str(tmp_path / "run"), "--set", *TINY, "train.steps=2"])
     assert status == 2
     lines = capsys.readouterr().err.strip().splitlines()

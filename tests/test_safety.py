@@ -26,8 +26,8 @@ from dumo.runs.folder import RunLock
 from dumo.runs.layout import CONFIG_FILE, TRAIN_LOG, list_checkpoints
 from dumo.runs.loading import load_run
 from dumo.sampling import chunk_seed, generate_many
-from dumo.training import Trainer
-from dumo.training.trainer import TrainResult, truncate_log
+from dumo.training import Trainer, TrainResult
+from dumo.training.logs import truncate_log
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = MOONS_CONFIG
@@ -237,7 +237,7 @@ def test_log_truncation_survives_torn_and_empty_logs(tmp_path):
     assert log.read_text() == "step,loss\n1,0.5\n"
     log.write_text("")  # a kill that left an empty file: the next row writes the header again
     truncate_log(log, 1)
-    from dumo.training.trainer import append_row
+    from dumo.training.logs import append_row
 
     append_row(log, {"step": 2, "loss": 0.1})
     assert log.read_text().splitlines() == ["step,loss", "2,0.1"]
@@ -293,7 +293,7 @@ def test_chunk_seeds_of_different_seeds_never_meet():
     class Noise(torch.nn.Module):  # a "model" whose one-step sample is its noise
         heads = ("u",)
 
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             from dumo.models.output import ModelOutput
 
             return ModelOutput(u=torch.zeros_like(x))
@@ -335,7 +335,7 @@ def test_sizes_and_outputs_are_checked_before_the_work(run_of_4, tmp_path, capsy
     from dumo.config import SampleConfig
 
     class Zero(torch.nn.Module):
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             from dumo.models.output import ModelOutput
 
             return ModelOutput(u=torch.zeros_like(x))

@@ -45,7 +45,7 @@ def test_deterministic_flow_map_step_keeps_the_implied_noise():
     c = torch.tensor([0.3, -0.4])
 
     class Constant(torch.nn.Module):
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             return type("Out", (), {"u": c.expand_as(x)})()
 
     x1 = noise()
@@ -61,7 +61,7 @@ def test_meanflow_sampler_time_grid():
             super().__init__()
             self.pairs = []
 
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             self.pairs.append((t[0].item(), r[0].item()))
             return PointMassOracle(POINT)(x, t)
 
@@ -74,7 +74,7 @@ def test_meanflow_sampler_time_grid():
 def test_euler_integrates_a_known_velocity_field():
     # v(x, t) = x has the solution x(0) = x(1) * e^{-1}; Euler with n steps gives (1 - 1/n)^n.
     class Linear(torch.nn.Module):
-        def forward(self, x, t, r=None, labels=None):
+        def forward(self, x, t, r=None, cond=None):
             return type("Out", (), {"v": x})()
 
     x1 = noise()
@@ -117,7 +117,7 @@ class ConstantField(torch.nn.Module):
         super().__init__()
         self.c = c
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         return type("Out", (), {"u": self.c.expand_as(x), "v": self.c.expand_as(x)})()
 
 
@@ -229,7 +229,7 @@ def test_guidance_must_be_a_finite_number_at_least_zero(scale):
 
     model = toy_network("dumo")
     with pytest.raises(ValueError, match="guidance scale must be a finite number >= 0"):
-        GuidedModel(model, scale, 0)
+        GuidedModel(model, scale)
     with pytest.raises(ConfigError, match="sample.guidance_scale must be a finite number >= 0"):
         generate(model, "dumo", (4, 2), 1, SampleConfig(guidance_scale=scale), labels=torch.zeros(4, dtype=torch.long))
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY_MOONS, PointMassOracle, small_model
 
+from dumo.conditioning import ClassLabels
 from dumo.config import SampleConfig, config_from_dict
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
@@ -31,8 +32,8 @@ class LinearField(torch.nn.Module):
         self.a = a
         self.calls: list[tuple] = []
 
-    def forward(self, x, t, r=None, labels=None):
-        self.calls.append((x.clone(), t.clone(), None if r is None else r.clone(), labels))
+    def forward(self, x, t, r=None, cond=None):
+        self.calls.append((x.clone(), t.clone(), None if r is None else r.clone(), cond))
         return ModelOutput(u=self.a * x)
 
 
@@ -81,9 +82,9 @@ class LabelShiftField(torch.nn.Module):
         self.a = a
         self.calls: list[tuple[int, torch.Tensor]] = []
 
-    def forward(self, x, t, r=None, labels=None):
-        self.calls.append((x.shape[0], labels.clone()))
-        shift = torch.where(labels == CLASSES, 0.0, labels.float() + 1)
+    def forward(self, x, t, r=None, cond=None):
+        self.calls.append((x.shape[0], cond.clone()))
+        shift = torch.where(cond == CLASSES, 0.0, cond.float() + 1)
         return ModelOutput(u=self.a * x + shift[:, None])
 
 
@@ -99,7 +100,7 @@ def test_guided_target_of_a_label_shifted_linear_field_by_hand():
     t, d = column([0.5, 1.0, 0.75, 1.0]), column([0.25, 0.25, 0.5, 1.0])
     labels = torch.tensor([0, 2, 1, 0])
     b = (labels.float() + 1)[:, None]
-    guidance = Guidance(torch.arange(3), torch.tensor([True, True, False]), w, CLASSES)
+    guidance = Guidance(torch.arange(3), torch.tensor([True, True, False]), w, ClassLabels(CLASSES))
     target = shortcut_target(field, x_t, t, d, labels, clip=None, guidance=guidance)
     guided = (a * x_t + w * b) * (1 - a * d[:, None] / 4)
     plain = (a * x_t + b) * (1 - a * d[:, None] / 4)
@@ -256,7 +257,7 @@ def test_labels_are_dropped_on_flow_matching_rows_only():
     objective = ShortcutObjective(ShortcutConfig(max_steps=8, label_dropout=1.0), num_classes=CLASSES)
     model = LinearField(0.5)
     labels = torch.arange(64) % CLASSES
-    out = objective(model, Batch(x=torch.randn(64, 2), labels=labels), target_model=LinearField(0.1))
+    out = objective(model, Batch(x=torch.randn(64, 2), cond=labels), target_model=LinearField(0.1))
     bootstrap = out.targets["bootstrap"]
     trained_labels = model.calls[-1][3]
     assert bootstrap.sum() == 8
@@ -268,7 +269,7 @@ def test_labels_keep_their_dropout_rate_on_flow_matching_rows():
     objective = ShortcutObjective(ShortcutConfig(max_steps=8, label_dropout=0.5), num_classes=CLASSES)
     model = LinearField(0.5)
     labels = torch.zeros(4096, dtype=torch.long)
-    out = objective(model, Batch(x=torch.randn(4096, 2), labels=labels), target_model=LinearField(0.1))
+    out = objective(model, Batch(x=torch.randn(4096, 2), cond=labels), target_model=LinearField(0.1))
     trained_labels, bootstrap = model.calls[-1][3], out.targets["bootstrap"]
     assert torch.all(trained_labels[bootstrap] == 0)
     assert (trained_labels[~bootstrap] == CLASSES).float().mean().item() == pytest.approx(0.5, abs=0.03)
@@ -355,9 +356,9 @@ class RecordingOracle(PointMassOracle):
         super().__init__(point)
         self.steps: list[tuple[float, float]] = []
 
-    def forward(self, x, t, r=None, labels=None):
+    def forward(self, x, t, r=None, cond=None):
         self.steps.append((t[0].item(), (t - r)[0].item()))
-        return super().forward(x, t, r, labels)
+        return super().forward(x, t, r, cond)
 
 
 @pytest.mark.parametrize("nfe", [1, 2, 4, 3])
@@ -382,7 +383,7 @@ def test_sampler_matches_the_euler_update_by_hand_and_guidance_mixes_the_heads()
     x = noise
     for t in (1.0, 0.5):  # two steps of d = 1/2
         tt, rr = torch.full((8,), t), torch.full((8,), t - 0.5)
-        cond, uncond = model(x, tt, r=rr, labels=labels).u, model(x, tt, r=rr, labels=null).u
+        cond, uncond = model(x, tt, r=rr, cond=labels).u, model(x, tt, r=rr, cond=null).u
         x = x - 0.5 * (uncond + w * (cond - uncond))
     assert torch.allclose(guided, x, atol=1e-5)
     plain = generate(model, "shortcut", (8, 2), 2, SampleConfig(), seed=4, labels=labels)

@@ -26,9 +26,7 @@ MIDDLE = TimeConfig(distribution="beta", theta1=20.0, theta2=20.0)
 
 def labelled(n=64, dim=2, seed=5):
     generator = torch.Generator().manual_seed(seed)
-    return Batch(
-        x=torch.randn(n, dim, generator=generator), labels=torch.randint(0, CLASSES, (n,), generator=generator)
-    )
+    return Batch(x=torch.randn(n, dim, generator=generator), cond=torch.randint(0, CLASSES, (n,), generator=generator))
 
 
 def points(n=32, dim=2):
@@ -45,7 +43,7 @@ def test_flow_matching_to_dumo_copies_the_v_head_into_the_u_head():
     student.load_state_dict(weights.state)
     x, t = points()
     labels = torch.randint(0, CLASSES, (32,))
-    out, expected = student(x, t, labels=labels), teacher(x, t, labels=labels).v
+    out, expected = student(x, t, cond=labels), teacher(x, t, cond=labels).v
     assert torch.equal(out.v, expected) and torch.equal(out.u, expected)
     assert "u-head copied from the v-head" in weights.summary()
 
@@ -74,7 +72,7 @@ def test_flow_matching_to_meanflow_gives_the_teacher_velocity_for_every_r():
     x, t = points()
     labels = torch.randint(0, CLASSES, (32,))
     for r in (torch.zeros(32), t * torch.rand(32), t):
-        assert torch.allclose(student(x, t, r=r, labels=labels).u, teacher(x, t, labels=labels).v, atol=1e-6)
+        assert torch.allclose(student(x, t, r=r, cond=labels).u, teacher(x, t, cond=labels).v, atol=1e-6)
 
 
 def test_same_architecture_is_copied_exactly():
@@ -112,7 +110,7 @@ def test_a_shared_trunk_maps_onto_heads_with_their_own_blocks(head_blocks):
     for head in ("v", "u"):
         assert torch.equal(student.state_dict()[f"heads.{head}.blocks.{head_blocks - 1}.attn.qkv.weight"], last_block)
     x, t, labels = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4) % CLASSES
-    expected, out = teacher(x, t, labels=labels).v, student(x, t, labels=labels)
+    expected, out = teacher(x, t, cond=labels).v, student(x, t, cond=labels)
     assert torch.allclose(out.v, expected, atol=1e-6) and torch.allclose(out.u, expected, atol=1e-6)
     # the heads' blocks are separate parameters: training one head leaves the other's path alone
     assert student.heads["v"].blocks[0].mlp[0].weight is not student.heads["u"].blocks[0].mlp[0].weight
@@ -244,7 +242,7 @@ def draws(batch, seed=0):
     z = torch.randn(batch.x.shape, generator=generator)
     t = torch.rand(batch.x.shape[0], generator=generator) * 0.8 + 0.1
     kept = torch.rand(batch.x.shape[0], generator=generator) >= 0.25
-    labels = torch.where(kept, batch.labels, torch.full_like(batch.labels, CLASSES))
+    labels = torch.where(kept, batch.cond, torch.full_like(batch.cond, CLASSES))
     return z, t, labels, kept
 
 
@@ -270,11 +268,11 @@ def test_guided_direction_differentiates_along_the_guided_velocity(derivative, t
     # Independent: the guided velocity from its formula, then an exact JVP along it.
     x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
     with torch.no_grad():
-        conditional = model(x_t, t, labels=labels).v
-        unconditional = model(x_t, t, labels=torch.full_like(labels, CLASSES)).v
+        conditional = model(x_t, t, cond=labels).v
+        unconditional = model(x_t, t, cond=torch.full_like(labels, CLASSES)).v
         v_guided = (z - batch.x) + 0.5 * kept.float()[:, None] * (conditional - unconditional)
         _, expected = torch.func.jvp(
-            lambda x_in, t_in: model(x_in, t_in, labels=labels).u, (x_t, t), (v_guided, torch.ones_like(t))
+            lambda x_in, t_in: model(x_in, t_in, cond=labels).u, (x_t, t), (v_guided, torch.ones_like(t))
         )
     assert torch.allclose(out.targets["v"], v_guided, atol=1e-6)
     error = ((out.targets["du_dt"] - expected).norm() / expected.norm()).item()
@@ -294,11 +292,11 @@ def test_v_head_direction_differentiates_along_the_networks_own_velocity(zeta, d
     out = DuMoObjective(config, CLASSES).loss(model, batch.x, z, t, labels, kept)
     x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
     with torch.no_grad():
-        conditional = model(x_t, t, labels=labels).v
-        unconditional = model(x_t, t, labels=torch.full_like(labels, CLASSES)).v
+        conditional = model(x_t, t, cond=labels).v
+        unconditional = model(x_t, t, cond=torch.full_like(labels, CLASSES)).v
         direction = conditional + zeta * kept.float()[:, None] * (conditional - unconditional)
         _, expected = torch.func.jvp(
-            lambda x_in, t_in: model(x_in, t_in, labels=labels).u, (x_t, t), (direction, torch.ones_like(t))
+            lambda x_in, t_in: model(x_in, t_in, cond=labels).u, (x_t, t), (direction, torch.ones_like(t))
         )
     error = ((out.targets["du_dt"] - expected).norm() / expected.norm()).item()
     assert error < tolerance, error
@@ -324,8 +322,8 @@ def test_teacher_guidance_takes_the_unconditional_term_from_the_teacher():
     out = objective.loss(model, batch.x, z, t, labels, kept, teacher_model=teacher)
     x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
     with torch.no_grad():
-        conditional = model(x_t, t, labels=labels).v
-        unconditional = teacher(x_t, t, labels=torch.full_like(labels, CLASSES)).v
+        conditional = model(x_t, t, cond=labels).v
+        unconditional = teacher(x_t, t, cond=torch.full_like(labels, CLASSES)).v
     expected = (z - batch.x) + 0.5 * kept.float()[:, None] * (conditional - unconditional)
     assert torch.allclose(out.targets["v"], expected, atol=1e-6)
     # du/dt still comes from theta^- (the online model), not from the teacher.
@@ -358,8 +356,8 @@ def test_meanflow_teacher_guidance():
     out = MeanFlowObjective(config, CLASSES).loss(model, batch.x, z, t, r, labels, kept, teacher_model=teacher)
     x_t = t[:, None] * z + (1 - t[:, None]) * batch.x
     with torch.no_grad():
-        conditional = model(x_t, t, r=t, labels=labels).u
-        unconditional = teacher(x_t, t, r=t, labels=torch.full_like(labels, CLASSES)).u
+        conditional = model(x_t, t, r=t, cond=labels).u
+        unconditional = teacher(x_t, t, r=t, cond=torch.full_like(labels, CLASSES)).u
     expected = (z - batch.x) + 0.5 * kept.float()[:, None] * (conditional - unconditional)
     assert torch.allclose(out.targets["v"], expected, atol=1e-6)
 
@@ -373,13 +371,13 @@ def test_guided_model_combines_conditional_and_unconditional_passes():
     labels = torch.randint(0, CLASSES, (32,))
     labels[:4] = CLASSES  # already unconditional rows stay as they are
     null = torch.full_like(labels, CLASSES)
-    conditional, unconditional = model(x, t, labels=labels), model(x, t, labels=null)
-    guided = GuidedModel(model, 2.5, CLASSES)(x, t, labels=labels)
+    conditional, unconditional = model(x, t, cond=labels), model(x, t, cond=null)
+    guided = GuidedModel(model, 2.5)(x, t, cond=labels)
     for head in ("v", "u"):
         expected = getattr(unconditional, head) + 2.5 * (getattr(conditional, head) - getattr(unconditional, head))
         assert torch.allclose(getattr(guided, head), expected, atol=1e-6)
         assert torch.allclose(getattr(guided, head)[:4], getattr(conditional, head)[:4], atol=1e-6)
-    plain = GuidedModel(model, 1.0, CLASSES)(x, t, labels=labels)
+    plain = GuidedModel(model, 1.0)(x, t, cond=labels)
     assert torch.allclose(plain.u, conditional.u, atol=1e-6)
 
 

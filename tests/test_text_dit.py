@@ -65,7 +65,7 @@ def test_both_kinds_of_prompt_give_images(kind):
     else:
         cond = prompts(pooled=kind.endswith("pooled"))
     x, t = images()
-    out = model(x, t, labels=cond)
+    out = model(x, t, cond=cond)
     assert out.v.shape == out.u.shape == x.shape and out.v.dtype == torch.float32
     features, vector = model.backbone(x, t, cond=cond)
     assert features.shape == (4, 16, 96) and vector.shape == (4, 96)
@@ -73,29 +73,29 @@ def test_both_kinds_of_prompt_give_images(kind):
 
 def test_padding_is_ignored_but_real_tokens_are_not():
     model, x, t, cond = tiny(), *images(), prompts()
-    reference = model(x, t, labels=cond).v
+    reference = model(x, t, cond=cond).v
     noise = torch.randn_like(cond.tokens)
     padded = TextCondition(torch.where(cond.mask[..., None], cond.tokens, noise), cond.mask)
-    torch.testing.assert_close(model(x, t, labels=padded).v, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x, t, cond=padded).v, reference, rtol=0, atol=1e-6)
     nan_padded = TextCondition(torch.where(cond.mask[..., None], cond.tokens, float("nan")), cond.mask)
-    assert torch.isfinite(model(x, t, labels=nan_padded).v).all()
+    assert torch.isfinite(model(x, t, cond=nan_padded).v).all()
     longer = pad_tokens(cond, cond.tokens.shape[1] + 5)  # five more padded positions per row
-    torch.testing.assert_close(model(x, t, labels=longer).v, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x, t, cond=longer).v, reference, rtol=0, atol=1e-6)
     changed = TextCondition(cond.tokens + noise * cond.mask[..., None], cond.mask)
-    assert (model(x, t, labels=changed).v - reference).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # every row moves
+    assert (model(x, t, cond=changed).v - reference).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # every row moves
 
 
 def test_null_rows_ignore_their_prompt_and_match_an_unconditional_batch():
     model, x, t = tiny(), *images()
     first, second = prompts(null=[True, False, True, False], pooled=True), prompts(pooled=True)
     second = second.with_null(first.null)
-    out_first, out_second = model(x, t, labels=first), model(x, t, labels=second)
+    out_first, out_second = model(x, t, cond=first), model(x, t, cond=second)
     for head in ("v", "u"):
         a, b = out_first.outputs[head], out_second.outputs[head]
         torch.testing.assert_close(a[first.null], b[first.null], rtol=0, atol=1e-6)
         assert (a[~first.null] - b[~first.null]).abs().max() > 1e-3  # real prompts do matter
     unconditional = model(x, t).v  # cond=None: every row null
-    all_null = model(x, t, labels=prompts(length=3, null=[True] * 4)).v  # another prompt length
+    all_null = model(x, t, cond=prompts(length=3, null=[True] * 4)).v  # another prompt length
     torch.testing.assert_close(out_first.v[first.null], unconditional[first.null], rtol=0, atol=1e-6)
     torch.testing.assert_close(all_null, unconditional, rtol=0, atol=1e-6)
 
@@ -103,12 +103,12 @@ def test_null_rows_ignore_their_prompt_and_match_an_unconditional_batch():
 def test_a_prompt_without_real_tokens_is_finite():
     model, x, t, cond = tiny(), *images(), prompts()
     empty = TextCondition(cond.tokens, torch.zeros_like(cond.mask))
-    assert torch.isfinite(model(x, t, labels=empty).v).all()
+    assert torch.isfinite(model(x, t, cond=empty).v).all()
 
 
 def test_heads_are_zero_and_blocks_are_the_identity_at_init():
     model, x, t, cond = tiny(randomise=False), *images(), prompts()
-    out = model(x, t, labels=cond)
+    out = model(x, t, cond=cond)
     assert out.v.abs().max() == 0 and out.u.abs().max() == 0
     features, _ = model.backbone(x, t, cond=cond)
     model.backbone.blocks = model.backbone.blocks[:0]
@@ -119,9 +119,9 @@ def test_heads_are_zero_and_blocks_are_the_identity_at_init():
 def test_rows_do_not_depend_on_each_other():
     model, x, t = tiny(), *images()
     cond = prompts(null=[False, True, False, False])
-    batched = model(x, t, labels=cond).u
+    batched = model(x, t, cond=cond).u
     for row in range(4):
-        alone = model(x[row : row + 1], t[row : row + 1], labels=cond.rows(slice(row, row + 1))).u
+        alone = model(x[row : row + 1], t[row : row + 1], cond=cond.rows(slice(row, row + 1))).u
         torch.testing.assert_close(alone[0], batched[row], rtol=1e-5, atol=1e-6)
 
 
@@ -134,7 +134,7 @@ def test_training_reaches_the_text_projection_and_the_null_embeddings():
     cond = TextCondition(torch.randint(0, VOCAB, (4, 6)), prompts().mask, null=torch.tensor([True, False] * 2))
     for _ in range(2):  # the first step opens the zero-initialised gates and cross-attention outputs
         optimizer.zero_grad()
-        out = model(x, t, labels=cond)
+        out = model(x, t, cond=cond)
         ((out.v - x) ** 2 + (out.u - x) ** 2).mean().backward()
         optimizer.step()
     text = model.backbone.text
@@ -165,7 +165,7 @@ def test_jvp_in_time_matches_a_central_difference(time_inputs):
     r = 0.5 * t if time_inputs == 2 else None
 
     def u_of(network, time):
-        return network(x.to(time.dtype), time, r=None if r is None else r.to(time.dtype), labels=cond).u
+        return network(x.to(time.dtype), time, r=None if r is None else r.to(time.dtype), cond=cond).u
 
     with sdpa_kernel([SDPBackend.MATH]):  # forward-mode AD needs the math kernel, as the objectives use
         _, exact = torch.func.jvp(lambda time: u_of(model, time), (t,), (torch.ones_like(t),))
@@ -181,9 +181,9 @@ def test_jvp_in_time_matches_a_central_difference(time_inputs):
 
 def test_bf16_autocast_keeps_fp32_heads_close_to_fp32():
     model, x, t, cond = tiny(), *images(), prompts(null=[False, True, False, False])
-    reference = model(x, t, labels=cond).v
+    reference = model(x, t, cond=cond).v
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x, t, labels=cond)
+        out = model(x, t, cond=cond)
     assert out.v.dtype == torch.float32 and torch.isfinite(out.v).all()
     assert ((out.v - reference).norm() / reference.norm()).item() < 5e-2
 
@@ -192,16 +192,14 @@ def test_bad_prompts_are_refused_in_one_line():
     model, x, t = tiny(), *images()
     ids = TextCondition(torch.randint(0, VOCAB, (4, 6)), prompts().mask)
     with pytest.raises(ConfigError, match="token ids but this TextDiT has no text encoder"):
-        model(x, t, labels=ids)
+        model(x, t, cond=ids)
     wide = TextCondition(torch.randn(4, 6, TEXT_DIM + 1), prompts().mask)
     with pytest.raises(ConfigError, match="13 wide but this TextDiT was built for text_dim=12"):
-        model(x, t, labels=wide)
+        model(x, t, cond=wide)
     with pytest.raises(ConfigError, match="class labels need a DiT model"):
-        model(x, t, labels=torch.tensor([0, 1, 2, 0]))
+        model(x, t, cond=torch.tensor([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="3 prompts for a batch of 4"):
-        model(x, t, labels=prompts(rows=3))
-    with pytest.raises(ValueError, match="not both"):
-        model.backbone(x, t, cond=prompts(), labels=prompts())
+        model(x, t, cond=prompts(rows=3))
     with pytest.raises(ConfigError, match="not a TextDiT name"):
         build_text_dit("DiT-XS/2", 8, 2, TEXT_DIM)
 

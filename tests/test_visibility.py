@@ -75,7 +75,7 @@ def forward_flops(config) -> int:
         model = build_model(config.model, (4, 8, 8), objective.heads, 10, objective.time_inputs)
         counter = flop_counter()
         with counter, torch.no_grad():
-            model(torch.zeros(1, 4, 8, 8), torch.full((1,), 0.5), labels=torch.zeros(1, dtype=torch.long))
+            model(torch.zeros(1, 4, 8, 8), torch.full((1,), 0.5), cond=torch.zeros(1, dtype=torch.long))
     return counter.get_total_flops()
 
 

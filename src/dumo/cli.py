@@ -414,7 +414,7 @@ def command_eval(args: argparse.Namespace) -> int:
     from dumo.distributed import shutdown
     from dumo.evaluation import image_scorer, toy_scorer
     from dumo.sampling import ChunkGather, sampling_cost
-    from dumo.training.trainer import small_data_note
+    from dumo.training.logs import small_data_note
 
     dist, run = sampling_session(args)
     try:

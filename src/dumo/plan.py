@@ -175,7 +175,7 @@ def measured_throughput(config: Config, gpu: str, precision: str) -> dict | None
 
 
 def memory_per_gpu(config: Config, cost: StepCost, gpus: int, micro_batch: int, precision: str) -> dict[str, Memory]:
-    """DDP and FSDP memory of one GPU: the states of :mod:`dumo.training.trainer` plus rough activations."""
+    """DDP and FSDP memory of one GPU: the states of :mod:`dumo.training.loop` plus rough activations."""
     from dumo.objectives import build_objective
 
     params = cost.parameters

@@ -21,33 +21,38 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dumo.models.embeddings import LabelEmbedding
+from dumo.conditioning import Condition, Conditioner, cat_conditions, find_conditioner
 from dumo.models.output import ModelOutput
 
 
 class GuidedModel(nn.Module):
     """Classifier-free guidance at sampling time: every head's output becomes
-    ``uncond + scale * (cond - uncond)``, from one batched call on (labels, null labels).
+    ``uncond + scale * (cond - uncond)``, from one batched call on (cond, the null condition).
 
-    Each evaluation of this wrapper costs two network passes. A scale of 1 gives the conditional
-    model back; rows whose label is the null class come out unguided (both passes agree).
+    The null condition is the ``conditioner``'s, by default the one inside ``model``. Each
+    evaluation of this wrapper costs two network passes. A scale of 1 gives the conditional model
+    back; rows whose condition is already null come out unguided (both passes agree).
     """
 
-    def __init__(self, model: nn.Module, scale: float, null_label: int):
+    def __init__(self, model: nn.Module, scale: float, conditioner: Conditioner | None = None):
         super().__init__()
         check_guidance_scale(scale)
-        self.model, self.scale, self.null_label = model, scale, null_label
+        conditioner = find_conditioner(model) if conditioner is None else conditioner
+        if conditioner is None:
+            raise ValueError("guidance needs a conditional model; this one has no conditioner")
+        self.model, self.scale = model, scale
+        # its method, not the conditioner: a module inside ``model`` must not be registered twice
+        self.null_like = conditioner.null_like
 
-    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None):
-        if labels is None:
-            return self.model(x, t, r=r, labels=labels)
-        null = torch.full_like(labels, self.null_label)
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None):
+        if cond is None:
+            return self.model(x, t, r=r, cond=cond)
         rows = x.shape[0]
         both = self.model(
             torch.cat([x, x]),
             torch.cat([t, t]),
             r=None if r is None else torch.cat([r, r]),
-            labels=torch.cat([labels, null]),
+            cond=cat_conditions([cond, self.null_like(cond)]),
         )
         conditional, unconditional = both.split([rows, rows])
         return ModelOutput(
@@ -66,22 +71,14 @@ class HeadView(nn.Module):
         super().__init__()
         self.model, self.head, self.shown_as = model, head, shown_as
 
-    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
-        return ModelOutput({self.shown_as: self.model(x, t, r=r, labels=labels).outputs[self.head]})
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None) -> ModelOutput:
+        return ModelOutput({self.shown_as: self.model(x, t, r=r, cond=cond).outputs[self.head]})
 
 
 def check_guidance_scale(scale: float, name: str = "the guidance scale") -> None:
     """A guidance scale must be a finite number >= 0 (NaN or inf would turn every sample into NaN)."""
     if not math.isfinite(scale) or scale < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {scale}")
-
-
-def null_label(model: nn.Module) -> int:
-    """The index of the null (unconditional) class of a class-conditional dumo network."""
-    for module in model.modules():
-        if isinstance(module, LabelEmbedding):
-            return module.num_classes
-    raise ValueError("guidance needs a class-conditional model")
 
 
 def uniform_times(nfe: int, t_start: float = 1.0) -> list[float]:
@@ -112,7 +109,7 @@ def flow_map_sample(
     model: nn.Module,
     noise: Tensor,
     times: Sequence[float],
-    labels: Tensor | None = None,
+    cond: Condition = None,
     stochasticity: float = 1.0,
     generator: torch.Generator | None = None,
     path: list[Tensor] | None = None,
@@ -130,7 +127,7 @@ def flow_map_sample(
     for i, t in enumerate(times):
         if path is not None:
             path.append(x)
-        u = model(x, _time(t, x), labels=labels).u.to(x.dtype)
+        u = model(x, _time(t, x), cond=cond).u.to(x.dtype)
         x0 = x - t * u
         if i + 1 == len(times):
             if path is not None:
@@ -149,7 +146,7 @@ def meanflow_sample(
     model: nn.Module,
     noise: Tensor,
     times: Sequence[float],
-    labels: Tensor | None = None,
+    cond: Condition = None,
     path: list[Tensor] | None = None,
 ) -> Tensor:
     """MeanFlow's deterministic k-step map over ``times`` then 0 (``path``: x at each of those times)."""
@@ -158,7 +155,7 @@ def meanflow_sample(
     if path is not None:
         path.append(x)
     for t, r in zip(grid[:-1], grid[1:]):
-        u = model(x, _time(t, x), r=_time(r, x), labels=labels).u.to(x.dtype)
+        u = model(x, _time(t, x), r=_time(r, x), cond=cond).u.to(x.dtype)
         x = x - (t - r) * u
         if path is not None:
             path.append(x)
@@ -171,7 +168,7 @@ def ode_sample(
     noise: Tensor,
     steps: int,
     method: str = "euler",
-    labels: Tensor | None = None,
+    cond: Condition = None,
     t_start: float = 1.0,
     path: list[Tensor] | None = None,
 ) -> Tensor:
@@ -188,9 +185,9 @@ def ode_sample(
         path.append(x)
     for t, t_next in zip(grid[:-1], grid[1:]):
         dt = t_next - t
-        v = model(x, _time(t, x), labels=labels).v.to(x.dtype)
+        v = model(x, _time(t, x), cond=cond).v.to(x.dtype)
         if method == "heun" and t_next > 0:
-            v_next = model(x + dt * v, _time(t_next, x), labels=labels).v.to(x.dtype)
+            v_next = model(x + dt * v, _time(t_next, x), cond=cond).v.to(x.dtype)
             v = 0.5 * (v + v_next)
         x = x + dt * v
         if path is not None:
@@ -225,7 +222,7 @@ def cost_label(nfe: int, method: str, guided: bool) -> str:
     return f"{steps} step{'' if steps == 1 else 's'} ({network_passes(nfe, method, guided)} passes with guidance)"
 
 
-#: ``run(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> samples``
+#: ``run(model, noise, nfe, cond, times, t_start, stochasticity, generator, path) -> samples``
 SamplerFunction = Callable[..., Tensor]
 
 
@@ -266,25 +263,25 @@ def sampler_named(name: str) -> Sampler:
 
 
 @register_sampler("flow_map", head="u", scheduled=True)
-def _flow_map(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
+def _flow_map(model, noise, nfe, cond, times, t_start, stochasticity, generator, path) -> Tensor:
     schedule = times if times is not None else uniform_times(nfe, t_start)
-    return flow_map_sample(model, noise, schedule, labels, stochasticity, generator, path)
+    return flow_map_sample(model, noise, schedule, cond, stochasticity, generator, path)
 
 
 @register_sampler("meanflow", head="u", scheduled=True)
-def _meanflow(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
+def _meanflow(model, noise, nfe, cond, times, t_start, stochasticity, generator, path) -> Tensor:
     schedule = times if times is not None else uniform_times(nfe, t_start)
-    return meanflow_sample(model, noise, schedule, labels, path)
+    return meanflow_sample(model, noise, schedule, cond, path)
 
 
 @register_sampler("euler", head="v")
-def _euler(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
-    return ode_sample(model, noise, nfe, "euler", labels, t_start, path)
+def _euler(model, noise, nfe, cond, times, t_start, stochasticity, generator, path) -> Tensor:
+    return ode_sample(model, noise, nfe, "euler", cond, t_start, path)
 
 
 @register_sampler("heun", head="v")
-def _heun(model, noise, nfe, labels, times, t_start, stochasticity, generator, path) -> Tensor:
-    return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", labels, t_start, path)
+def _heun(model, noise, nfe, cond, times, t_start, stochasticity, generator, path) -> Tensor:
+    return ode_sample(model, noise, heun_steps_for_nfe(nfe), "heun", cond, t_start, path)
 
 
 #: the sampler of a velocity head (a v-head drawn next to an objective's own sampler)
@@ -296,7 +293,7 @@ def sample(
     noise: Tensor,
     nfe: int,
     method: str,
-    labels: Tensor | None = None,
+    cond: Condition = None,
     times: Sequence[float] | None = None,
     t_start: float = 1.0,
     stochasticity: float = 1.0,
@@ -312,7 +309,7 @@ def sample(
     sampler = sampler_named(method)
     if times is not None and len(times) != nfe and sampler.scheduled:
         raise ValueError(f"{len(times)} times given for nfe={nfe}")
-    return sampler.run(model, noise, nfe, labels, times, t_start, stochasticity, generator, path)
+    return sampler.run(model, noise, nfe, cond, times, t_start, stochasticity, generator, path)
 
 
 def sample_path(
@@ -320,7 +317,7 @@ def sample_path(
     noise: Tensor,
     nfe: int,
     method: str,
-    labels: Tensor | None = None,
+    cond: Condition = None,
     times: Sequence[float] | None = None,
     t_start: float = 1.0,
     stochasticity: float = 1.0,
@@ -334,5 +331,5 @@ def sample_path(
     x at each later time (S = k + 1).
     """
     states: list[Tensor] = []
-    sample(model, noise, nfe, method, labels, times, t_start, stochasticity, generator, path=states)
+    sample(model, noise, nfe, method, cond, times, t_start, stochasticity, generator, path=states)
     return torch.stack(states)

@@ -23,7 +23,7 @@ from dumo.distributed import Distributed
 from dumo.errors import SamplingError
 from dumo.objectives import objective_class
 from dumo.objectives.base import methods_by_head
-from dumo.samplers import GuidedModel, HeadView, check_times, cost_label, null_label, sample, sampler_named
+from dumo.samplers import GuidedModel, HeadView, check_times, cost_label, sample, sampler_named
 
 
 def sampler_for(objective_name: str, method: str = "auto") -> str:
@@ -152,7 +152,7 @@ def generate(
         raise SamplingError(f"nfe must be >= 1; got {nfe}")
     model, method = head_sampling(model, objective_name, config.head, method if method != "auto" else config.method)
     if is_guided(config, labels is not None):
-        model = GuidedModel(model, config.guidance_scale, null_label(model))
+        model = GuidedModel(model, config.guidance_scale)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(tuple(shape), generator=generator).to(device)
     if times is None and sampler_named(method).scheduled:
@@ -162,7 +162,7 @@ def generate(
         noise,
         nfe,
         method,
-        labels=labels,
+        cond=labels,
         times=times,
         t_start=config.t_start,
         stochasticity=config.stochasticity,

@@ -12,12 +12,18 @@ A condition is one of:
 
 The functions here treat the three alike (move, slice, concatenate, count rows), so that data
 loaders, objectives and samplers never branch on the kind of condition.
+
+What a null condition is belongs to the network's :class:`Conditioner`, the submodule that turns
+``cond`` into what the network reads (the class table, the prompt encoder) and that
+:func:`find_conditioner` finds: classifier-free guidance and condition dropout ask it for the null
+condition, so a new kind of condition is a new conditioner and nothing else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -94,6 +100,23 @@ def move_condition(cond: Condition, device: torch.device | str, non_blocking: bo
     return None if cond is None else cond.to(device, non_blocking=non_blocking)
 
 
+def map_condition(cond: Condition, function: Callable[[Tensor], Tensor]) -> Condition:
+    """``cond`` with ``function`` applied to each of its tensors (to pin or move them)."""
+    if cond is None:
+        return None
+    if isinstance(cond, TextCondition):
+        parts = (cond.tokens, cond.mask, cond.pooled, cond.null)
+        return TextCondition(*(None if part is None else function(part) for part in parts))
+    return function(cond)
+
+
+def index_condition(cond: Condition, index: Tensor | slice) -> Condition:
+    """The rows ``index`` (a slice, integer indices or a (B,) bool mask) of ``cond``."""
+    if cond is None:
+        return None
+    return cond.rows(index) if isinstance(cond, TextCondition) else cond[index]
+
+
 def slice_condition(cond: Condition, start: int, stop: int) -> Condition:
     """Rows ``start:stop`` of ``cond`` (a shard of a global batch)."""
     if cond is None:
@@ -140,11 +163,90 @@ def pad_tokens(text: TextCondition, length: int) -> TextCondition:
     return replace(text, tokens=tokens, mask=mask)
 
 
+@runtime_checkable
+class Conditioner(Protocol):
+    """What a network's conditioner says about its conditions: their kind, and the null condition
+    (classifier-free guidance's unconditional input, which condition dropout trains).
+
+    ``condition_kind`` is a class attribute: ``"class"``, ``"text"``, or the name of a new kind.
+    Objectives and samplers take the null condition from here and never build one themselves.
+    """
+
+    condition_kind: str
+
+    def null_like(self, cond: Condition) -> Condition:
+        """``cond`` with every row the null condition (None stays None)."""
+        ...
+
+    def drop(self, cond: Condition, rows: Tensor) -> Condition:
+        """``cond`` with the rows where ``rows`` ((B,) bool) holds replaced by the null condition."""
+        ...
+
+    def is_null(self, cond: Tensor | TextCondition) -> Tensor:
+        """(B,) bool: the rows of ``cond`` that are the null condition."""
+        ...
+
+
+class ClassLabels:
+    """Class labels, (B,) integers; the null class is the index ``num_classes``, one row past the real
+    classes, where class-conditional checkpoints keep it."""
+
+    condition_kind = "class"
+    num_classes: int
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def null_like(self, cond: Condition) -> Condition:
+        return None if cond is None else torch.full_like(cond, self.num_classes)
+
+    def drop(self, cond: Condition, rows: Tensor) -> Condition:
+        return None if cond is None else torch.where(rows, self.null_like(cond), cond)
+
+    def is_null(self, cond: Tensor | TextCondition) -> Tensor:
+        return cond == self.num_classes
+
+
+class TextPrompts:
+    """Prompts (:class:`TextCondition`): a null row is flagged in ``TextCondition.null``, and the
+    network reads its learned null prompt there."""
+
+    condition_kind = "text"
+
+    def null_like(self, cond: Condition) -> Condition:
+        return None if cond is None else cond.with_null()
+
+    def drop(self, cond: Condition, rows: Tensor) -> Condition:
+        return None if cond is None else cond.with_null(rows)
+
+    def is_null(self, cond: Tensor | TextCondition) -> Tensor:
+        return cond.null
+
+
+def find_conditioner(model: object) -> Conditioner | None:
+    """The conditioner inside ``model`` (a network or a wrapper of one: DDP, a sampling view), None
+    for an unconditional network."""
+    modules = getattr(model, "modules", None)
+    if modules is None:
+        return None
+    for module in modules():
+        # the class attribute first: a cheap test on each module of a large network
+        if getattr(type(module), "condition_kind", None) is not None and isinstance(module, Conditioner):
+            return module
+    return None
+
+
 __all__ = [
+    "ClassLabels",
     "Condition",
+    "Conditioner",
     "TextCondition",
+    "TextPrompts",
     "cat_conditions",
     "condition_rows",
+    "find_conditioner",
+    "index_condition",
+    "map_condition",
     "move_condition",
     "pad_tokens",
     "slice_condition",

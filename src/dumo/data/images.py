@@ -95,7 +95,7 @@ class ImageStream:
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         x = self.dataset.standardise(images).to(device)
         labels = self.dataset.labels[index].to(device) if self.conditional else None
-        return Batch(x=x, labels=labels)
+        return Batch(x=x, cond=labels)
 
     def state(self) -> Tensor:
         """Generator state at the start of this epoch, followed by the position as 8 bytes."""

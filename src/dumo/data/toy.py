@@ -109,7 +109,7 @@ class ToyStream:
     def next_batch(self, device: torch.device | str = "cpu") -> Batch:
         points, labels = self.dataset.sample(self.batch_size, self.generator)
         x = self.dataset.standardise(points).to(device)
-        return Batch(x=x, labels=labels.to(device) if self.conditional else None)
+        return Batch(x=x, cond=labels.to(device) if self.conditional else None)
 
     def state(self) -> Tensor:
         return self.generator.get_state()

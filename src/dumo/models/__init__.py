@@ -15,6 +15,7 @@ from torch import nn
 
 from dumo.errors import ConfigError
 from dumo.models.dit import DIT_SIZES, POSITION_ORDERS, DiTBackbone, DiTHead, DiTSize, parse_dit_name
+from dumo.models.embeddings import ConditionerFactory
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
 from dumo.models.output import ModelOutput
@@ -100,9 +101,11 @@ def build_model(
     heads: tuple[str, ...],
     num_classes: int = 0,
     time_inputs: int = 1,
+    conditioner: ConditionerFactory | None = None,
 ) -> FlowModel:
     """The network for ``config`` on data of ``data_shape`` ((D,) vectors or (C, H, W) images)
-    with the heads (and time inputs) an objective needs."""
+    with the heads (and time inputs) an objective needs, conditioned on class labels when
+    ``num_classes`` > 0, or by the module ``conditioner(dim)`` builds for another kind of condition."""
     data_shape = tuple(data_shape)
     check_fits(config, data_shape)
     dit = parse_dit_name(config.name)
@@ -119,6 +122,7 @@ def build_model(
             time_inputs,
             time_scale=config.time_embedding_scale,
             position_order=config.position_order,
+            conditioner=conditioner,
         )
         return FlowModel(
             backbone,
@@ -143,6 +147,7 @@ def build_model(
             num_classes,
             time_inputs,
             time_scale=config.time_embedding_scale,
+            conditioner=conditioner,
         )
         return FlowModel(
             backbone,
@@ -160,6 +165,7 @@ def build_model(
         num_classes=num_classes,
         time_inputs=time_inputs,
         time_scale=config.time_embedding_scale,
+        conditioner=conditioner,
     )
     return FlowModel(backbone, OutputHead, heads, hidden_dim=hidden_dim, out_dim=data_shape[0])
 
@@ -193,4 +199,12 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["MODEL_NAMES", "FlowModel", "ModelConfig", "ModelOutput", "build_model", "count_parameters"]
+__all__ = [
+    "MODEL_NAMES",
+    "ConditionerFactory",
+    "FlowModel",
+    "ModelConfig",
+    "ModelOutput",
+    "build_model",
+    "count_parameters",
+]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dumo.models.embeddings import Conditioning, modulate
+from dumo.conditioning import Condition
+from dumo.models.embeddings import ConditionerFactory, Conditioning, LabelEmbedding, modulate
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class DiTBackbone(nn.Module):
         mlp_ratio: float = 4.0,
         time_scale: float = 100.0,
         position_order: str = "rows_first",
+        conditioner: ConditionerFactory | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -137,7 +139,7 @@ class DiTBackbone(nn.Module):
         self.patch_embedding = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         position = sincos_position_embedding(dim, self.grid, position_order)
         self.register_buffer("position", position[None], persistent=False)
-        self.conditioning = Conditioning(dim, num_classes, time_inputs, time_scale=time_scale)
+        self.conditioning = Conditioning(dim, num_classes, time_inputs, time_scale=time_scale, conditioner=conditioner)
         self.blocks = nn.ModuleList(DiTBlock(dim, size.num_heads, mlp_ratio) for _ in range(size.depth))
         self.initialise()
 
@@ -150,17 +152,15 @@ class DiTBackbone(nn.Module):
             if embedding is not None:
                 nn.init.normal_(embedding.mlp[0].weight, std=0.02)
                 nn.init.normal_(embedding.mlp[2].weight, std=0.02)
-        if self.conditioning.label is not None:
+        if isinstance(self.conditioning.label, LabelEmbedding):
             nn.init.normal_(self.conditioning.label.table.weight, std=0.02)
 
-    def forward(
-        self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        cond = self.conditioning(t, r, labels, x.shape[0])
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        vector = self.conditioning(t, r, cond, x.shape[0])
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2) + self.position.to(x.dtype)
         for block in self.blocks:
-            tokens = block(tokens, cond)
-        return tokens, cond
+            tokens = block(tokens, vector)
+        return tokens, vector
 
 
 class DiTHead(nn.Module):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from dumo.conditioning import ClassLabels, Condition
 
 
 class TimestepEmbedding(nn.Module):
@@ -41,8 +44,9 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
-class LabelEmbedding(nn.Module):
-    """Class embedding with one extra row for the null class (index ``num_classes``)."""
+class LabelEmbedding(nn.Module, ClassLabels):
+    """The class conditioner: an embedding table with one extra row for the null class (index
+    ``num_classes``)."""
 
     def __init__(self, num_classes: int, dim: int):
         super().__init__()
@@ -55,9 +59,18 @@ class LabelEmbedding(nn.Module):
         return self.table(labels)
 
 
+#: ``factory(dim) -> conditioner``: a module that is a :class:`~dumo.conditioning.Conditioner` and maps
+#: ``(cond, batch_size, device)`` to a (B, dim) vector added to the time embedding (cond None: all null)
+ConditionerFactory = Callable[[int], nn.Module]
+
+
 class Conditioning(nn.Module):
     """The vector every block is modulated by: embeddings of t, of MeanFlow's interval t - r
-    (when the network takes a second time) and of the class label (when class-conditional), summed."""
+    (when the network takes a second time) and of the condition (when conditional), summed.
+
+    The condition's embedding is the class table when ``num_classes`` > 0, or the module that
+    ``conditioner`` builds for another kind of condition.
+    """
 
     def __init__(
         self,
@@ -66,20 +79,26 @@ class Conditioning(nn.Module):
         time_inputs: int = 1,
         frequency_dim: int = 256,
         time_scale: float = 100.0,
+        conditioner: ConditionerFactory | None = None,
     ):
         super().__init__()
+        if conditioner is not None and num_classes > 0:
+            raise ValueError("a network has one conditioner: give num_classes or conditioner, not both")
         self.time = TimestepEmbedding(dim, frequency_dim, scale=time_scale)
         # the interval t - r is a time too: the same features, so one key sets both
         self.interval = TimestepEmbedding(dim, frequency_dim, scale=time_scale) if time_inputs == 2 else None
+        # Named "label" whatever its kind: the checkpoint key of the class table.
         self.label = LabelEmbedding(num_classes, dim) if num_classes > 0 else None
+        if conditioner is not None:
+            self.label = conditioner(dim)
 
-    def forward(self, t: Tensor, r: Tensor | None, labels: Tensor | None, batch_size: int) -> Tensor:
-        cond = self.time(t)
+    def forward(self, t: Tensor, r: Tensor | None, cond: Condition, batch_size: int) -> Tensor:
+        vector = self.time(t)
         if self.interval is not None:
-            cond = cond + self.interval(t - (t if r is None else r))
+            vector = vector + self.interval(t - (t if r is None else r))
         if self.label is not None:
-            cond = cond + self.label(labels, batch_size, t.device)
-        return cond
+            vector = vector + self.label(cond, batch_size, t.device)
+        return vector
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from dumo.conditioning import Condition, find_conditioner
 from dumo.models.embeddings import modulate
 from dumo.models.output import ModelOutput
 
@@ -37,7 +38,7 @@ class FlowModel(nn.Module):
     """A backbone shared by the heads named in ``heads`` (DuMo's "v": velocity, "u": flow map; any
     name an objective declares).
 
-    ``backbone(x, t, r, labels)`` returns (features, conditioning); every head reads both,
+    ``backbone(x, t, r, cond)`` returns (features, conditioning vector); every head reads both,
     so a dual-head model costs one backbone pass for v and u together.
     """
 
@@ -56,16 +57,25 @@ class FlowModel(nn.Module):
     def head_names(self) -> tuple[str, ...]:
         return tuple(self.heads.keys())
 
-    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None) -> ModelOutput:
-        features, cond = self.backbone(x, t, r=r, labels=labels)
+    @property
+    def condition_kind(self) -> str | None:
+        """What the network is conditioned on: ``"class"`` (labels), ``"text"`` (prompts), another
+        conditioner's kind, or None (unconditional)."""
+        conditioner = find_conditioner(self.backbone)
+        return None if conditioner is None else conditioner.condition_kind
+
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None) -> ModelOutput:
+        features, vector = self.backbone(x, t, r=r, cond=cond)
         # A head's own transformer blocks (DiT model.head_blocks) run like the trunk, under the caller's autocast.
-        per_head = {name: run_blocks(getattr(head, "blocks", ()), features, cond) for name, head in self.heads.items()}
+        per_head = {
+            name: run_blocks(getattr(head, "blocks", ()), features, vector) for name, head in self.heads.items()
+        }
         # The output layers run in fp32 even under bf16 autocast: the finite-difference target divides the
         # difference of two head outputs by 2e ~ 0.01, which would magnify bf16 rounding ~100x.
         # They are a small share of the compute (one linear layer per head).
         with torch.autocast(device_type=x.device.type, enabled=False):
-            cond = at_least_fp32(cond)
-            return ModelOutput({name: head(at_least_fp32(per_head[name]), cond) for name, head in self.heads.items()})
+            vector = at_least_fp32(vector)
+            return ModelOutput({name: head(at_least_fp32(per_head[name]), vector) for name, head in self.heads.items()})
 
 
 def run_blocks(blocks: Iterable[nn.Module], features: Tensor, cond: Tensor) -> Tensor:

@@ -1,6 +1,6 @@
 """A residual MLP for low-dimensional (2-D toy) data, with adaLN-zero conditioning.
 
-The backbone maps (x, t[, r][, label]) to features and a conditioning vector; the heads
+The backbone maps (x, t[, r][, cond]) to features and a conditioning vector; the heads
 (:class:`~dumo.models.heads.OutputHead`) turn them into v and/or u.
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dumo.models.embeddings import Conditioning, modulate
+from dumo.conditioning import Condition
+from dumo.models.embeddings import ConditionerFactory, Conditioning, modulate
 
 
 class ResidualBlock(nn.Module):
@@ -38,19 +39,20 @@ class MLPBackbone(nn.Module):
         num_classes: int = 0,
         time_inputs: int = 1,
         time_scale: float = 100.0,
+        conditioner: ConditionerFactory | None = None,
     ):
         super().__init__()
         self.data_dim = data_dim
         self.hidden_dim = hidden_dim
         self.input = nn.Linear(data_dim, hidden_dim)
-        self.conditioning = Conditioning(hidden_dim, num_classes, time_inputs, frequency_dim=64, time_scale=time_scale)
+        self.conditioning = Conditioning(
+            hidden_dim, num_classes, time_inputs, frequency_dim=64, time_scale=time_scale, conditioner=conditioner
+        )
         self.blocks = nn.ModuleList(ResidualBlock(hidden_dim) for _ in range(depth))
 
-    def forward(
-        self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        cond = self.conditioning(t, r, labels, x.shape[0])
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        vector = self.conditioning(t, r, cond, x.shape[0])
         h = self.input(x)
         for block in self.blocks:
-            h = block(h, cond)
-        return h, cond
+            h = block(h, vector)
+        return h, vector

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dumo.conditioning import TextCondition
+from dumo.conditioning import Condition, TextCondition, TextPrompts
 from dumo.errors import ConfigError
 from dumo.models.dit import DIT_SIZES, DiTBlock, DiTHead, initialise_blocks, sincos_position_embedding
 from dumo.models.embeddings import Conditioning, modulate
@@ -101,9 +101,9 @@ class TextDiTBlock(DiTBlock):
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class TextConditioner(nn.Module):
+class TextConditioner(nn.Module, TextPrompts):
     """A TextCondition -> (tokens (B, 1 + L, text_width) with the null token first, their mask (B, 1 + L),
-    pooled vector (B, cond_dim)) for the blocks."""
+    pooled vector (B, cond_dim)) for the blocks; a row's null prompt is its ``null`` flag."""
 
     def __init__(
         self,
@@ -228,17 +228,8 @@ class TextDiTBackbone(nn.Module):
             nn.init.zeros_(block.cross_attn.proj.weight)
             nn.init.zeros_(block.cross_attn.proj.bias)
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        r: Tensor | None = None,
-        cond: TextCondition | None = None,
-        *,
-        labels: TextCondition | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``labels`` is another name for ``cond`` (FlowModel's keyword)."""
-        prompts = prompts_of(cond, labels, x.shape[0])
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        prompts = prompts_of(cond, x.shape[0])
         text, text_mask, pooled = self.text(prompts, x.shape[0])
         vector = self.conditioning(t, r, None, x.shape[0]) + pooled
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2) + self.position.to(x.dtype)
@@ -247,12 +238,8 @@ class TextDiTBackbone(nn.Module):
         return tokens, vector
 
 
-def prompts_of(cond: object, labels: object, batch_size: int) -> TextCondition | None:
-    """The TextCondition passed as ``cond`` or as ``labels``, checked against the batch."""
-    if labels is not None:
-        if cond is not None:
-            raise ValueError("pass the prompts as cond or as labels, not both")
-        cond = labels
+def prompts_of(cond: object, batch_size: int) -> TextCondition | None:
+    """``cond`` checked to be the prompts of the batch."""
     if cond is None:
         return None
     if not isinstance(cond, TextCondition):

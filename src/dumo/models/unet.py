@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dumo.models.embeddings import Conditioning
+from dumo.conditioning import Condition
+from dumo.models.embeddings import ConditionerFactory, Conditioning
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -83,11 +84,14 @@ class UNetBackbone(nn.Module):
         num_classes: int = 0,
         time_inputs: int = 1,
         time_scale: float = 100.0,
+        conditioner: ConditionerFactory | None = None,
     ):
         super().__init__()
         cond_dim = 4 * channels
         self.out_channels = channels
-        self.conditioning = Conditioning(cond_dim, num_classes, time_inputs, time_scale=time_scale)
+        self.conditioning = Conditioning(
+            cond_dim, num_classes, time_inputs, time_scale=time_scale, conditioner=conditioner
+        )
         self.input = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         widths = [channels * m for m in channel_mult]
@@ -122,27 +126,25 @@ class UNetBackbone(nn.Module):
                 resolution *= 2
         self.output_channels = current
 
-    def forward(
-        self, x: Tensor, t: Tensor, r: Tensor | None = None, labels: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        cond = F.silu(self.conditioning(t, r, labels, x.shape[0]))
+    def forward(self, x: Tensor, t: Tensor, r: Tensor | None = None, cond: Condition = None) -> tuple[Tensor, Tensor]:
+        vector = F.silu(self.conditioning(t, r, cond, x.shape[0]))
         h = self.input(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample):
             for block, attention in zip(level.blocks, level.attention):
-                h = attention(block(h, cond))
+                h = attention(block(h, vector))
                 skips.append(h)
             if not isinstance(down, nn.Identity):
                 h = down(h)
                 skips.append(h)
-        h = self.middle_attention(self.middle[0](h, cond))
-        h = self.middle[1](h, cond)
+        h = self.middle_attention(self.middle[0](h, vector))
+        h = self.middle[1](h, vector)
         for level, up in zip(self.up, self.upsample):
             for block, attention in zip(level.blocks, level.attention):
-                h = attention(block(torch.cat([h, skips.pop()], dim=1), cond))
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), vector))
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2, mode="nearest"))
-        return h, cond
+        return h, vector
 
 
 class UNetHead(nn.Module):

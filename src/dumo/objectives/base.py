@@ -15,6 +15,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dumo.conditioning import (
+    ClassLabels,
+    Condition,
+    Conditioner,
+    TextCondition,
+    TextPrompts,
+    cat_conditions,
+    find_conditioner,
+)
 from dumo.data.batch import Batch
 from dumo.models.heads import at_least_fp32
 from dumo.models.output import ModelOutput
@@ -60,7 +69,7 @@ class ObjectiveConfig:
     name: str = ""
     path: Literal["linear"] = "linear"
     time: TimeConfig = field(default_factory=TimeConfig)
-    label_dropout: float = 0.1  # fraction of labels replaced by the null class (guidance)
+    label_dropout: float = 0.1  # fraction of conditions (labels, prompts) replaced by the null condition (guidance)
 
     def validate(self, prefix: str) -> None:
         require(0.0 <= self.label_dropout <= 1.0, f"{prefix}.label_dropout must be in [0, 1]; got {self.label_dropout}")
@@ -118,12 +127,12 @@ class ObjectiveOutput:
 
 @dataclass
 class ModelInput:
-    """Arguments of one network call: ``model(x, t, r=r, labels=labels)``."""
+    """Arguments of one network call: ``model(x, t, r=r, cond=cond)``."""
 
     x: Tensor
     t: Tensor
     r: Tensor | None = None
-    labels: Tensor | None = None
+    cond: Condition = None
 
 
 class Objective(ABC):
@@ -152,11 +161,6 @@ class Objective(ABC):
         self.path: AffinePath = PATHS[config.path]()
         self.time_sampler = TimeSampler(config.time)
         self.num_classes = num_classes
-
-    @property
-    def null_label(self) -> int:
-        """Index of the null (unconditional) class: one past the real classes."""
-        return self.num_classes
 
     def head_samplers(self) -> dict[str, str]:
         """The sampler of each head of this objective's model, by head name (``sample.head``):
@@ -207,20 +211,31 @@ class Objective(ABC):
     ) -> ObjectiveOutput:
         """Loss for one batch. ``target_model`` is theta^- (defaults to ``model`` under no_grad)."""
 
-    def drop_labels(self, labels: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """Replace each label by the null class with probability ``label_dropout``.
+    def conditioner(self, model: nn.Module, cond: Condition) -> Conditioner:
+        """What the null condition of ``model`` is: its conditioner's. A network without one (a
+        hand-written field) gets the null of the condition's kind: the class index ``num_classes``
+        for labels, the prompts' null flags for a TextCondition."""
+        found = find_conditioner(model)
+        if found is not None:
+            return found
+        return TextPrompts() if isinstance(cond, TextCondition) else ClassLabels(self.num_classes)
+
+    def keep_rows(self, cond: Condition) -> Tensor | None:
+        """The rows that keep their condition, each with probability ``1 - label_dropout`` (None
+        without a condition).
 
         An independent coin per sample, so the expected fraction is right for any batch size
-        (rounding a count would drop none or all of a small batch). Returns the labels and the
-        mask of rows that kept their real label.
+        (rounding a count would drop none or all of a small batch).
         """
-        if labels is None:
-            return None, None
-        kept = torch.rand(labels.shape[0], device=labels.device) >= self.config.label_dropout
-        return torch.where(kept, labels, torch.full_like(labels, self.null_label)), kept
+        if cond is None:
+            return None
+        return torch.rand(len(cond), device=cond.device) >= self.config.label_dropout
 
-    def null_labels(self, labels: Tensor) -> Tensor:
-        return torch.full_like(labels, self.null_label)
+    def drop_condition(self, cond: Condition, conditioner: Conditioner) -> tuple[Condition, Tensor | None]:
+        """Replace each row's condition by the null condition with probability ``label_dropout``.
+        Returns the condition and the mask of rows that kept theirs."""
+        kept = self.keep_rows(cond)
+        return (None, None) if kept is None else (conditioner.drop(cond, ~kept), kept)
 
 
 def methods_by_head(methods: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
@@ -301,7 +316,7 @@ def float32_matmul_precision(precision: str):
 
 
 def guidance_weight(kept: Tensor, t: Tensor, t_min: float, t_max: float) -> Tensor:
-    """1 for rows that get training-time guidance (real label, t inside the range), else 0."""
+    """1 for rows that get training-time guidance (a real condition, t inside the range), else 0."""
     return (kept & (t >= t_min) & (t <= t_max)).float()
 
 
@@ -310,7 +325,7 @@ def forward_many(model: nn.Module, requests: list[ModelInput], batched: bool) ->
     if not requests:
         return []
     if not batched or len(requests) == 1:
-        return [model(q.x, q.t, r=q.r, labels=q.labels) for q in requests]
+        return [model(q.x, q.t, r=q.r, cond=q.cond) for q in requests]
 
     def cat(values: list[Tensor | None]) -> Tensor | None:
         return None if values[0] is None else torch.cat(values)
@@ -319,7 +334,7 @@ def forward_many(model: nn.Module, requests: list[ModelInput], batched: bool) ->
         cat([q.x for q in requests]),
         cat([q.t for q in requests]),
         r=cat([q.r for q in requests]),
-        labels=cat([q.labels for q in requests]),
+        cond=cat_conditions([q.cond for q in requests]),
     )
     return joined.split([q.x.shape[0] for q in requests])
 
@@ -370,7 +385,7 @@ class FewStepObjective(Objective):
         return target_model, guidance_model
 
     def guide(self, velocity: Tensor, conditional: Tensor, unconditional: Tensor, kept: Tensor, t: Tensor) -> Tensor:
-        """``velocity + zeta * (conditional - unconditional)`` on rows with a real label and t in range."""
+        """``velocity + zeta * (conditional - unconditional)`` on rows with a real condition and t in range."""
         cfg = self.config
         weight = expand_time(guidance_weight(kept, t, cfg.guidance_t_min, cfg.guidance_t_max), velocity)
         return velocity + cfg.zeta * weight * (at_least_fp32(conditional) - at_least_fp32(unconditional))

@@ -1,7 +1,7 @@
 """DuMo: one backbone, a velocity head v and a flow-map head u, trained together (paper Alg. 1).
 
     x_t    = t z + (1 - t) x
-    v_tgt  = (z - x) + zeta * (sg(v_theta) - v_minus(x_t, t, null))     rows with a real label
+    v_tgt  = (z - x) + zeta * (sg(v_theta) - v_minus(x_t, t, null))     rows with a real condition
     u_tgt  = v_tgt - t * du_minus/dt                                     total derivative along a direction
     loss   = beta * |v_theta - sg(v_tgt)|^2 + (1 - beta) * |u_theta - sg(u_tgt)|^2
 
@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dumo.conditioning import Condition
 from dumo.data.batch import Batch
 from dumo.objectives.base import (
     FewStepConfig,
@@ -107,8 +108,8 @@ class DuMoObjective(FewStepObjective):
         x = batch.x
         z = torch.randn_like(x)
         t = self.time_sampler.sample(x.shape[0], x.device)
-        labels, kept = self.drop_labels(batch.labels)
-        return self.loss(model, x, z, t, labels, kept, target_model, teacher_model)
+        cond, kept = self.drop_condition(batch.cond, self.conditioner(model, batch.cond))
+        return self.loss(model, x, z, t, cond, kept, target_model, teacher_model)
 
     def loss(
         self,
@@ -116,25 +117,26 @@ class DuMoObjective(FewStepObjective):
         x: Tensor,
         z: Tensor,
         t: Tensor,
-        labels: Tensor | None = None,
+        cond: Condition = None,
         kept: Tensor | None = None,
         target_model: nn.Module | None = None,
         teacher_model: nn.Module | None = None,
     ) -> ObjectiveOutput:
-        """The loss for given data, noise, times and (already dropped) labels; ``kept`` marks the
-        rows whose label was not dropped."""
+        """The loss for given data, noise, times and (already dropped) conditions; ``kept`` marks the
+        rows whose condition was not dropped."""
         cfg = self.config
+        conditioner = self.conditioner(model, cond)
         target_model, guidance_model = self.networks(model, target_model, teacher_model)
         x_t = self.path.sample(x, z, t)
         path_velocity = self.path.velocity(x, z, t)
 
         # The one pass with gradients: both heads from one backbone evaluation.
-        out = model(x_t, t, labels=labels)
+        out = model(x_t, t, cond=cond)
 
         with torch.no_grad(), derivative_precision(cfg, x):
-            guided = cfg.zeta > 0 and labels is not None
+            guided = cfg.zeta > 0 and cond is not None
             if guided and kept is None:
-                kept = labels != self.null_label
+                kept = ~conditioner.is_null(cond)
             # Without guidance the "guided" direction is the conditional path itself.
             along_target = (
                 cfg.u_velocity != "conditional"
@@ -148,13 +150,13 @@ class DuMoObjective(FewStepObjective):
             v_target = at_least_fp32(path_velocity)
             unconditional = None
             if separate_guidance:
-                unconditional = guidance_model(x_t, t, labels=self.null_labels(labels)).v
+                unconditional = guidance_model(x_t, t, cond=conditioner.null_like(cond)).v
                 v_target = self.guide(v_target, out.v.detach(), unconditional, kept, t)
             map_velocity = None  # the velocity of u's target where it is not v_target (u_velocity)
             if cfg.u_velocity == "v_head":
                 map_velocity = at_least_fp32(out.v.detach())
             elif cfg.u_velocity == "teacher":
-                map_velocity = at_least_fp32(teacher_model(x_t, t, labels=labels).v)
+                map_velocity = at_least_fp32(teacher_model(x_t, t, cond=cond).v)
             if map_velocity is not None:
                 direction = map_velocity.to(x.dtype)
             elif cfg.derivative_direction == "v_head":
@@ -175,9 +177,9 @@ class DuMoObjective(FewStepObjective):
                         x_end = x_t + expand_time(t_end - t, x_t) * direction
                     else:
                         x_end = self.path.sample(x, z, t_end)
-                    requests.append(ModelInput(x_end, t_end, labels=labels))
+                    requests.append(ModelInput(x_end, t_end, cond=cond))
             if guided and not separate_guidance:
-                requests.append(ModelInput(x_t, t, labels=self.null_labels(labels)))
+                requests.append(ModelInput(x_t, t, cond=conditioner.null_like(cond)))
             outputs = forward_many(target_model, requests, batched=cfg.batch_target_passes)
             if guided and not separate_guidance:
                 v_target = self.guide(v_target, out.v.detach(), outputs[-1].v, kept, t)
@@ -187,7 +189,7 @@ class DuMoObjective(FewStepObjective):
             else:
 
                 def flow_map(x_in, t_in):
-                    return at_least_fp32(target_model(x_in, t_in, labels=labels).u)
+                    return at_least_fp32(target_model(x_in, t_in, cond=cond).u)
 
                 _, du_dt = time_derivative_jvp(flow_map, x_t, t, direction)
             du_dt = self.clamp(du_dt)

@@ -33,10 +33,10 @@ class FlowMatchingObjective(Objective):
         x = batch.x
         z = torch.randn_like(x)
         t = self.time_sampler.sample(x.shape[0], x.device)
-        labels, _ = self.drop_labels(batch.labels)  # the null class enables sampling-time guidance
+        cond, _ = self.drop_condition(batch.cond, self.conditioner(model, batch.cond))  # trains the null for guidance
         x_t = self.path.sample(x, z, t)
         v_target = self.path.velocity(x, z, t)
-        loss_v = squared_error(model(x_t, t, labels=labels).v, v_target)
+        loss_v = squared_error(model(x_t, t, cond=cond).v, v_target)
         return ObjectiveOutput(
             loss=loss_v.mean(),
             parts={"loss_v": loss_v.mean().detach()},

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dumo.conditioning import Condition
 from dumo.data.batch import Batch
 from dumo.objectives.base import (
     FewStepConfig,
@@ -94,8 +95,8 @@ class MeanFlowObjective(FewStepObjective):
         x = batch.x
         z = torch.randn_like(x)
         t, r = self.sample_times(x.shape[0], x.device)
-        labels, kept = self.drop_labels(batch.labels)
-        return self.loss(model, x, z, t, r, labels, kept, target_model, teacher_model)
+        cond, kept = self.drop_condition(batch.cond, self.conditioner(model, batch.cond))
+        return self.loss(model, x, z, t, r, cond, kept, target_model, teacher_model)
 
     def loss(
         self,
@@ -104,12 +105,12 @@ class MeanFlowObjective(FewStepObjective):
         z: Tensor,
         t: Tensor,
         r: Tensor,
-        labels: Tensor | None = None,
+        cond: Condition = None,
         kept: Tensor | None = None,
         target_model: nn.Module | None = None,
         teacher_model: nn.Module | None = None,
     ) -> ObjectiveOutput:
-        """The loss for given data, noise, times r <= t and (already dropped) labels."""
+        """The loss for given data, noise, times r <= t and (already dropped) conditions."""
         cfg = self.config
         # One forward-mode pass through ``model`` can give u and du/dt together only when theta^- is
         # ``model`` itself; a separate target (EMA, teacher, or the unwrapped module under DDP, whose
@@ -119,13 +120,14 @@ class MeanFlowObjective(FewStepObjective):
         x_t = self.path.sample(x, z, t)
         v_target = at_least_fp32(self.path.velocity(x, z, t))
 
-        if cfg.zeta > 0 and labels is not None:
-            kept = labels != self.null_label if kept is None else kept
+        if cfg.zeta > 0 and cond is not None:
+            conditioner = self.conditioner(model, cond)
+            kept = ~conditioner.is_null(cond) if kept is None else kept
             # Guidance needs the conditional and unconditional velocity u(x_t, t, t) of theta^-
             # (the unconditional one from the teacher when guidance_network is "teacher").
             with torch.no_grad():
-                conditional_request = ModelInput(x_t, t, r=t, labels=labels)
-                unconditional_request = ModelInput(x_t, t, r=t, labels=self.null_labels(labels))
+                conditional_request = ModelInput(x_t, t, r=t, cond=cond)
+                unconditional_request = ModelInput(x_t, t, r=t, cond=conditioner.null_like(cond))
                 if guidance_model is target_model:
                     conditional, unconditional = forward_many(
                         target_model, [conditional_request, unconditional_request], batched=cfg.batch_target_passes
@@ -137,10 +139,10 @@ class MeanFlowObjective(FewStepObjective):
 
         if cfg.u_velocity == "teacher":
             with torch.no_grad():
-                v_target = at_least_fp32(teacher_model(x_t, t, r=t, labels=labels).u)
+                v_target = at_least_fp32(teacher_model(x_t, t, r=t, cond=cond).u)
 
         def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
-            return model(x_in, t_in, r=r_in, labels=labels).u
+            return model(x_in, t_in, r=r_in, cond=cond).u
 
         tangent = v_target.to(x.dtype)
         if single_pass_jvp:
@@ -149,7 +151,7 @@ class MeanFlowObjective(FewStepObjective):
             du_dt = at_least_fp32(du_dt.detach())
         else:
             u = average_velocity(x_t, t, r)
-            du_dt = self.target_derivative(target_model, x_t, t, r, tangent, labels)
+            du_dt = self.target_derivative(target_model, x_t, t, r, tangent, cond)
         du_dt = self.clamp(du_dt)
         u_target = average_velocity_target(v_target, t, r, du_dt)
 
@@ -169,14 +171,14 @@ class MeanFlowObjective(FewStepObjective):
 
     @torch.no_grad()
     def target_derivative(
-        self, target_model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, tangent: Tensor, labels: Tensor | None
+        self, target_model: nn.Module, x_t: Tensor, t: Tensor, r: Tensor, tangent: Tensor, cond: Condition
     ) -> Tensor:
         """du_minus/dt along (tangent, 0, 1) from theta^-, by finite difference or JVP."""
         cfg = self.config
         if cfg.derivative == "jvp":
 
             def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
-                return at_least_fp32(target_model(x_in, t_in, r=r_in, labels=labels).u)
+                return at_least_fp32(target_model(x_in, t_in, r=r_in, cond=cond).u)
 
             return time_derivative_jvp(average_velocity, x_t, t, tangent, r)[1]
         # The stencil stays in [r, 1]; rows with t = r get width 0 and derivative 0, which the
@@ -186,8 +188,8 @@ class MeanFlowObjective(FewStepObjective):
             high, low = forward_many(
                 target_model,
                 [
-                    ModelInput(x_t + expand_time(t_high - t, x_t) * tangent, t_high, r=r, labels=labels),
-                    ModelInput(x_t + expand_time(t_low - t, x_t) * tangent, t_low, r=r, labels=labels),
+                    ModelInput(x_t + expand_time(t_high - t, x_t) * tangent, t_high, r=r, cond=cond),
+                    ModelInput(x_t + expand_time(t_low - t, x_t) * tangent, t_low, r=r, cond=cond),
                 ],
                 batched=cfg.batch_target_passes,
             )

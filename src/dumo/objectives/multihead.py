@@ -29,8 +29,8 @@ which keeps the loss what separate passes give.
 
 The target formulas are the single-head objectives' own functions (:func:`flow_map_target`,
 :func:`average_velocity_target`, :func:`shortcut_target`); a term kind is one entry of
-:data:`HEAD_TERMS`. Labels are dropped once for all heads (``label_dropout``), so Shortcut's
-self-consistency rows, which keep their labels in the Shortcut objective, may be dropped here too.
+:data:`HEAD_TERMS`. Conditions are dropped once for all heads (``label_dropout``), so Shortcut's
+self-consistency rows, which keep their conditions in the Shortcut objective, may be dropped here too.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import is_fake
 
+from dumo.conditioning import Condition, index_condition
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
 from dumo.models.heads import check_head_names
@@ -141,7 +142,7 @@ class TargetContext:
     x_t: Tensor
     t: Tensor
     r: Tensor
-    labels: Tensor | None
+    cond: Condition
     path_velocity: Tensor  # z - x (fp32)
     v_target: Tensor  # the (guided) velocity target (fp32)
     out: ModelOutput  # the pass with gradients (read it detached)
@@ -267,13 +268,12 @@ class ShortcutTerm(HeadTerm):
         target = context.path_velocity  # Shortcut's own Flow Matching target, unguided
         if rows.shape[0] == 0:
             return target
-        labels = None if context.labels is None else context.labels[rows]
         consistent = shortcut_target(
             context.target_model,
             context.x_t[rows],
             context.t[rows],
             d[rows],
-            labels,
+            index_condition(context.cond, rows),
             self.config.target_clip,
             head=self.head,
         )
@@ -318,8 +318,8 @@ class MultiHeadObjective(FewStepObjective):
         x = batch.x
         z = torch.randn_like(x)
         t, r = self.draw_times(x.shape[0], x.device)
-        labels, kept = self.drop_labels(batch.labels)
-        return self.loss(model, x, z, t, r, labels, kept, target_model, teacher_model)
+        cond, kept = self.drop_condition(batch.cond, self.conditioner(model, batch.cond))
+        return self.loss(model, x, z, t, r, cond, kept, target_model, teacher_model)
 
     def draw_times(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
         """(t, r) as the term that uses r draws them; t and r = t when none does."""
@@ -336,29 +336,30 @@ class MultiHeadObjective(FewStepObjective):
         z: Tensor,
         t: Tensor,
         r: Tensor,
-        labels: Tensor | None = None,
+        cond: Condition = None,
         kept: Tensor | None = None,
         target_model: nn.Module | None = None,
         teacher_model: nn.Module | None = None,
     ) -> ObjectiveOutput:
-        """The loss for given data, noise, times r <= t and (already dropped) labels; ``kept`` marks
-        the rows whose label was not dropped."""
+        """The loss for given data, noise, times r <= t and (already dropped) conditions; ``kept``
+        marks the rows whose condition was not dropped."""
         cfg = self.config
         target_model, guidance_model = self.networks(model, target_model, teacher_model)
         x_t = self.path.sample(x, z, t)
         path_velocity = at_least_fp32(self.path.velocity(x, z, t))
 
         # The one pass with gradients: every head from one backbone evaluation.
-        out = model(x_t, t, r=r, labels=labels)
+        out = model(x_t, t, r=r, cond=cond)
 
         with torch.no_grad(), derivative_precision(cfg, x):
-            guided = cfg.zeta > 0 and labels is not None
+            guided = cfg.zeta > 0 and cond is not None
             v_target = path_velocity
             unconditional = None
             if guided:
-                kept = labels != self.null_label if kept is None else kept
+                conditioner = self.conditioner(model, cond)
+                kept = ~conditioner.is_null(cond) if kept is None else kept
                 velocity = self.velocity_head
-                unconditional = guidance_model(x_t, t, r=r, labels=self.null_labels(labels)).outputs[velocity]
+                unconditional = guidance_model(x_t, t, r=r, cond=conditioner.null_like(cond)).outputs[velocity]
                 v_target = self.guide(v_target, out.outputs[velocity].detach(), unconditional, kept, t)
             tangents = {"path": path_velocity.to(x.dtype), "target": v_target.to(x.dtype)}
             if self.velocity_head is not None:
@@ -366,7 +367,7 @@ class MultiHeadObjective(FewStepObjective):
                 if guided:
                     v_head = self.guide(v_head, v_head, unconditional, kept, t)
                 tangents["v_head"] = v_head.to(x.dtype)
-            context = TargetContext(x_t, t, r, labels, path_velocity, v_target, out, target_model, guided)
+            context = TargetContext(x_t, t, r, cond, path_velocity, v_target, out, target_model, guided)
             needs = {name: term.derivative_need(context, tangents) for name, term in self.terms.items()}
             derivatives = self.time_derivatives(context, [need for need in needs.values() if need is not None])
             targets = {
@@ -408,7 +409,7 @@ class MultiHeadObjective(FewStepObjective):
         heads = [need.head for need in group]
 
         def head_outputs(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> dict[str, Tensor]:
-            out = context.target_model(x_in, t_in, r=r_in, labels=context.labels)
+            out = context.target_model(x_in, t_in, r=r_in, cond=context.cond)
             return {name: at_least_fp32(out.outputs[name]) for name in heads}
 
         _, tangent_out = time_derivative_jvp(head_outputs, context.x_t, context.t, group[0].tangent, context.r)
@@ -422,7 +423,7 @@ class MultiHeadObjective(FewStepObjective):
         MeanFlow keeps its stencil in [r, 1], DuMo in [0, 1]: they differ where t - e < r, which
         includes every row with r = t, where MeanFlow's derivative is not used; so only rows with
         t - e < r < t get a pass of their own."""
-        x_t, t, r, labels = context.x_t, context.t, context.r, context.labels
+        x_t, t, r, cond = context.x_t, context.t, context.r, context.cond
         tangent, epsilon = group[0].tangent, self.config.epsilon
         group = sorted(group, key=lambda need: need.used is not None)  # a need of every row first
         stencils = [central_difference_times(t, epsilon, need.lower, 1.0) for need in group]
@@ -433,7 +434,7 @@ class MultiHeadObjective(FewStepObjective):
 
         def point(t_end: Tensor, rows: Tensor | slice = slice(None)) -> ModelInput:
             x_end = x_t[rows] + expand_time(t_end[rows] - t[rows], x_t[rows]) * tangent[rows]
-            return ModelInput(x_end, t_end[rows], r=r[rows], labels=None if labels is None else labels[rows])
+            return ModelInput(x_end, t_end[rows], r=r[rows], cond=index_condition(cond, rows))
 
         first_low = stencils[0][0]
         requests = [point(t_high), point(first_low)]

@@ -24,7 +24,7 @@ half-step velocity is ``s(., null) + w (s(., c) - s(., null))``, as the public c
 ``bootstrap_cfg`` (its ImageNet recipe: w = 1.5). The guidance reaches the larger steps through
 self-consistency: their half steps read the conditional network at the guided smaller levels.
 
-Labels are dropped (``label_dropout``) on flow-matching rows only; the loss is plain MSE over the
+Conditions are dropped (``label_dropout``) on flow-matching rows only; the loss is plain MSE over the
 whole batch. Sampling is MeanFlow's sampler with uniform times: k Euler steps of size 1/k, each
 conditioned on d = 1/k (k NFE).
 
@@ -58,6 +58,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dumo.conditioning import Condition, Conditioner, cat_conditions, index_condition
 from dumo.data.batch import Batch
 from dumo.objectives.base import (
     Objective,
@@ -84,7 +85,7 @@ class ShortcutConfig(ObjectiveConfig):
     target_clip: float | None = 4.0  # clip the half-step point and the target to +-this; null = off
     # Guidance scale w of the self-consistency target on the rows of the smallest level (d = 2/M): the
     # original's bootstrap_cfg 1 with cfg_scale w (its ImageNet recipe: 1.5). null = off (the original's
-    # default); needs class labels (data.conditional), else it has no effect.
+    # default); needs conditions (data.conditional), else it has no effect.
     bootstrap_cfg: float | None = None
     # Precision of the two no-grad target passes (see dumo.objectives.base.derivative_precision).
     # bf16 by default: nothing is differenced, so the passes round no worse than the trained pass
@@ -118,12 +119,12 @@ def _clip(value: Tensor, limit: float | None) -> Tensor:
 @dataclass(frozen=True)
 class Guidance:
     """Which rows of a self-consistency batch get a guided target: the candidate ``rows`` (indices)
-    where ``mask`` holds, with scale ``scale`` and the null class ``null_label``."""
+    where ``mask`` holds, with scale ``scale`` and the null condition of ``conditioner``."""
 
     rows: Tensor
     mask: Tensor
     scale: float
-    null_label: int
+    conditioner: Conditioner
 
 
 def half_step_velocity(
@@ -131,22 +132,22 @@ def half_step_velocity(
     x: Tensor,
     t: Tensor,
     step: Tensor,
-    labels: Tensor | None,
+    cond: Condition,
     head: str,
     guidance: Guidance | None,
 ) -> Tensor:
     """``s(x, t, step)`` in (at least) fp32; on the rows ``guidance`` marks, its guided value
     ``s(., null) + w (s(., c) - s(., null))``. The unconditional passes of the guided rows join the
     conditional pass in one call, as in the original."""
-    if guidance is None or labels is None:
-        return at_least_fp32(getattr(target_model(x, t, r=t - step, labels=labels), head))
+    if guidance is None or cond is None:
+        return at_least_fp32(getattr(target_model(x, t, r=t - step, cond=cond), head))
     rows = guidance.rows
-    null = torch.full_like(labels[rows], guidance.null_label)
+    null = guidance.conditioner.null_like(index_condition(cond, rows))
     both = target_model(
         torch.cat([x, x[rows]]),
         torch.cat([t, t[rows]]),
         r=torch.cat([t - step, (t - step)[rows]]),
-        labels=torch.cat([labels, null]),
+        cond=cat_conditions([cond, null]),
     )
     velocity = at_least_fp32(getattr(both, head))
     conditional, unconditional = velocity[: x.shape[0]], velocity[x.shape[0] :]
@@ -162,7 +163,7 @@ def shortcut_target(
     x_t: Tensor,
     t: Tensor,
     d: Tensor,
-    labels: Tensor | None = None,
+    cond: Condition = None,
     clip: float | None = 4.0,
     head: str = "u",
     guidance: Guidance | None = None,
@@ -176,9 +177,9 @@ def shortcut_target(
     :func:`half_step_velocity`), x' included. Returns the target in (at least) fp32, without gradient.
     """
     half = d / 2
-    v1 = half_step_velocity(target_model, x_t, t, half, labels, head, guidance)
+    v1 = half_step_velocity(target_model, x_t, t, half, cond, head, guidance)
     x_half = _clip(x_t - expand_time(half, v1) * v1, clip).to(x_t.dtype)
-    v2 = half_step_velocity(target_model, x_half, t - half, half, labels, head, guidance)
+    v2 = half_step_velocity(target_model, x_half, t - half, half, cond, head, guidance)
     return _clip((v1 + v2) / 2, clip)
 
 
@@ -243,7 +244,7 @@ class ShortcutObjective(Objective):
         levels (round robin). Known from the count alone: no host sync, the same passes on every rank."""
         return count // self.levels if count >= self.levels else count
 
-    def guidance(self, d: Tensor, candidates: int) -> Guidance | None:
+    def guidance(self, d: Tensor, candidates: int, conditioner: Conditioner) -> Guidance | None:
         """With ``bootstrap_cfg``: the guided rows among the first ``candidates`` self-consistency
         rows (steps ``d``), those at the smallest level d = 2/M; else None."""
         scale = self.config.bootstrap_cfg
@@ -251,7 +252,7 @@ class ShortcutObjective(Objective):
             return None
         rows = torch.arange(candidates, device=d.device)
         mask = (d[:candidates] - 2.0 / self.config.max_steps).abs() < 0.5 / self.config.max_steps
-        return Guidance(rows, mask, float(scale), self.null_label)
+        return Guidance(rows, mask, float(scale), conditioner)
 
     def __call__(
         self,
@@ -261,15 +262,15 @@ class ShortcutObjective(Objective):
         teacher_model: nn.Module | None = None,
     ) -> ObjectiveOutput:
         x = batch.x
-        dropped, _ = self.drop_labels(batch.labels)
+        kept = self.keep_rows(batch.cond)
         t, d = self.sample_times(x.shape[0], x.device)
         z = torch.randn_like(x)
-        labels = dropped
-        if batch.labels is not None:
-            # the self-consistency rows keep their real labels (as in the original)
-            labels = torch.where(self.is_bootstrap(d), batch.labels, dropped)
+        cond = batch.cond
+        if kept is not None:
+            # the self-consistency rows keep their real conditions (as in the original)
+            cond = self.conditioner(model, cond).drop(cond, ~kept & ~self.is_bootstrap(d))
         count = bootstrap_rows(x.shape[0], self.config.bootstrap_fraction)
-        return self.loss(model, x, z, t, d, labels, target_model=target_model, bootstrap=count)
+        return self.loss(model, x, z, t, d, cond, target_model=target_model, bootstrap=count)
 
     def loss(
         self,
@@ -278,12 +279,12 @@ class ShortcutObjective(Objective):
         z: Tensor,
         t: Tensor,
         d: Tensor,
-        labels: Tensor | None = None,
+        cond: Condition = None,
         target_model: nn.Module | None = None,
         bootstrap: int | None = None,
     ) -> ObjectiveOutput:
         """The loss for given data, noise, times t, steps d (d = 1/M: flow-matching rows, larger d:
-        self-consistency rows) and labels (already dropped where they should be).
+        self-consistency rows) and conditions (already dropped where they should be).
 
         ``bootstrap``: the self-consistency rows are the first ``bootstrap`` rows (as drawn by
         ``__call__``), known without reading d: no host sync, and shapes that do not depend on
@@ -307,13 +308,13 @@ class ShortcutObjective(Objective):
                     x_t[rows],
                     t[rows],
                     d[rows],
-                    None if labels is None else labels[rows],
+                    index_condition(cond, rows),
                     cfg.target_clip,
-                    guidance=self.guidance(d[rows], candidates),
+                    guidance=self.guidance(d[rows], candidates, self.conditioner(model, cond)),
                 )
             target = target.index_copy(0, rows, consistent.to(target.dtype))
 
-        u = model(x_t, t, r=t - d, labels=labels).u
+        u = model(x_t, t, r=t - d, cond=cond).u
         per_sample = squared_error(u, target)
         parts = {
             "loss": per_sample.mean().detach(),

@@ -1,23 +1,23 @@
 """Training loop, EMA and checkpoints.
 
-``train``, ``Trainer`` and ``TrainResult`` are imported on first use: importing a training utility
-(snapshots, throughput, initialisation) does not load the loop.
+The loop (:mod:`dumo.training.loop`) is imported on first use of ``Trainer``, ``TrainResult`` or
+``train``, so that importing a small module of this package (``dumo.training.ema``, say) does not
+load it and everything it needs.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dumo.training.trainer import Trainer, TrainResult, train
+    from dumo.training.loop import Trainer, TrainResult, train
 
 __all__ = ["TrainResult", "Trainer", "train"]
-#: the names above and the module that defines them
-LAZY = {"TrainResult": "dumo.training.trainer", "Trainer": "dumo.training.trainer", "train": "dumo.training.trainer"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in LAZY:
-        return getattr(importlib.import_module(LAZY[name]), name)
+    if name in __all__:
+        from dumo.training import loop
+
+        return getattr(loop, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
