@@ -32,8 +32,9 @@ def main() -> None:
     import torch
 
     from dumo.config import load_config
-    from dumo.evaluation import balanced_labels, evaluate, generate
+    from dumo.evaluation import evaluate
     from dumo.plotting import image_grid
+    from dumo.sampling import balanced_labels, generate
     from dumo.training import Trainer
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def wait_while_training(run_dir: Path) -> None:
     import fcntl
     import time
 
-    from dumo.run_dir import LOCK_FILE
+    from dumo.runs.layout import LOCK_FILE
 
     lock = run_dir / LOCK_FILE
     if not lock.is_file():
@@ -122,7 +122,7 @@ def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
     import torch
 
     from dumo.evaluation import evaluate
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
 
     path = scores_file(run_dir)
     scores = json.loads(path.read_text()) if path.is_file() else {}
@@ -153,7 +153,7 @@ def last_step(run_dir: Path) -> int:
     """The step a run's latest checkpoint (or an export's weights) holds."""
     from safetensors import safe_open
 
-    from dumo.training.checkpoint import checkpoint_step, list_checkpoints
+    from dumo.runs.layout import checkpoint_step, list_checkpoints
 
     if not (run_dir / "checkpoints").is_dir():  # an export (dumo export): the step is in its metadata
         with safe_open(run_dir / "model.safetensors", "pt") as weights:
@@ -367,9 +367,9 @@ def results(args: argparse.Namespace) -> None:
 
 def grids(args: argparse.Namespace) -> None:
     """40 samples of seed 0's teacher (50 Euler), DuMo (1 NFE) and MeanFlow (1 NFE), both kinds of guidance."""
-    from dumo.evaluation import balanced_labels, generate
     from dumo.plotting import image_grid
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
+    from dumo.sampling import balanced_labels, generate
 
     slug = f"zeta{args.zeta}"
     panels = [("teacher-s0", 50, "euler"), ("dumo-zeta0-s0", 1, "auto"), ("dumo-zeta0-s0", 2, "auto")]
@@ -449,10 +449,12 @@ def derivative(args: argparse.Namespace) -> None:
     import torch
 
     from dumo.data import build_dataset
+    from dumo.files import load_checkpoint
     from dumo.models import build_model
     from dumo.objectives import DuMoConfig, DuMoObjective, TimeConfig
-    from dumo.run import load_run
-    from dumo.training.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint, unprefixed
+    from dumo.runs.checkpoints import unprefixed
+    from dumo.runs.layout import checkpoint_step, list_checkpoints
+    from dumo.runs.loading import load_run
 
     torch.set_num_threads(2)
     run_dir = args.run_dir
@@ -504,8 +506,8 @@ def coupling(args: argparse.Namespace) -> None:
     map keeps the teacher's slope."""
     import torch
 
-    from dumo.evaluation import balanced_labels, generate
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
+    from dumo.sampling import balanced_labels, generate
 
     torch.set_num_threads(1)
     lines = [
@@ -537,8 +539,8 @@ def second_step(model, objective_name: str, x0, s: float, labels, generator):
     interval map from s to 0). The second half of the consistency-style two-step sampler."""
     import torch
 
-    from dumo.evaluation import sampler_for
     from dumo.samplers import sample
+    from dumo.sampling import sampler_for
 
     x_s = s * torch.randn(x0.shape, generator=generator, dtype=x0.dtype) + (1 - s) * x0
     return sample(model, x_s, 1, sampler_for(objective_name), cond=labels, times=[s])
@@ -551,8 +553,9 @@ def second_step_stage(args: argparse.Namespace) -> None:
     MeanFlow's own 2 NFE is its deterministic interval map, which the re-noised rows do not use."""
     import torch
 
-    from dumo.evaluation import balanced_labels, generate, image_scorer
-    from dumo.run import load_run
+    from dumo.evaluation import image_scorer
+    from dumo.runs.loading import load_run
+    from dumo.sampling import balanced_labels, generate
 
     torch.set_num_threads(1)
     teacher_run = load_run(args.teacher)

@@ -205,7 +205,7 @@ def training_time(folder: Path) -> dict[str, float]:
     the run's last checkpoint records."""
     from safetensors import safe_open
 
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.runs.layout import list_checkpoints
 
     last = list_checkpoints(folder)[-1]
     with safe_open(str(last), "pt") as handle:
@@ -214,7 +214,7 @@ def training_time(folder: Path) -> dict[str, float]:
 
 
 def last_step(folder: Path, checkpoint: int = -1) -> int:
-    from dumo.training.checkpoint import checkpoint_step, list_checkpoints
+    from dumo.runs.layout import checkpoint_step, list_checkpoints
 
     return checkpoint_step(list_checkpoints(folder)[checkpoint])
 
@@ -234,8 +234,8 @@ def score(folder: Path, evaluations: dict[str, dict], num: int, checkpoint: int 
     import torch
 
     from dumo.evaluation import evaluate
-    from dumo.run import load_run
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.runs.layout import list_checkpoints
+    from dumo.runs.loading import load_run
 
     step = last_step(folder, checkpoint)
     path = folder / "scores.json"
@@ -273,8 +273,8 @@ def samples(folder: Path, num: int, nfe: int = 1) -> np.ndarray:
     """``num`` samples of the run's EMA weights in data space (seed 0), cached in the run folder."""
     import torch
 
-    from dumo.evaluation import balanced_labels, generate
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
+    from dumo.sampling import balanced_labels, generate
 
     path = folder / f"samples-{nfe}nfe-{num}.npy"
     if not path.is_file():
@@ -570,7 +570,7 @@ def table1(study: Study) -> None:
 def curve_table(study: Study, rows: Sequence[Row], path: Path) -> list[str]:
     """Each row's TABLE1 scores at its kept checkpoints (up to CURVE_POINTS, the last one is the main
     table's), as a table and as score-against-step lines in ``path``, one panel per dataset."""
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.runs.layout import list_checkpoints
 
     curves: dict[tuple[str, str, str], dict[int, list[float]]] = {}  # (dataset, method, NFE) -> step -> scores
     for row in rows:
@@ -773,7 +773,7 @@ def trajectories(study: Study) -> None:
     import torch
 
     from dumo.cli import main as dumo_main
-    from dumo.training.checkpoint import list_checkpoints
+    from dumo.runs.layout import list_checkpoints
 
     torch.set_num_threads(1)  # as the scoring: the training processes (--jobs) share the cores
     dataset = study.datasets[0]

@@ -12,18 +12,11 @@ from safetensors.torch import save_file
 from dumo.config import config_from_dict
 from dumo.distributed import Distributed
 from dumo.errors import CheckpointError, RunDirError
-from dumo.run import load_run
+from dumo.files import atomic_write, load_checkpoint, save_checkpoint
+from dumo.runs.checkpoints import agreed_checkpoint, load_weights, unprefixed
+from dumo.runs.layout import checkpoint_path, list_checkpoints
+from dumo.runs.loading import load_run
 from dumo.training import Trainer
-from dumo.training.checkpoint import (
-    agreed_checkpoint,
-    atomic_write,
-    checkpoint_path,
-    list_checkpoints,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    unprefixed,
-)
 from dumo.training.state import restore, resume_latest
 
 TINY = {

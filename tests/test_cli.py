@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dumo.config import load_config
+from dumo.files import load_checkpoint
+from dumo.runs.layout import list_checkpoints
 from dumo.training import Trainer
-from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 
 TINY = [
     "model.hidden_dim=16",
@@ -194,8 +195,8 @@ def test_non_finite_sampler_numbers_are_refused_in_one_line(small_runs, tmp_path
 
 
 def test_eval_refuses_non_finite_samples_by_metric(small_runs, tmp_path, capsys):
-    from dumo.run import export_run
-    from dumo.training.checkpoint import MODEL_FORMAT, save_checkpoint
+    from dumo.files import MODEL_FORMAT, save_checkpoint
+    from dumo.runs.loading import export_run
 
     weights = export_run(small_runs["conditional"], tmp_path / "export")
     tensors, metadata = load_checkpoint(weights, kind=MODEL_FORMAT)

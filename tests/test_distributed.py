@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import MOONS_CONFIG, TINY_MOONS
 
-from dumo.training.checkpoint import list_checkpoints, load_checkpoint
+from dumo.files import load_checkpoint
+from dumo.runs.layout import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -65,10 +65,10 @@ def latent_export(tmp_path_factory):
     """A model folder as 'dumo export' writes it: random DiT weights over 4x4x4 latents of a tiny SD-VAE."""
     from dumo.config import config_from_dict, save_config
     from dumo.data import SampleSpace
+    from dumo.files import MODEL_FORMAT, save_checkpoint
     from dumo.models import build_model
     from dumo.objectives import objective_class
-    from dumo.run import EXPORTED_WEIGHTS
-    from dumo.training.checkpoint import MODEL_FORMAT, save_checkpoint
+    from dumo.runs.layout import EXPORTED_WEIGHTS
 
     folder = tmp_path_factory.mktemp("latent")
     vae = tiny_vae()
@@ -168,7 +168,8 @@ def test_sample_npz_under_torchrun_equals_one_process(latent_export, tmp_path):
 
 
 def test_sample_files_are_read_as_uint8_batches_from_either_layout(tmp_path):
-    from dumo.generation import SamplingError, read_pixels
+    from dumo.errors import SamplingError
+    from dumo.runs.generation import read_pixels
 
     images = torch.rand(7, 3, 5, 4, generator=torch.Generator().manual_seed(0)).numpy()
     arr_0 = np.round(images * 255).astype(np.uint8).transpose(0, 2, 3, 1)

@@ -18,7 +18,7 @@ from dumo.cli import main  # noqa: E402
 from dumo.data import DataError, LatentDataset  # noqa: E402
 from dumo.data.images import read_rgb  # noqa: E402
 from dumo.data.latents import SHARD_FORMAT, LatentCodec, load_autoencoder  # noqa: E402
-from dumo.training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dumo.files import load_checkpoint, save_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "fox")

@@ -12,7 +12,6 @@ from dumo.conditioning import find_conditioner
 from dumo.config import SampleConfig, config_from_dict, load_config
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
-from dumo.evaluation import generate, sampler_for
 from dumo.models import ModelConfig, build_model
 from dumo.network import build_network
 from dumo.objectives import (
@@ -26,6 +25,7 @@ from dumo.objectives import (
 )
 from dumo.objectives.base import squared_error
 from dumo.samplers import SAMPLERS, GuidedModel, Sampler, register_sampler, sample
+from dumo.sampling import generate, sampler_for
 
 
 def test_every_objective_declares_a_registered_sampler_that_reads_one_of_its_heads():
@@ -123,8 +123,8 @@ def registered(monkeypatch):
 
 
 def test_a_registered_objective_trains_loads_and_samples(registered, tmp_path):
-    from dumo.generation import generate_from_run
-    from dumo.run import load_run
+    from dumo.runs.generation import generate_from_run
+    from dumo.runs.loading import load_run
     from dumo.training import Trainer
 
     config = load_config(MOONS_CONFIG, [*TINY_MOONS, "objective={name: shortcut_like}", "train.steps=3"])

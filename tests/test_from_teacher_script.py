@@ -87,7 +87,7 @@ def test_second_step_renoises_with_fresh_noise_then_takes_the_runs_own_step(tmp_
     # re-noised point itself: s * fresh noise + (1 - s) * x0, the noise drawn from the generator given.
     import torch
 
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
 
     loaded = load_run(untrained_moons_run(tmp_path, objective))
     module = load_script(SCRIPT)

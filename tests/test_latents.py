@@ -57,7 +57,7 @@ def test_latents_are_scaled_and_flipped(encoded):
 
 def test_latent_files_of_earlier_versions_are_still_read(encoded, tmp_path):
     """The single-file format (one safetensors file, read whole) that dumo encode wrote before shards."""
-    from dumo.training.checkpoint import save_checkpoint
+    from dumo.files import save_checkpoint
 
     _, out = encoded
     sharded = LatentDataset(out)

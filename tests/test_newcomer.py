@@ -14,7 +14,7 @@ import dumo
 from dumo.cli import main
 from dumo.config import load_config
 from dumo.errors import ConfigError, RunDirError
-from dumo.run_dir import CONFIG_FILE, EVAL_LOG, HISTORY_FILE, TRAIN_LOG
+from dumo.runs.layout import CONFIG_FILE, EVAL_LOG, HISTORY_FILE, TRAIN_LOG
 from dumo.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_small_image_sets_say_what_their_scores_mean(folder_run):
     from dumo.training.logs import small_data_note
 
     _, _, run = folder_run
-    assert "fit on these same 12 training images" in small_data_note(dumo.run.load_run(run).dataset)
+    assert "fit on these same 12 training images" in small_data_note(dumo.runs.loading.load_run(run).dataset)
 
 
 def test_config_yaml_lists_only_the_keys_the_network_reads(folder_run, tmp_path):

@@ -17,13 +17,9 @@ from dumo.errors import CheckpointError, ConfigError
 from dumo.models import ModelConfig, build_model
 from dumo.models.dit import sincos_position_embedding
 from dumo.models.embeddings import TimestepEmbedding
-from dumo.models.pretrained import (
-    convert_official,
-    fold_time_reversal,
-    import_official_weights,
-    read_official_checkpoint,
-)
-from dumo.training.checkpoint import load_weights
+from dumo.models.pretrained import convert_official, fold_time_reversal, read_official_checkpoint
+from dumo.runs.checkpoints import load_weights
+from dumo.runs.importing import import_official_weights
 
 DIM, DEPTH, HEADS, PATCH, CHANNELS, GRID, CLASSES = 32, 2, 2, 2, 4, 4, 10
 
@@ -394,7 +390,7 @@ def dumo_cli(*args):
 
 
 def test_import_weights_writes_an_export_that_samples(tmp_path):
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
 
     # a tiny SiT for scikit-learn's digits (1x8x8, 10 classes): the config's data decides the shape
     state = official_state(channels=1, classes=10, seed=4)
@@ -499,7 +495,7 @@ def test_an_imported_dit_latent_model_samples_with_nothing_but_itself(tmp_path, 
     from helpers.autoencoders import tiny_vae
 
     from dumo.cli import main
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
 
     vae = tmp_path / "sd-vae"
     tiny_vae().save_pretrained(str(vae))

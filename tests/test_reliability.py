@@ -22,10 +22,11 @@ from dumo.cli import main
 from dumo.config import load_config
 from dumo.distributed import Distributed
 from dumo.errors import DumoError, TrainingError
+from dumo.files import load_checkpoint
 from dumo.objectives.base import ObjectiveOutput
-from dumo.sample_files import ShardedNpz
+from dumo.runs.layout import list_checkpoints
+from dumo.runs.sample_files import ShardedNpz
 from dumo.training import Trainer
-from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = MOONS_CONFIG

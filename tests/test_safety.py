@@ -20,12 +20,13 @@ from dumo.data import DataConfig, build_dataset, build_stream
 from dumo.data.images import DataError, load_image_folder
 from dumo.data.latents import LatentDataset
 from dumo.errors import CheckpointError, ConfigError, RunDirError, TrainingError
-from dumo.evaluation import chunk_seed, generate_many
+from dumo.files import load_checkpoint, save_checkpoint
 from dumo.objectives.base import ObjectiveOutput
-from dumo.run import load_run
-from dumo.run_dir import CONFIG_FILE, TRAIN_LOG, RunLock
+from dumo.runs.folder import RunLock
+from dumo.runs.layout import CONFIG_FILE, TRAIN_LOG, list_checkpoints
+from dumo.runs.loading import load_run
+from dumo.sampling import chunk_seed, generate_many
 from dumo.training import Trainer, TrainResult
-from dumo.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dumo.training.logs import truncate_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,7 @@ def test_resume_refuses_a_config_yaml_that_contradicts_the_checkpoint(run_of_4, 
 
 
 def test_sampling_an_export_whose_config_claims_other_data_keeps_the_weights_data(run_of_4, tmp_path, capsys):
-    from dumo.run import export_run
+    from dumo.runs.loading import export_run
 
     export_run(run_of_4, tmp_path / "export")
     text = (tmp_path / "export" / CONFIG_FILE).read_text()
@@ -273,7 +274,7 @@ def current_umask() -> int:
 
 
 def test_checkpoints_and_exports_are_readable_like_any_file_the_user_writes(run_of_4, tmp_path):
-    from dumo.run import export_run
+    from dumo.runs.loading import export_run
 
     export_run(run_of_4, tmp_path / "export")
     expected = 0o666 & ~current_umask()
@@ -503,11 +504,8 @@ def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_the_corr
 
 
 def test_a_run_made_before_the_run_record_still_resumes_and_gets_one(tmp_path):
-    from dumo.run_dir import CHECKPOINT_DIR_NAME, RUN_RECORD, SNAPSHOT_DIR_NAME
-    from dumo.training.checkpoint import CHECKPOINT_DIR
-    from dumo.training.snapshots import SNAPSHOT_DIR
+    from dumo.runs.layout import RUN_RECORD
 
-    assert (CHECKPOINT_DIR_NAME, SNAPSHOT_DIR_NAME) == (CHECKPOINT_DIR, SNAPSHOT_DIR)  # one name each
     run = tmp_path / "run"
     Trainer(config(2), run).run()
     (run / RUN_RECORD).unlink()  # as a run written by an earlier dumo

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 RUNS = {
     "moons": ("configs/toy/moons-dumo.yaml", ["train.steps=300", "train.progress=false"]),
-    "digits": ("configs/digits/dumo.yaml", ["train.steps=60", "train.eval_every=0", "train.progress=false"]),
+    "digits": (
+        "configs/digits/dumo.yaml",
+        ["train.steps=60", "train.eval_every=0", "train.progress=false", "objective.zeta=0.5"],  # zeta of the fixtures
+    ),
 }
 SAMPLES = {"moons": ("npy", 256), "digits": ("npz", 32)}
 

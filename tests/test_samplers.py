@@ -199,7 +199,7 @@ def test_each_objective_declares_the_samplers_it_supports():
 def test_a_sampler_that_does_not_fit_the_objective_is_refused_by_name(objective, method, known):
     from dumo.config import SampleConfig
     from dumo.errors import SamplingError
-    from dumo.evaluation import generate
+    from dumo.sampling import generate
 
     expected = f"sampler '{method}' does not fit this model (objective {objective}); it samples with {known}"
     with pytest.raises(SamplingError, match=f"^{re.escape(expected)}$"):
@@ -209,7 +209,7 @@ def test_a_sampler_that_does_not_fit_the_objective_is_refused_by_name(objective,
 def test_a_named_sampler_draws_the_head_of_its_kind_on_a_multi_head_model():
     from dumo.config import SampleConfig
     from dumo.errors import SamplingError
-    from dumo.evaluation import generate
+    from dumo.sampling import generate
 
     heads = {"v": {"kind": "velocity"}, "u": {"kind": "dumo_flow_map"}, "m": {"kind": "meanflow"}}
     model = toy_network("multihead", heads=heads)
@@ -224,8 +224,8 @@ def test_a_named_sampler_draws_the_head_of_its_kind_on_a_multi_head_model():
 def test_guidance_must_be_a_finite_number_at_least_zero(scale):
     from dumo.config import SampleConfig
     from dumo.errors import ConfigError
-    from dumo.evaluation import generate
     from dumo.samplers import GuidedModel
+    from dumo.sampling import generate
 
     model = toy_network("dumo")
     with pytest.raises(ValueError, match="guidance scale must be a finite number >= 0"):
@@ -237,7 +237,7 @@ def test_guidance_must_be_a_finite_number_at_least_zero(scale):
 def test_zero_samples_or_nfe_is_refused_by_name():
     from dumo.config import SampleConfig
     from dumo.errors import SamplingError
-    from dumo.evaluation import generate, generate_many
+    from dumo.sampling import generate, generate_many
 
     model = toy_network("dumo")
     with pytest.raises(SamplingError, match=r"^the number of samples must be >= 1; got 0$"):

@@ -14,11 +14,12 @@ from dumo.conditioning import ClassLabels
 from dumo.config import SampleConfig, config_from_dict
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
-from dumo.evaluation import generate
+from dumo.files import load_checkpoint
 from dumo.models.output import ModelOutput
 from dumo.objectives import OBJECTIVES, build_objective
 from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, bootstrap_rows, shortcut_target
-from dumo.training.checkpoint import list_checkpoints, load_checkpoint
+from dumo.runs.layout import list_checkpoints
+from dumo.sampling import generate
 
 CLASSES = 3
 

@@ -11,12 +11,13 @@ from safetensors.torch import save_file
 from dumo.config import SampleConfig, config_from_dict
 from dumo.data.batch import Batch
 from dumo.errors import CheckpointError, ConfigError
-from dumo.evaluation import generate
+from dumo.files import load_checkpoint
 from dumo.objectives import DuMoConfig, DuMoObjective, MeanFlowConfig, MeanFlowObjective, TimeConfig
-from dumo.run import export_run
+from dumo.runs.layout import list_checkpoints
+from dumo.runs.loading import export_run
 from dumo.samplers import GuidedModel
+from dumo.sampling import generate
 from dumo.training import Trainer
-from dumo.training.checkpoint import list_checkpoints, load_checkpoint
 from dumo.training.initialise import fit_weights, initial_weights
 
 CLASSES = 3

@@ -11,11 +11,11 @@ from helpers.autoencoders import tiny_vae
 
 from dumo.cli import main
 from dumo.config import config_from_dict, load_config
+from dumo.files import MODEL_FORMAT, load_checkpoint
 from dumo.objectives import objective_class
+from dumo.runs.layout import list_checkpoints, list_snapshots
 from dumo.training import Trainer
 from dumo.training import throughput as throughput_module
-from dumo.training.checkpoint import MODEL_FORMAT, list_checkpoints, load_checkpoint
-from dumo.training.snapshots import list_snapshots
 from dumo.training.throughput import ThroughputMeter, count_step_cost, flop_counter, gpu_kind
 
 TINY = [*TINY_MOONS, "train.steps=4", "train.checkpoint_every=0", "train.log_every=2", "train.device=cpu"]
@@ -136,7 +136,7 @@ def test_snapshot_keys_are_validated():
 
 def latent_run_config(tmp_path, autoencoder_path=None):
     """A latent file of random codes for a tiny random SD-VAE saved in tmp_path (nothing downloaded)."""
-    from dumo.training.checkpoint import save_checkpoint
+    from dumo.files import save_checkpoint
 
     vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")

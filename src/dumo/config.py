@@ -284,7 +284,7 @@ def config_text(config: Config) -> str:
 def save_config(config: Config, path: str | Path) -> bool:
     """Write ``config`` to ``path`` atomically (temp file, fsync, rename), only if the file's
     content would change; a cut-off write leaves the previous file. True when it was written."""
-    from dumo.safetensors_io import atomic_write
+    from dumo.files import atomic_write
 
     path = Path(path)
     text = config_text(config)

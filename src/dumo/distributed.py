@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from dumo.errors import ConfigError
 
@@ -145,3 +146,22 @@ def resolve_device(name: str, local_rank: int = 0, option: str = "train.device")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option} is {name!r} but CUDA is not available on this machine; use cpu or auto")
     return device
+
+
+# -- modules sharded with FSDP ---------------------------------------------------------------------
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor  # imported when needed: it takes a second or two
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Load an unsharded ``state_dict`` (every rank passes the same one); each rank keeps its shard."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dumo import __version__
 from dumo.cli import (
     demo,
     encode,
@@ -29,6 +28,7 @@ from dumo.cli import (
 from dumo.cli import eval as evaluate
 from dumo.cli.common import Parser
 from dumo.errors import DumoError
+from dumo.version import __version__
 
 EXIT_USAGE = 2
 #: the command modules, in the order ``dumo --help`` lists their commands
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as error:
         # a full disk in a write that does not name its file itself (a log, a library's own files)
-        from dumo.safetensors_io import DISK_FULL_ERRNOS
+        from dumo.files import DISK_FULL_ERRNOS
 
         if debug or error.errno not in DISK_FULL_ERRNOS:
             raise

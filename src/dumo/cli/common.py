@@ -95,7 +95,7 @@ def sampling_session(args: argparse.Namespace):
     """Join torchrun's process group if there is one, and load the run on this rank's device
     (cuda:LOCAL_RANK when there is a GPU)."""
     from dumo.distributed import from_environment, resolve_device
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
 
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank, option="--device")
@@ -123,7 +123,7 @@ def check_head(run, head: str) -> None:
 
 def check_png_folder(path: Path, option: str) -> None:
     """Refuse to replace a folder of PNGs that holds anything dumo did not write there."""
-    from dumo.sample_files import PNG_FOLDER_FILES
+    from dumo.runs.sample_files import PNG_FOLDER_FILES
 
     if not path.is_dir():
         return

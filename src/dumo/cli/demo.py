@@ -37,9 +37,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dumo.config import load_config
-    from dumo.evaluation import generate, toy_scorer
+    from dumo.evaluation import toy_scorer
     from dumo.plotting import scatter_over_density
     from dumo.samplers import VELOCITY_SAMPLER
+    from dumo.sampling import generate
     from dumo.training import Trainer
 
     overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])

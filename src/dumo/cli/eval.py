@@ -16,7 +16,7 @@ from dumo.cli.common import (
     positive,
     sampling_session,
 )
-from dumo.generation import check_memory, sample_labels, stream_from_run
+from dumo.runs.generation import check_memory, sample_labels, stream_from_run
 
 EVAL_MINIMUM = 2  # every score of dumo eval needs two samples: a covariance (FD, FID) or MMD's pairs
 
@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
 
     from dumo.data import ToyDataset
     from dumo.distributed import shutdown
-    from dumo.evaluation import ChunkGather, image_scorer, sampling_cost, toy_scorer
-    from dumo.sample_files import PngFolder, label_array, npz_sink, sample_npz
+    from dumo.evaluation import image_scorer, toy_scorer
+    from dumo.runs.sample_files import PngFolder, label_array, npz_sink, sample_npz
+    from dumo.sampling import ChunkGather, sampling_cost
     from dumo.training.logs import small_data_note
 
     dist, run = sampling_session(args)
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             results[str(nfe)] = metrics
             print(f"  {costs[nfe]:>7}  {shown}")
         if args.json is not None and dist.is_main:
-            from dumo.training.checkpoint import atomic_output
+            from dumo.files import atomic_output
 
             record = {
                 "run": str(args.run_dir),

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from dumo.run import export_run
+    from dumo.runs.loading import export_run
 
     path = export_run(args.run_dir, args.out_dir)
     print(f"exported EMA weights and config to {path.parent}")
@@ -62,7 +62,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import_weights(args: argparse.Namespace) -> int:
     from dumo.config import load_config
-    from dumo.models.pretrained import import_official_weights
+    from dumo.runs.importing import import_official_weights
 
     config = load_config(args.config, args.set)
     imported = import_official_weights(

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from dumo.cli.common import add_device_argument, check_output_file, inception_line, positive
-from dumo.generation import read_pixels
+from dumo.runs.generation import read_pixels
 
 
 def add_parser(subparsers) -> None:

@@ -20,7 +20,7 @@ from dumo.cli.common import (
     positive,
     sampling_session,
 )
-from dumo.generation import generate_from_run, sample_labels, stream_from_run
+from dumo.runs.generation import generate_from_run, sample_labels, stream_from_run
 
 PICTURE_SAMPLES = 64  # default -n for a .png grid (2000 tiles would be a 1100 x 24000 px picture)
 
@@ -78,10 +78,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dumo.distributed import shutdown
-    from dumo.evaluation import sampling_cost
+    from dumo.files import atomic_output
     from dumo.plotting import image_grid, scatter_over_density
-    from dumo.sample_files import PngFolder, label_array, npz_sink, sample_npz
-    from dumo.training.checkpoint import atomic_output
+    from dumo.runs.sample_files import PngFolder, label_array, npz_sink, sample_npz
+    from dumo.sampling import sampling_cost
 
     out = Path(args.out).expanduser()
     dist, run = sampling_session(args)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dumo.cli.common import Parser, UsageError, check_output_file, positive
-from dumo.generation import read_pixels
+from dumo.runs.generation import read_pixels
 
 
 def add_parser(subparsers) -> None:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_shapes(args: argparse.Namespace) -> int:
     from dumo.data.shapes import evaluation_prompts, parse_held_out, read_prompt_file, render_prompts
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     out = Path(args.out).expanduser()
     if args.action == "render":

@@ -36,7 +36,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dumo.distributed import resolve_device
-    from dumo.training.snapshots import SCORES_FILE, SNAPSHOT_DIR, score_snapshots
+    from dumo.runs.layout import SCORES_FILE, SNAPSHOT_DIR
+    from dumo.training.snapshots import score_snapshots
 
     device = resolve_device(args.device, option="--device")
     print(f"{args.run_dir}: EMA snapshots, {args.num} samples each, seed {args.seed}")

@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.distributed import shutdown
-    from dumo.run_dir import CONFIG_FILE, is_dumo_run
+    from dumo.runs.folder import is_dumo_run
+    from dumo.runs.layout import CONFIG_FILE
     from dumo.training import train
 
     out = Path(args.out)

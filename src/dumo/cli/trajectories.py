@@ -54,11 +54,11 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dumo.evaluation import balanced_labels, generate, head_for_sampler, is_guided, sampler_for
+    from dumo.files import atomic_output
     from dumo.plotting import image_grid, paths_over_density
-    from dumo.run import load_run
+    from dumo.runs.loading import load_run
     from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER, cost_label
-    from dumo.training.checkpoint import atomic_output
+    from dumo.sampling import balanced_labels, generate, head_for_sampler, is_guided, sampler_for
 
     out = Path(args.out).expanduser()
     check_output_file(out, (".png",))

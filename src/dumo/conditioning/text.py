@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from dumo.conditioning import TextCondition
 from dumo.errors import DumoError
-from dumo.safetensors_io import atomic_write
+from dumo.files import atomic_write
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"

@@ -248,7 +248,7 @@ def write_shards(
     workers: int,
 ) -> None:
     """Encode and write ``shards``, one DataLoader over all their images."""
-    from dumo.safetensors_io import save_checkpoint  # the atomic safetensors writer (tmp file + rename)
+    from dumo.files import save_checkpoint  # the atomic safetensors writer (tmp file + rename)
 
     count, flip, shard_size = len(source.items), encoding["flip"], encoding["shard_size"]
     plan = []  # (shard, image indices of one batch); batches start at each shard's first image
@@ -318,7 +318,7 @@ def write_shards(
 
 def write_index(source: ImageSource, out: Path, encoding: dict, num_shards: int, shard_size: int) -> EncodeSummary:
     """Check that every shard is there, reduce their channel sums and write ``index.json`` atomically."""
-    from dumo.safetensors_io import atomic_write
+    from dumo.files import atomic_write
 
     count = len(source.items)
     entries, latent_shape, num_latents, transparent = [], None, 0, 0

@@ -258,7 +258,7 @@ class LatentDataset(ImageDataset):
         self.statistics = (torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
 
     def _read_file(self, path: Path) -> None:
-        from dumo.safetensors_io import load_checkpoint
+        from dumo.files import load_checkpoint
 
         try:
             tensors, metadata = load_checkpoint(path, kind=LATENTS_FORMAT)

@@ -25,7 +25,7 @@ from torch import Tensor
 from dumo.conditioning import TextCondition
 from dumo.conditioning.text import TextEncoder
 from dumo.data.images import DataError
-from dumo.safetensors_io import save_checkpoint
+from dumo.files import save_checkpoint
 
 CACHE_FORMAT = "dumo-text-embeddings"
 SHARD_GLOB = "shard-*.safetensors"

@@ -99,7 +99,7 @@ def train_classifier(
             loss.backward()
             optimizer.step()
     torch.set_rng_state(torch_state)  # training the metric must not change the caller's randomness
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     with atomic_output(path) as tmp:  # a kill mid-write must not leave a cache that breaks every later eval
         save_file(model.state_dict(), str(tmp))

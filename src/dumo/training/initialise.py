@@ -27,10 +27,10 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from dumo.errors import CheckpointError
-from dumo.training.checkpoint import FORMAT, MODEL_FORMAT, list_checkpoints, load_checkpoint, unprefixed
+from dumo.files import FORMAT, MODEL_FORMAT, load_checkpoint
+from dumo.runs.checkpoints import unprefixed
+from dumo.runs.layout import CONFIG_FILE, EXPORTED_WEIGHTS, list_checkpoints
 
-EXPORTED_WEIGHTS = "model.safetensors"
-RUN_CONFIG = "config.yaml"
 U_HEAD = "heads.u."
 V_HEAD = "heads.v."
 INTERVAL = "backbone.conditioning.interval."
@@ -63,8 +63,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], Path]:
     if path.is_dir():
         if (path / EXPORTED_WEIGHTS).is_file():
             return load_checkpoint(path / EXPORTED_WEIGHTS, kind=MODEL_FORMAT)[0], path / EXPORTED_WEIGHTS
-        if not (path / RUN_CONFIG).is_file():
-            raise CheckpointError(f"train.init_from: {path} is not a dumo run or export directory (no {RUN_CONFIG})")
+        if not (path / CONFIG_FILE).is_file():
+            raise CheckpointError(f"train.init_from: {path} is not a dumo run or export directory (no {CONFIG_FILE})")
         found = list_checkpoints(path)
         if not found:
             raise CheckpointError(f"train.init_from: {path} has no checkpoints yet")
@@ -155,7 +155,7 @@ def check_model_keys(path: str | Path, model_config: object) -> None:
     something else here (a SiT import needs time_embedding_scale 1, say). A bare file records none."""
     import yaml
 
-    config_file = Path(path).expanduser() / RUN_CONFIG
+    config_file = Path(path).expanduser() / CONFIG_FILE
     if not config_file.is_file():
         return
     recorded = (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}

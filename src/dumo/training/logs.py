@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 
 from dumo.data import LatentDataset
 from dumo.errors import ConfigError
-from dumo.run_dir import EVAL_LOG, TENSORBOARD_DIR, TRAIN_LOG
-from dumo.training.checkpoint import atomic_write
+from dumo.files import atomic_write
+from dumo.runs.layout import EVAL_LOG, TENSORBOARD_DIR, TRAIN_LOG
 
 #: the CSV log of each group of logged values, in the run folder
 LOG_FILES = {"train": TRAIN_LOG, "eval": EVAL_LOG}

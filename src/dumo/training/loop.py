@@ -25,8 +25,8 @@ from dumo.distributed import from_environment, resolve_device, shard_randomness,
 from dumo.errors import ConfigError, TrainingError
 from dumo.network import build_network
 from dumo.objectives import build_objective
-from dumo.run_dir import CONFIG_FILE, RunLock, check_run_dir, prepare_run_dir, record_start, remove_torn_writes
-from dumo.training.checkpoint import list_checkpoints
+from dumo.runs.folder import RunLock, check_run_dir, prepare_run_dir, record_start, remove_torn_writes
+from dumo.runs.layout import CONFIG_FILE, list_checkpoints
 from dumo.training.checks import check_batch_fits, ineffective_settings
 from dumo.training.ema import EMA
 from dumo.training.logs import Progress, RunLogs, summary_writer_class

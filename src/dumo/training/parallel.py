@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from dumo.distributed import Distributed
+from dumo.distributed import Distributed, is_sharded
 
 Strategy = Literal["ddp", "fsdp"]
 
@@ -76,10 +76,6 @@ def set_gradient_sync(step_model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def full_tensor(value: Tensor) -> Tensor:
     """A DTensor gathered into one plain tensor (collective); a plain tensor as it is."""
     return value.full_tensor() if isinstance(value, DTensor) else value
@@ -92,16 +88,6 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load an unsharded ``state_dict`` (every rank passes the same one); each rank keeps its shard."""
-    if not is_sharded(model):
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

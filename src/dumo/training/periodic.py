@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from dumo import __version__
 from dumo.data import LatentDataset
 from dumo.errors import DiskFullError, DumoError, MetricsError
-from dumo.evaluation import evaluate, is_guided, sampling_cost
-from dumo.run_dir import SAMPLES_DIR
-from dumo.training.checkpoint import atomic_output
+from dumo.evaluation import evaluate
+from dumo.files import atomic_output
+from dumo.runs.layout import sample_picture_path, snapshot_path
+from dumo.sampling import is_guided, sampling_cost
 from dumo.training.logs import small_data_note
 from dumo.training.parallel import full_model_state
-from dumo.training.snapshots import save_snapshot, snapshot_metadata, snapshot_path
+from dumo.training.snapshots import save_snapshot, snapshot_metadata
+from dumo.version import __version__
 
 if TYPE_CHECKING:
     from dumo.training.loop import Trainer
@@ -100,8 +101,8 @@ def save_picture(trainer: Trainer, model: nn.Module) -> Path:
     """RUN/samples/step_XXXXXXXX.png: 1-NFE samples of the EMA weights (a grid of images with their
     classes, decoded by the autoencoder for latent runs, or 2-D points over the data density), to
     watch a run by eye."""
-    from dumo.evaluation import balanced_labels, generate
     from dumo.plotting import image_grid, scatter_over_density
+    from dumo.sampling import balanced_labels, generate
 
     num = 40 if trainer.space.is_images else 1000
     labels = balanced_labels(num, trainer.num_classes, trainer.device)
@@ -116,7 +117,7 @@ def save_picture(trainer: Trainer, model: nn.Module) -> Path:
         device=trainer.device,
     )
     data = _to_data(trainer, x)
-    path = trainer.run_dir / SAMPLES_DIR / f"step_{trainer.step:08d}.png"
+    path = sample_picture_path(trainer.run_dir, trainer.step)
     cost = sampling_cost(model, trainer.config.objective.name, 1, trainer.config.sample, conditional=labels is not None)
     title = f"{trainer.config.objective.name}, step {trainer.step}, {cost} (EMA)"
     path.parent.mkdir(exist_ok=True)

@@ -12,30 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
 
-from dumo.training.checkpoint import MODEL_FORMAT, atomic_write, save_checkpoint
-
-SNAPSHOT_DIR = "snapshots"
-SNAPSHOT_NAME = re.compile(r"^ema_step_(\d{8,})\.safetensors$")
-SCORES_FILE = "scores.csv"  # RUN/snapshots/scores.csv: one row per (snapshot, NFE)
-
-
-def snapshot_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / SNAPSHOT_DIR / f"ema_step_{step:08d}.safetensors"
-
-
-def list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every snapshot of a run, oldest first (temporary files are ignored)."""
-    folder = Path(run_dir) / SNAPSHOT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := SNAPSHOT_NAME.match(p.name))]
-    return sorted(found)
+from dumo.files import MODEL_FORMAT, atomic_write, save_checkpoint
+from dumo.runs.layout import SCORES_FILE, SNAPSHOT_DIR, list_snapshots
 
 
 def snapshot_due(step: int, steps: Sequence[int], every: int) -> bool:
@@ -79,17 +62,10 @@ def score_snapshots(
     """
     from dumo.data import ToyDataset
     from dumo.errors import MetricsError, RunDirError
-    from dumo.evaluation import (
-        balanced_labels,
-        drawing_sampler,
-        generate_many,
-        image_scorer,
-        is_guided,
-        reference_images,
-        toy_scorer,
-    )
-    from dumo.run import load_run
+    from dumo.evaluation import image_scorer, reference_images, toy_scorer
+    from dumo.runs.loading import load_run
     from dumo.samplers import network_passes
+    from dumo.sampling import balanced_labels, drawing_sampler, generate_many, is_guided
 
     if num < 2:  # every score here needs two samples: a covariance (FD, FID) or MMD's pairs
         raise MetricsError(f"scoring needs at least 2 samples per snapshot; got {num}")

@@ -16,29 +16,30 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dumo import __version__
 from dumo.config import config_differences, config_from_dict
 from dumo.data import SampleSpace
 from dumo.errors import CheckpointError, ConfigError, DiskFullError, RunDirError
-from dumo.run_dir import CONFIG_FILE, RESUMABLE_KEYS, TEACHER_FILE, check_global_batch
-from dumo.training.checkpoint import (
-    CHECKPOINT_DIR,
-    CORRUPT_SUFFIX,
-    MODEL_FORMAT,
-    CorruptCheckpointError,
+from dumo.files import MODEL_FORMAT, CorruptCheckpointError, load_checkpoint, save_checkpoint
+from dumo.runs.checkpoints import (
     agreed_checkpoint,
-    checkpoint_path,
-    list_checkpoints,
-    load_checkpoint,
     load_weights,
     optimizer_state_dict,
     optimizer_tensors,
     prefixed,
-    save_checkpoint,
     unprefixed,
+)
+from dumo.runs.folder import RESUMABLE_KEYS, check_global_batch
+from dumo.runs.layout import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CORRUPT_SUFFIX,
+    TEACHER_FILE,
+    checkpoint_path,
+    list_checkpoints,
 )
 from dumo.training.initialise import initial_weights
 from dumo.training.parallel import full_model_state, full_optimizer_state, load_full_optimizer_state
+from dumo.version import __version__
 
 if TYPE_CHECKING:
     from dumo.training.loop import Trainer

@@ -1,5 +1,6 @@
 """Checkpoints: one safetensors file per save, written atomically, loaded without unpickling.
 
+The files are written and read by :mod:`dumo.files`; their names are :mod:`dumo.runs.layout`'s.
 A checkpoint holds tensors under prefixes (``model.``, ``ema.``, ``optimizer.state.``,
 ``rng.``) and JSON metadata (format tag, step, optimiser hyper-parameters, the config).
 """
@@ -7,52 +8,14 @@ A checkpoint holds tensors under prefixes (``model.``, ``ema.``, ``optimizer.sta
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from dumo.distributed import load_full_model_state
 from dumo.errors import CheckpointError
-from dumo.safetensors_io import (  # noqa: F401 (re-exported: the checkpoint API lives here too)
-    CHECKSUM_KEY,
-    FORMAT,
-    FORMAT_VERSION,
-    MODEL_FORMAT,
-    CorruptCheckpointError,
-    atomic_output,
-    atomic_write,
-    checksum,
-    load_checkpoint,
-    save_checkpoint,
-)
-
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_NAME = re.compile(r"^step_(\d{8,})\.safetensors$")
-CORRUPT_SUFFIX = ".corrupt"  # a checkpoint that failed verification on resume is renamed aside with this
-#: temporary files of :func:`atomic_write` for a checkpoint (``.step_XXXXXXXX.safetensors.<random>.tmp``)
-TEMP_NAME = re.compile(r"^\.step_\d{8,}\.safetensors\.[^/]*\.tmp$")
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:08d}.safetensors"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary files of a torn write are ignored)."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_step(path: Path) -> int:
-    """The step in a checkpoint's file name (``step_00000042.safetensors`` -> 42)."""
-    match = CHECKPOINT_NAME.match(Path(path).name)
-    if match is None:
-        raise CheckpointError(f"{path} is not named like a checkpoint (step_XXXXXXXX.safetensors)")
-    return int(match.group(1))
+from dumo.runs.layout import CHECKPOINT_DIR, checkpoint_path, checkpoint_step, list_checkpoints
 
 
 def agreed_checkpoint(run_dir: Path, step: int | None, rank: int) -> Path | None:
@@ -89,8 +52,6 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> No
 
     ``module`` may be sharded with FSDP (every rank passes the same full ``state``).
     """
-    from dumo.training.parallel import load_full_model_state
-
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

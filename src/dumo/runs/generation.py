@@ -1,8 +1,8 @@
 """Sampling a loaded run from Python: samples in memory or streamed chunk by chunk, and images read
 back from samples files or from a run's data (what ``dumo sample``, ``dumo eval`` and ``dumo fid`` do).
 
-    from dumo.run import load_run
-    from dumo.generation import generate_from_run
+    from dumo.runs.loading import load_run
+    from dumo.runs.generation import generate_from_run
 
     run = load_run("runs/moons")
     labels, samples = generate_from_run(run, nfe=1, num=1000)  # the model's own sampler
@@ -37,7 +37,7 @@ def sample_labels(run, num: int, class_label: int | None):
     """One class for all samples, or balanced over the classes (None for an unconditional model)."""
     import torch
 
-    from dumo.evaluation import balanced_labels
+    from dumo.sampling import balanced_labels
 
     if class_label is not None:
         return torch.full((num,), class_label, dtype=torch.long)
@@ -55,12 +55,12 @@ def generate_from_run(
     batch_size: int = 256,
     dist=None,
 ):
-    """(labels, samples) of a :class:`~dumo.run.LoadedRun`: ``num`` samples in its model space
+    """(labels, samples) of a :class:`~dumo.runs.loading.LoadedRun`: ``num`` samples in its model space
     (``run.space.unstandardise`` maps them to data), ``nfe`` network evaluations each, with the
     objective's own sampler for ``method`` auto; labels of one class or balanced over the classes
     (None: unconditional). Under torchrun (``dist``) split over ranks and gathered on each (for what is
     small: pictures, 2-D points; image files and Inception scores are streamed by :func:`stream_from_run`)."""
-    from dumo.evaluation import generate_many
+    from dumo.sampling import generate_many
 
     labels = sample_labels(run, num, class_label)
     size = math.prod(run.space.shape) * 4
@@ -106,8 +106,8 @@ def stream_from_run(
 
     No rank holds more than one chunk of samples and one decode batch of float images at a time.
     """
-    from dumo.evaluation import decoded_batches, sample_chunks
     from dumo.metrics.inception import to_uint8
+    from dumo.sampling import decoded_batches, sample_chunks
 
     size = math.prod(run.space.shape) * 4
     check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")
@@ -148,7 +148,7 @@ def image_shape(run) -> tuple[int, int, int]:
         return tuple(run.space.shape)
     import torch
 
-    from dumo.evaluation import Chunk, decoded_batches
+    from dumo.sampling import Chunk, decoded_batches
 
     # the decoder's output size for a latent size is its own business: decode one zero latent to see it
     probe = Chunk(0, 0, 1, torch.zeros((1, *run.space.shape), device=run.device), None)
@@ -169,8 +169,8 @@ def read_pixels(source: str, num: int | None):
     from dumo.errors import MetricsError
     from dumo.metrics.checks import count_nonfinite
     from dumo.metrics.inception import to_uint8
-    from dumo.run_dir import CONFIG_FILE
-    from dumo.sample_files import open_npz_array
+    from dumo.runs.layout import CONFIG_FILE
+    from dumo.runs.sample_files import open_npz_array
 
     path = Path(source)
     if path.suffix == ".npz":

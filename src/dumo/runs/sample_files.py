@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from dumo.distributed import Distributed
-from dumo.evaluation import rank_chunks
-from dumo.generation import image_shape
-from dumo.safetensors_io import disk_full_error, is_disk_full
+from dumo.files import atomic_output, disk_full_error, is_disk_full
+from dumo.runs.generation import image_shape
+from dumo.sampling import rank_chunks
 
 
 def parts_folder(out: Path) -> Path:
@@ -35,7 +35,7 @@ def parts_folder(out: Path) -> Path:
 class ShardedNpz:
     """``num`` samples of the arrays in ``arrays`` (key -> (per-sample shape, dtype)) written to
     ``out`` by all ranks of ``dist``, each its own chunks (``batch_size`` samples each, chunk c on
-    rank c % W, as :func:`dumo.evaluation.sample_chunks` deals them); ``whole`` arrays are known
+    rank c % W, as :func:`dumo.sampling.sample_chunks` deals them); ``whole`` arrays are known
     in full on rank 0 (labels) and written by it."""
 
     def __init__(
@@ -97,8 +97,6 @@ class ShardedNpz:
         self.dist.barrier()  # the .npz exists once any rank returns
 
     def merge(self) -> None:
-        from dumo.training.checkpoint import atomic_output
-
         chunks, world = math.ceil(self.num / self.batch), self.dist.world_size
         size = sum(self.part(key, rank).stat().st_size for key in self.arrays for rank in range(world))
         size += sum(value.nbytes for value in self.whole.values())
@@ -162,7 +160,7 @@ def open_npz_array(path: Path, key: str) -> np.ndarray:
 
 
 def npz_sink(writer, float_images: bool):
-    """Write decoded batches into a :class:`dumo.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
+    """Write decoded batches into a :class:`dumo.runs.sample_files.ShardedNpz` ('arr_0' NHWC uint8, 'images')."""
 
     def sink(first: int, images, pixels) -> None:
         writer.write("arr_0", first, pixels.permute(0, 2, 3, 1).cpu().numpy())
@@ -239,7 +237,7 @@ def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
     ``{first:06d}.png``, then the next, ... (each rank writes its own)."""
     from PIL import Image
 
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(pixels, start=first):
@@ -249,7 +247,7 @@ def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:
 
 def write_labels_csv(folder: Path, labels: np.ndarray, space) -> None:
     """labels.csv beside the PNGs of class-conditional samples: file, label, class name."""
-    from dumo.training.checkpoint import atomic_output
+    from dumo.files import atomic_output
 
     if (labels >= 0).any():
         rows = "".join(f"{i:06d}.png,{int(c)},{space.class_name(int(c))}\n" for i, c in enumerate(labels))

@@ -1,7 +1,8 @@
-"""The run folder's bookkeeping: its file names, what may be resumed in it, its lock, clearing it.
+"""The run folder's bookkeeping: what may be resumed in it, its record, its lock, clearing it.
 
 What ``dumo train --out`` owns in a folder and how it decides that a folder holds this run (or
-nothing). Training itself lives in :mod:`dumo.training.trainer`; reading a run back in :mod:`dumo.run`.
+nothing). The names in the folder are :mod:`dumo.runs.layout`'s; training itself lives in
+:mod:`dumo.training`; reading a run back in :mod:`dumo.runs.loading`.
 """
 
 from __future__ import annotations
@@ -16,39 +17,30 @@ from pathlib import Path
 
 import torch
 
-from dumo import __version__
 from dumo.config import Config, config_differences, load_config
 from dumo.errors import RunDirError
-
-CONFIG_FILE = "config.yaml"
-TRAIN_LOG = "train_log.csv"
-EVAL_LOG = "eval_log.csv"
-TEACHER_FILE = "teacher.safetensors"  # the frozen initial weights, kept with the run so that it resumes alone
-LOCK_FILE = ".dumo.lock"  # held (flock) by the process training the run, for the whole run
-HISTORY_FILE = "history.txt"  # one line per start: time, dumo version, command line, starting step
-SAMPLES_DIR = "samples"  # a picture of samples at every evaluation
-TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: the logged scalars and scores as TensorBoard events
-#: dumo's mark on a run folder: the names in it that dumo created. Only a folder with this record (or
-#: a run written before it existed: see is_legacy_run) is resumed or cleared by --overwrite, and
-#: --overwrite deletes only what the record lists.
-RUN_RECORD = "dumo-run.json"
-RECORD_FORMAT = "dumo-run"
-# dumo.training.checkpoint.CHECKPOINT_DIR and dumo.training.snapshots.SNAPSHOT_DIR, named again here:
-# importing them at module level would import dumo.training, whose trainer imports this module
-CHECKPOINT_DIR_NAME = "checkpoints"
-SNAPSHOT_DIR_NAME = "snapshots"
-#: every top-level name a training run may write in its folder (the lock aside, which is never removed)
-RUN_NAMES = (
+from dumo.files import atomic_write
+from dumo.runs.layout import (
+    CHECKPOINT_DIR,
     CONFIG_FILE,
-    HISTORY_FILE,
-    TRAIN_LOG,
+    CORRUPT_SUFFIX,
     EVAL_LOG,
-    TEACHER_FILE,
-    CHECKPOINT_DIR_NAME,
+    HISTORY_FILE,
+    LOCK_FILE,
+    OWN_FILES_IN,
+    RUN_NAMES,
+    RUN_RECORD,
     SAMPLES_DIR,
+    SNAPSHOT_DIR,
+    TEACHER_FILE,
+    TEMP_NAME,
     TENSORBOARD_DIR,
-    SNAPSHOT_DIR_NAME,
+    TRAIN_LOG,
+    list_checkpoints,
 )
+from dumo.version import __version__
+
+RECORD_FORMAT = "dumo-run"  # the format tag inside the run record (RUN_RECORD)
 KEPT_ON_OVERWRITE = (HISTORY_FILE,)  # every start of the folder, the overwriting one included
 
 #: keys that may change between a run and its resumption (they do not change the maths).
@@ -105,8 +97,6 @@ def check_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> Non
     start that failed before its first save) is taken over, unless it holds what a start at step 0
     would destroy: training logs or a checkpoint set aside as corrupt.
     """
-    from dumo.training.checkpoint import list_checkpoints
-
     config_file = run_dir / CONFIG_FILE
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
@@ -156,13 +146,11 @@ def check_unmarked_folder(run_dir: Path, overwrite: bool) -> None:
 
 def check_nothing_to_lose(run_dir: Path) -> None:
     """Refuse to start a marked run without checkpoints at step 0 over its logs or a corrupt checkpoint."""
-    from dumo.training.checkpoint import CORRUPT_SUFFIX
-
-    folder = run_dir / CHECKPOINT_DIR_NAME
+    folder = run_dir / CHECKPOINT_DIR
     corrupt = sorted(p.name for p in folder.iterdir() if p.name.endswith(CORRUPT_SUFFIX)) if folder.is_dir() else []
     logs = [name for name in (TRAIN_LOG, EVAL_LOG) if log_has_rows(run_dir / name)]
     if corrupt or logs:
-        held = [f"{CHECKPOINT_DIR_NAME}/{corrupt[0]}"] if corrupt else []
+        held = [f"{CHECKPOINT_DIR}/{corrupt[0]}"] if corrupt else []
         raise RunDirError(
             f"{run_dir} has no readable checkpoint but holds {', '.join(held + logs)}: starting again at step 0 "
             "would replace them; pass --overwrite to start afresh, or choose another --out"
@@ -198,8 +186,6 @@ def read_run_record(run_dir: Path) -> list[str] | None:
 def is_legacy_run(run_dir: Path) -> bool:
     """A run written before the run record: dumo's config.yaml with checkpoints, dumo's history.txt or
     a training log."""
-    from dumo.training.checkpoint import list_checkpoints
-
     if (run_dir / RUN_RECORD).exists() or not (run_dir / CONFIG_FILE).is_file():
         return False
     return (
@@ -241,10 +227,10 @@ def names_written_by(config: Config) -> list[str]:
         TRAIN_LOG: cfg.log_every > 0,
         EVAL_LOG: True,
         TEACHER_FILE: cfg.init_from is not None,
-        CHECKPOINT_DIR_NAME: True,
+        CHECKPOINT_DIR: True,
         SAMPLES_DIR: True,
         TENSORBOARD_DIR: cfg.tensorboard,
-        SNAPSHOT_DIR_NAME: bool(cfg.snapshot_steps) or cfg.snapshot_every > 0,
+        SNAPSHOT_DIR: bool(cfg.snapshot_steps) or cfg.snapshot_every > 0,
     }
     return [name for name in RUN_NAMES if wanted[name]]
 
@@ -252,8 +238,6 @@ def names_written_by(config: Config) -> list[str]:
 def write_run_record(run_dir: Path, owned: list[str], config: Config) -> None:
     """Mark ``run_dir`` as a dumo run: the record lists ``owned`` and what this run will create there
     (its names that do not exist yet; one that exists and is not owned belongs to someone else)."""
-    from dumo.safetensors_io import atomic_write
-
     created = [name for name in names_written_by(config) if not (run_dir / name).exists()]
     names = [name for name in RUN_NAMES if name in owned or name in created]
     record = {
@@ -319,8 +303,6 @@ def prepare_run_dir(config: Config, run_dir: Path, overwrite: bool = False) -> l
 def remove_torn_writes(run_dir: Path) -> None:
     """Delete temporary files left by a checkpoint write that was killed before its rename
     (only dumo's own temporary names; call it holding the run's lock, or a live write is lost)."""
-    from dumo.training.checkpoint import CHECKPOINT_DIR, TEMP_NAME
-
     folder = run_dir / CHECKPOINT_DIR
     if folder.is_dir():
         for path in folder.iterdir():
@@ -361,24 +343,6 @@ def clear_run(run_dir: Path) -> list[str]:
             path.unlink()  # a symbolic link is removed, not followed
             removed.append(name)
     return removed
-
-
-def own_file_patterns() -> dict[str, re.Pattern[str]]:
-    """For each folder a run writes, the names of the files dumo puts in it: its own names, and
-    their temporary copies (``.NAME.<random>.tmp[.suffix]``) from an atomic write killed before its rename."""
-
-    def own(name: str) -> re.Pattern[str]:
-        return re.compile(rf"^(?:{name}|\.{name}\.[^/]+\.tmp(?:\.[a-z]+)?)$")
-
-    return {
-        CHECKPOINT_DIR_NAME: own(r"step_\d{8,}\.safetensors(?:\.corrupt)?"),
-        SAMPLES_DIR: own(r"step_\d{8,}\.png"),
-        TENSORBOARD_DIR: re.compile(r"^events\.out\.tfevents\.[^/]+$"),
-        SNAPSHOT_DIR_NAME: own(r"(?:ema_step_\d{8,}\.safetensors|scores\.csv)"),
-    }
-
-
-OWN_FILES_IN = own_file_patterns()
 
 
 def clear_folder(folder: Path, own_files: re.Pattern[str]) -> int:

@@ -17,18 +17,12 @@ from torch import Tensor, nn
 from dumo.config import Config, config_differences, config_from_dict, load_config, save_config
 from dumo.data import Dataset, SampleSpace, build_dataset
 from dumo.errors import ConfigError, RunDirError, SamplingError
+from dumo.files import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from dumo.network import build_network
-from dumo.run_dir import CONFIG_FILE, RESUMABLE_KEYS
-from dumo.training.checkpoint import (
-    MODEL_FORMAT,
-    list_checkpoints,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-    unprefixed,
-)
+from dumo.runs.checkpoints import load_weights, unprefixed
+from dumo.runs.folder import RESUMABLE_KEYS
+from dumo.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, EXPORTED_WEIGHTS, list_checkpoints
 
-EXPORTED_WEIGHTS = "model.safetensors"
 #: data.* keys that say where files are: config.yaml's values win where it sets them (the data or the
 #: decoder may have moved since training)
 LOCATION_KEYS = ("path", "autoencoder_path")
@@ -126,7 +120,7 @@ def load_run(
     their data (every checkpoint and export written by this version does)."""
     run_dir = Path(run_dir).expanduser()
     if run_dir.is_file() and run_dir.suffix == ".safetensors":
-        folder = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+        folder = run_dir.parent.parent if run_dir.parent.name == CHECKPOINT_DIR else run_dir.parent
         raise RunDirError(
             f"{run_dir} is a weights file; give the run folder and the file: '{folder} --checkpoint {run_dir}'"
         )
@@ -221,7 +215,7 @@ class Model:
         ``classes``: one class or one per sample (indices or names); default balanced over classes.
         The samples are those ``dumo sample`` writes with the same seed and batch size.
         """
-        from dumo.evaluation import balanced_labels, generate_many
+        from dumo.sampling import balanced_labels, generate_many
 
         if num < 1:
             raise SamplingError(f"num must be >= 1; got {num}")
