@@ -17,7 +17,7 @@ import yaml
 
 from dumo.data import DataConfig
 from dumo.errors import ConfigError
-from dumo.models import ModelConfig
+from dumo.models import ModelConfig, find_model
 from dumo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveConfig, objective_config_class
 from dumo.samplers import SAMPLERS
 from dumo.schema import build, require, to_dict
@@ -136,21 +136,10 @@ class Config:
         """The config as plain values, with only the model keys the chosen network reads (a DiT's
         config.yaml listing U-Net keys suggests they matter)."""
         raw = to_dict(self)
-        raw["model"] = {k: v for k, v in raw["model"].items() if k not in unused_model_keys(self.model.name)}
+        network = find_model(self.model.name)  # None: a name validation refuses; then every key is kept
+        unused = network.unused_keys if network is not None else ()
+        raw["model"] = {k: v for k, v in raw["model"].items() if k not in unused}
         return raw
-
-
-UNET_KEYS = ("channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
-DIT_KEYS = ("num_heads", "position_order")
-
-
-def unused_model_keys(name: str) -> tuple[str, ...]:
-    """Keys of ``ModelConfig`` that the network ``name`` ignores."""
-    if name == "unet":
-        return ("hidden_dim", "depth", *DIT_KEYS)
-    if name == "mlp":
-        return (*UNET_KEYS, *DIT_KEYS)
-    return UNET_KEYS
 
 
 SECTIONS = {

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from dumo.config import load_config
-    from dumo.models import count_parameters
+    from dumo.models import count_parameters, describe_model
     from dumo.network import build_network
     from dumo.objectives import objective_class
 
@@ -55,20 +55,3 @@ def run(args: argparse.Namespace) -> int:
     print("effective settings:")
     print("  " + yaml.safe_dump(config.to_dict(), sort_keys=False).replace("\n", "\n  ").rstrip())
     return 0
-
-
-def describe_model(model_config) -> str:
-    """The network's name, and its actual size where it differs from the standard size of that name
-    (the digits configs' "DiT-S/2" is 96 wide and 4 deep: 0.74M parameters, not DiT-S/2's 33M)."""
-    from dumo.models.dit import parse_dit_name
-
-    parsed = parse_dit_name(model_config.name)
-    if parsed is None:
-        return model_config.name
-    standard, actual = parsed[0], model_config.dit_size()
-    if actual == standard:
-        return model_config.name
-    return (
-        f"{model_config.name} with a custom size (width {actual.hidden_dim}, depth {actual.depth}, {actual.num_heads} "
-        f"heads; the standard {model_config.name} is width {standard.hidden_dim}, depth {standard.depth})"
-    )

@@ -14,16 +14,24 @@ from typing import Literal
 from torch import nn
 
 from dumo.errors import ConfigError
-from dumo.models.dit import DIT_SIZES, POSITION_ORDERS, DiTBackbone, DiTHead, DiTSize, parse_dit_name
+from dumo.models.dit import POSITION_ORDERS, DiTBackbone, DiTHead, DiTSize, parse_dit_name
 from dumo.models.embeddings import ConditionerFactory
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
 from dumo.models.output import ModelOutput
+from dumo.models.registry import (
+    MLP_DEPTH,
+    MLP_HIDDEN_DIM,
+    MODEL_REGISTRY,
+    ModelEntry,
+    describe,
+    find_model,
+    model_entry,
+)
 from dumo.models.unet import UNetBackbone, UNetHead
 from dumo.schema import require
 
-MLP_HIDDEN_DIM, MLP_DEPTH = 256, 4  # the mlp's width and depth when model.hidden_dim / depth are null
-MODEL_NAMES = ("mlp", "unet", *(f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (1, 2, 4)))
+MODEL_NAMES = tuple(name for name, entry in MODEL_REGISTRY.items() if entry.buildable)
 
 
 @dataclass
@@ -71,7 +79,7 @@ class ModelConfig:
             self.position_order == "rows_first" or parse_dit_name(self.name) is not None,
             f"{prefix}.position_order applies to DiT models only",
         )
-        if self.name in ("mlp", "unet"):
+        if not model_entry(self.name).head_blocks:
             require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
             require(self.head_blocks == 0, f"{prefix}.head_blocks applies to DiT models only")
         else:
@@ -84,6 +92,10 @@ class ModelConfig:
                 size.hidden_dim % size.num_heads == 0 and size.hidden_dim % 4 == 0,
                 f"{prefix}.hidden_dim ({size.hidden_dim}) must be divisible by 4 and by num_heads ({size.num_heads})",
             )
+
+    def network(self) -> ModelEntry:
+        """The registry entry of this network, with the size this config sets."""
+        return model_entry(self.name).with_overrides(self.hidden_dim, self.depth, self.num_heads)
 
     def dit_size(self) -> DiTSize:
         """The DiT size after the hidden_dim / depth / num_heads overrides."""
@@ -195,16 +207,34 @@ def check_fits(config: ModelConfig, data_shape: tuple[int, ...]) -> None:
         )
 
 
+def describe_model(config: ModelConfig) -> str:
+    """The network's name, and its actual size where it differs from the standard size of that name
+    (the digits configs' DiT-S/2 is 96 wide and 4 deep: 0.74M parameters, not DiT-S/2's 33M)."""
+    standard, actual = model_entry(config.name), config.network()
+    if actual == standard or standard.patch is None:
+        return config.name
+    return (
+        f"{config.name} with a custom size (width {actual.hidden_dim}, depth {actual.depth}, {actual.num_heads} "
+        f"heads; the standard {config.name} is width {standard.hidden_dim}, depth {standard.depth})"
+    )
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 __all__ = [
     "MODEL_NAMES",
+    "MODEL_REGISTRY",
     "ConditionerFactory",
     "FlowModel",
     "ModelConfig",
+    "ModelEntry",
     "ModelOutput",
     "build_model",
     "count_parameters",
+    "describe",
+    "describe_model",
+    "find_model",
+    "model_entry",
 ]

@@ -28,12 +28,12 @@ def check_batch_fits(config: Config, shape: tuple[int, ...], shards: int = 1) ->
         return
     rows = config.data.batch_size // max(shards, 1)  # what one accumulated shard of one process runs
     need = config.data.batch_size * 16 * math.prod(shape) * 4  # the stream draws the global batch at once
-    model, activation = config.model, 0
-    if model.name == "mlp":
-        activation = 4 * (model.hidden_dim or 256) * (model.depth if model.depth is not None else 4) * 4
-    elif model.name != "unet" and len(shape) == 3:
-        size, patch = model.dit_size(), int(model.name.rsplit("/", 1)[1])
-        activation = 4 * (shape[1] // patch) * (shape[2] // patch) * size.hidden_dim * size.depth * 4
+    network, activation = config.model.network(), 0
+    if network.data == "vectors" and network.hidden_dim is not None and network.depth is not None:
+        activation = 4 * network.hidden_dim * network.depth * 4
+    elif network.patch is not None and network.hidden_dim is not None and network.depth is not None and len(shape) == 3:
+        tokens = (shape[1] // network.patch) * (shape[2] // network.patch)
+        activation = 4 * tokens * network.hidden_dim * network.depth * 4
     need += rows * activation
     if need > total:
         raise ConfigError(
