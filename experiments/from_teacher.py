@@ -30,11 +30,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+# experiments/common.py, found as the script's folder comes first on the path (python experiments/X.py;
+# the tests' load_script puts it there too)
+import common
+from common import evaluate_run, last_step, metric, read_log
+
+from dumo.runs.layout import TRAIN_LOG
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMO = [sys.executable, "-m", "dumo"]
@@ -83,7 +89,7 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
     if scores_file(run_dir).is_file():
         return run_dir
     wait_while_training(run_dir)
-    if scores_file(run_dir).is_file() or (TABLE_ONLY and (run_dir / "train_log.csv").is_file()):
+    if scores_file(run_dir).is_file() or (TABLE_ONLY and (run_dir / TRAIN_LOG).is_file()):
         return run_dir  # table-only: score whatever the run reached
     command = [*DUMO, "train", str(config), "--out", str(run_dir)]
     for item in [*overrides, "train.progress=false"]:
@@ -118,10 +124,9 @@ def wait_while_training(run_dir: Path) -> None:
 
 def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
     """Domain FD and class fidelity of the run's EMA weights for each named evaluation
-    (keyword arguments of dumo.evaluation.evaluate: nfes, method, guidance), cached in scores_file(run_dir)."""
+    (nfe, method, guidance: 1 unless given), cached in scores_file(run_dir)."""
     import torch
 
-    from dumo.evaluation import evaluate
     from dumo.runs.loading import load_run
 
     path = scores_file(run_dir)
@@ -129,43 +134,11 @@ def score(run_dir: Path, evaluations: dict[str, dict]) -> dict[str, float]:
     missing = {name: spec for name, spec in evaluations.items() if not any(k.startswith(f"{name}/") for k in scores)}
     if missing:
         torch.set_num_threads(1)
-        run = load_run(run_dir)
-        for name, spec in missing.items():
-            sample = run.config.sample
-            sample.guidance_scale = spec.get("guidance", 1.0)
-            result = evaluate(
-                run.model,
-                run.objective_name,
-                run.dataset,
-                sample,
-                nfes=(spec["nfe"],),
-                num=NUM_SAMPLES,
-                num_classes=run.num_classes,
-                method=spec.get("method", "auto"),
-            )
-            for key, value in result.items():  # fd_1nfe -> "1 NFE/fd"
-                scores[f"{name}/{key.rsplit('_', 1)[0]}"] = value
+        # no sampling-time guidance unless an evaluation asks for it, whatever the run's config says
+        unguided = {name: {"guidance": 1.0, **spec} for name, spec in missing.items()}
+        scores.update(evaluate_run(load_run(run_dir), unguided, NUM_SAMPLES))
         path.write_text(json.dumps(scores, indent=1))
     return scores
-
-
-def last_step(run_dir: Path) -> int:
-    """The step a run's latest checkpoint (or an export's weights) holds."""
-    from safetensors import safe_open
-
-    from dumo.runs.layout import checkpoint_step, list_checkpoints
-
-    if not (run_dir / "checkpoints").is_dir():  # an export (dumo export): the step is in its metadata
-        with safe_open(run_dir / "model.safetensors", "pt") as weights:
-            return int(weights.metadata()["step"])
-    return checkpoint_step(list_checkpoints(run_dir)[-1])
-
-
-def read_log(run_dir: Path, column: str) -> dict[int, float]:
-    import csv
-
-    with (run_dir / "train_log.csv").open() as handle:
-        return {int(row["step"]): float(row[column]) for row in csv.DictReader(handle) if row.get(column)}
 
 
 def parallel(jobs: list, workers: int) -> list:
@@ -177,11 +150,6 @@ def config_path(dataset: str, name: str) -> Path:
     if dataset == "moons":
         return ROOT / "configs" / "toy" / f"moons-{name}.yaml"
     return ROOT / "configs" / dataset / f"{name}.yaml"
-
-
-def metric(dataset: str) -> str:
-    """The quality figure of a dataset: MMD for 2-D data, domain FD for images."""
-    return "mmd" if dataset == "moons" else "fd"
 
 
 def teacher(args: argparse.Namespace, seed: int) -> Path:
@@ -206,9 +174,8 @@ def budget(args: argparse.Namespace) -> list[str]:
 
 
 def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    """3 decimals, the std too."""
+    return common.mean_std(values, ".3f")
 
 
 # -- stages --------------------------------------------------------------------------------------
@@ -228,7 +195,7 @@ def stability(args: argparse.Namespace) -> None:
             if origin == "scratch":
                 init.append(f"train.steps={args.scratch_steps}")
             folder = args.out / "stability" / f"{origin}-{name.replace(' ', '_').replace('=', '')}"
-            if args.table_only and not (folder / "train_log.csv").is_file():
+            if args.table_only and not (folder / TRAIN_LOG).is_file():
                 continue
             runs[(origin, name)] = (folder, [*PLAIN, *extra, *init, "train.checkpoint_every=500"])
     jobs = [lambda f=f, o=o: score(train(base, f, o), FEW_STEP_EVALUATIONS) for f, o in runs.values()]
@@ -321,7 +288,7 @@ def results(args: argparse.Namespace) -> None:
             if seed not in seeds:
                 continue
             folder = args.out / f"{variant_name(method, label)}-s{seed}"
-            if args.table_only and not (folder / "train_log.csv").is_file():
+            if args.table_only and not (folder / TRAIN_LOG).is_file():
                 continue
             labels.append((method, label))
             config = config_path(args.dataset, f"{method}-from-fm")

@@ -39,7 +39,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# experiments/common.py, found as the script's folder comes first on the path (python experiments/X.py;
+# the tests' load_script puts it there too)
+import common
 import numpy as np
+from common import evaluate_run, last_step, metric, samples, training_time
 
 ROOT = Path(__file__).resolve().parents[1]
 DUMO = [sys.executable, "-m", "dumo"]
@@ -200,30 +204,6 @@ class Study:
         print(f"wrote {self.out / 'table.md'} and {self.out / 'figure.png'}")
 
 
-def training_time(folder: Path) -> dict[str, float]:
-    """The step and training seconds (over every invocation, without start-up and evaluation) that
-    the run's last checkpoint records."""
-    from safetensors import safe_open
-
-    from dumo.runs.layout import list_checkpoints
-
-    last = list_checkpoints(folder)[-1]
-    with safe_open(str(last), "pt") as handle:
-        metadata = handle.metadata() or {}
-    return {"step": last_step(folder), "seconds": float(metadata.get("wall_seconds", "nan"))}
-
-
-def last_step(folder: Path, checkpoint: int = -1) -> int:
-    from dumo.runs.layout import checkpoint_step, list_checkpoints
-
-    return checkpoint_step(list_checkpoints(folder)[checkpoint])
-
-
-def metric(dataset: str) -> str:
-    """The quality figure of a dataset: MMD for 2-D data, domain FD for images."""
-    return "mmd" if dataset == "moons" else "fd"
-
-
 #: named evaluations: sampler settings of dumo.evaluation.evaluate
 FEW_STEP = {"1 NFE": {"nfe": 1}, "2 NFE": {"nfe": 2}}
 
@@ -233,7 +213,6 @@ def score(folder: Path, evaluations: dict[str, dict], num: int, checkpoint: int 
     scores.json by checkpoint step and sample count."""
     import torch
 
-    from dumo.evaluation import evaluate
     from dumo.runs.layout import list_checkpoints
     from dumo.runs.loading import load_run
 
@@ -246,50 +225,14 @@ def score(folder: Path, evaluations: dict[str, dict], num: int, checkpoint: int 
         torch.set_num_threads(1)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         run = load_run(folder, list_checkpoints(folder)[checkpoint], device=device)
-        dataset = run.dataset
-        if dataset is None:
-            from dumo.data import build_dataset
-
-            dataset = build_dataset(run.config.data)
-        for name, spec in missing.items():
-            result = evaluate(
-                run.model,
-                run.objective_name,
-                dataset,
-                run.config.sample,
-                nfes=(spec["nfe"],),
-                num=num,
-                num_classes=run.num_classes,
-                method=spec.get("method", "auto"),
-                device=device,
-            )
-            for key, value in result.items():  # fd_1nfe -> "1 NFE/fd"
-                scores[f"{name}/{key.rsplit('_', 1)[0]}"] = value
+        scores.update(evaluate_run(run, missing, num, device))
         path.write_text(json.dumps(cache, indent=1))
     return scores
 
 
-def samples(folder: Path, num: int, nfe: int = 1) -> np.ndarray:
-    """``num`` samples of the run's EMA weights in data space (seed 0), cached in the run folder."""
-    import torch
-
-    from dumo.runs.loading import load_run
-    from dumo.sampling import balanced_labels, generate
-
-    path = folder / f"samples-{nfe}nfe-{num}.npy"
-    if not path.is_file():
-        torch.set_num_threads(1)
-        run = load_run(folder)
-        labels = balanced_labels(num, run.num_classes)
-        x = generate(run.model, run.objective_name, (num, *run.space.shape), nfe, run.config.sample, 0, labels)
-        np.save(path, run.space.unstandardise(x).numpy())
-    return np.load(path)
-
-
 def mean_std(values: Sequence[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+    """4 significant digits, 2 for the std."""
+    return common.mean_std(values, ".4g", ".2g")
 
 
 @dataclass

@@ -82,5 +82,13 @@ def load_script(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[path.stem] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    # As ``python experiments/X.py`` does, the script's folder comes first on the path while it is
+    # imported, so that its imports of its neighbours (experiments/common.py) resolve; taken off
+    # after, so that one folder's modules do not shadow another's in later tests.
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
