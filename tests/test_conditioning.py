@@ -206,3 +206,22 @@ def test_training_time_guidance_on_a_text_model_reads_null_prompts_in_its_uncond
         if cond.null.any():  # the unconditional rows follow the conditional ones, or are a call of their own
             count = int(cond.null.sum())
             assert cond.null[-count:].all()
+
+
+def test_prompts_are_drawn_in_chunks_each_with_its_own_rows():
+    """generate_many splits prompts across chunks as it splits class labels: changing the prompts of
+    the second chunk changes its samples and leaves the first chunk's alone."""
+    from dumo.config import SampleConfig
+    from dumo.sampling import generate_many
+
+    model, prompts = tiny_text_dit(), embedded_prompts(4)
+    other = TextCondition(prompts.tokens.clone(), prompts.mask)
+    other.tokens[2:] = torch.randn_like(other.tokens[2:])
+    with torch.no_grad():
+        first, second = (
+            generate_many(model, "dumo", (4, 2, 8, 8), 1, SampleConfig(), labels=cond, batch_size=2)
+            for cond in (prompts, other)
+        )
+    assert first.shape == (4, 2, 8, 8) and torch.isfinite(first).all()
+    assert torch.equal(first[:2], second[:2])
+    assert (first[2:] - second[2:]).abs().amax() > 1e-4

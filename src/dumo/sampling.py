@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dumo.conditioning import slice_condition
 from dumo.config import SampleConfig
 from dumo.data import SampleSpace
 from dumo.distributed import Distributed
@@ -227,7 +228,7 @@ def sample_chunks(
     report = SamplingProgress(len(mine), enabled=dist.is_main)
     for count, chunk in enumerate(mine, start=1):
         start, stop = chunk * batch, min((chunk + 1) * batch, num)
-        part = None if labels is None else labels[start:stop]
+        part = slice_condition(labels, start, stop)  # class labels or prompts
         x = generate(
             model,
             objective_name,
