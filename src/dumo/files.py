@@ -115,11 +115,7 @@ def atomic_output(path: str | Path, expected_bytes: int | None = None) -> Iterat
         if is_disk_full(error):
             raise disk_full_error(error, path, expected_bytes, written) from error
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -148,11 +144,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         if is_disk_full(error):  # named once the partial file is gone, so the free space shown is the real one
             raise disk_full_error(error, path, len(data)) from error
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)
 
 
 def checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
@@ -206,3 +198,12 @@ def load_checkpoint(path: Path, kind: str = FORMAT) -> tuple[dict[str, Tensor], 
     if CHECKSUM_KEY in metadata and checksum(tensors, metadata) != metadata[CHECKSUM_KEY]:
         raise CorruptCheckpointError(f"{path} is corrupt: its data does not match the checksum stored in it")
     return tensors, metadata
+
+
+def fsync_directory(folder: Path) -> None:
+    """Flush ``folder``'s entries to disk, so that a rename into it survives a power cut."""
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
