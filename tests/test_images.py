@@ -242,3 +242,15 @@ def test_trajectory_picture(digits_run, tmp_path):
     result = dumo("trajectories", digits_run, "--out", out, "--num", 3, "--nfe", 1, 2)
     assert result.returncode == 0, result.stderr
     assert "u-head, v-head Euler" in result.stdout and out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_macos_appledouble_files_are_not_read_as_images(tmp_path):
+    root = class_folders(tmp_path, ["cat", "dog"])
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")  # not a PNG
+    (root / ".DS_Store").write_bytes(b"\x00")
+    dataset = load_image_folder(str(root))
+    assert dataset.labels.tolist() == [0, 1]
+    (root / "owl").mkdir()
+    (root / "owl" / "._1.png").write_bytes(b"\x00")  # a folder of metadata only holds no images
+    with pytest.raises(DataError, match=r"owl has no images .*hidden files such as \._1\.png are skipped"):
+        load_image_folder(str(root))

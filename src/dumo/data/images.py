@@ -284,7 +284,7 @@ def list_image_folder(path: str | None) -> tuple[Path, list[tuple[Path, int]], l
     if not classes:
         files = [(f, 0) for f in image_files(root)]
         if not files:
-            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}{hidden_note(root)}")
         return root, files, [root.name]
     # With class subfolders, images beside them would silently be left out of training.
     loose = image_files(root)
@@ -299,15 +299,29 @@ def list_image_folder(path: str | None) -> tuple[Path, list[tuple[Path, int]], l
         members = image_files(root / name)
         if not members:  # a class without images: the model would be conditioned on a label it never saw
             raise DataError(
-                f"class folder {root / name} has no images ({', '.join(IMAGE_SUFFIXES)}); add images or remove it"
+                f"class folder {root / name} has no images ({', '.join(IMAGE_SUFFIXES)}){hidden_note(root / name)}; "
+                "add images or remove it"
             )
         files.extend((f, label) for f in members)
     return root, files, classes
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The image files directly inside ``folder``, in sorted order (the same on every machine)."""
-    return [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    """The image files directly inside ``folder``, in sorted order (the same on every machine).
+
+    Hidden files are skipped: macOS writes an AppleDouble ``._name.png`` beside every image copied to
+    a foreign disk, and those are metadata, not images."""
+    return [
+        f
+        for f in sorted(folder.iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".") and f.is_file()
+    ]
+
+
+def hidden_note(folder: Path) -> str:
+    """`` (hidden files were skipped: ...)`` when ``folder`` holds hidden image-named files, else ``""``."""
+    hidden = [f.name for f in sorted(folder.iterdir()) if f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES]
+    return f" (hidden files such as {hidden[0]} are skipped)" if hidden else ""
 
 
 def load_image_folder(path: str | None, resolution: int | None = None) -> ImageDataset:
