@@ -8,56 +8,21 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers.diffusers_tiny import random_latents, random_prompts, save_sana_pipeline, tiny_transformer  # noqa: E402
+from helpers.diffusers_tiny import (  # noqa: E402
+    random_latents,
+    random_prompts,
+    run_stock_pipeline,
+    save_sana_pipeline,
+    stock_pipeline,
+    tiny_transformer,
+)
 
 from dumo.bridge import DualHeadTransformer, family_of  # noqa: E402
-from dumo.bridge.families import pack_latents, unpack_latents  # noqa: E402
 from dumo.bridge.folder import load_transformer, read_pipeline_folder  # noqa: E402
 from dumo.conditioning import TextCondition  # noqa: E402
 from dumo.errors import CheckpointError  # noqa: E402
 
 FAMILIES = ("sana", "sd3", "flux")
-
-
-def stock_pipeline(family: str, transformer):
-    """The family's diffusers pipeline around ``transformer`` with a shift-1 Euler scheduler and no
-    text encoders or VAE (prompts come as embeddings, samples as latents)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, SanaPipeline, StableDiffusion3Pipeline
-
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    if family == "sana":
-        return SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
-    if family == "sd3":
-        return StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
-            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-        )  # fmt: skip
-    return FluxPipeline(
-        transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
-        text_encoder_2=None, tokenizer_2=None,
-    )  # fmt: skip
-
-
-def run_stock_pipeline(family: str, pipe, x: torch.Tensor, cond: TextCondition, sigmas: list[float]) -> torch.Tensor:
-    """The pipeline's own sampling loop from latents ``x`` over ``sigmas``, back as (B, C, H, W) latents."""
-    side = x.shape[-1] * pipe.vae_scale_factor
-    kwargs = dict(
-        prompt_embeds=cond.tokens, sigmas=sigmas, output_type="latent", height=side, width=side,
-        num_inference_steps=len(sigmas),
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    if family == "sana":
-        return pipe(
-            **kwargs,
-            prompt_attention_mask=cond.mask.long(),
-            guidance_scale=1.0,
-            latents=x,
-            use_resolution_binning=False,
-        ).images
-    if family == "sd3":
-        return pipe(**kwargs, pooled_prompt_embeds=cond.pooled, guidance_scale=1.0, latents=x).images
-    out = pipe(**kwargs, pooled_prompt_embeds=cond.pooled, guidance_scale=3.5, latents=pack_latents(x)).images
-    return unpack_latents(out, x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,6 +3,7 @@
 
 import torch
 
+from dumo.bridge.families import pack_latents, unpack_latents
 from dumo.conditioning import TextCondition
 
 TEXT_DIM, POOLED_DIM, CHANNELS, SIDE = 12, 6, 4, 8
@@ -77,3 +78,47 @@ def save_sana_pipeline(folder):
     )  # fmt: skip
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def stock_pipeline(family: str, transformer):
+    """The family's diffusers pipeline around ``transformer`` with a shift-1 Euler scheduler and no
+    text encoders or VAE (prompts come as embeddings, samples as latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, SanaPipeline, StableDiffusion3Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    if family == "sana":
+        return SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    if family == "sd3":
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        )  # fmt: skip
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None,
+    )  # fmt: skip
+
+
+def run_stock_pipeline(
+    family: str, pipe, x: torch.Tensor, cond: TextCondition, sigmas: list[float] | None, steps: int | None = None
+) -> torch.Tensor:
+    """The pipeline's own sampling loop from latents ``x`` over ``sigmas`` (or its default schedule of
+    ``steps``), back as (B, C, H, W) latents."""
+    side = x.shape[-1] * pipe.vae_scale_factor
+    kwargs = dict(
+        prompt_embeds=cond.tokens, sigmas=sigmas, output_type="latent", height=side, width=side,
+        num_inference_steps=len(sigmas) if steps is None else steps,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    if family == "sana":
+        return pipe(
+            **kwargs,
+            prompt_attention_mask=cond.mask.long(),
+            guidance_scale=1.0,
+            latents=x,
+            use_resolution_binning=False,
+        ).images
+    if family == "sd3":
+        return pipe(**kwargs, pooled_prompt_embeds=cond.pooled, guidance_scale=1.0, latents=x).images
+    out = pipe(**kwargs, pooled_prompt_embeds=cond.pooled, guidance_scale=3.5, latents=pack_latents(x)).images
+    return unpack_latents(out, x)
