@@ -68,7 +68,7 @@ class DualHeadTransformer(nn.Module):
         rows = cond.null.reshape(-1, 1)
         tokens = torch.where(rows[..., None], null_tokens.to(cond.tokens.dtype), cond.tokens)
         mask = torch.where(rows, self.null_mask, cond.mask.bool())
-        pooled = cond.pooled
+        pooled = cond.pooled if self.family.reads_pooled else None
         if pooled is not None:
             null_pooled = getattr(self, "null_pooled", None)
             if null_pooled is None:

@@ -49,6 +49,8 @@ class Family(ABC):
     pipeline_class: ClassVar[str]
     #: the transformer's parameters (not modules) that belong to its output layers
     head_parameters: ClassVar[tuple[str, ...]] = ()
+    #: whether the transformer reads the prompt's pooled vector (SD3, FLUX) or not (SANA)
+    reads_pooled: ClassVar[bool] = True
 
     def output_layers(self, transformer: nn.Module) -> OutputLayers:
         """The transformer's own output layers (shared, not copied)."""
@@ -116,6 +118,7 @@ class SanaFamily(Family):
     transformer_class = "SanaTransformer2DModel"
     pipeline_class = "SanaPipeline"
     head_parameters = ("scale_shift_table",)
+    reads_pooled = False
 
     def timestep(self, transformer: nn.Module, t: Tensor) -> Tensor:
         return t * 1000.0 * transformer.config.timestep_scale
