@@ -98,6 +98,13 @@ def head_sampling(model: nn.Module, objective_name: str, head: str | None, metho
     return (model if reads == head else HeadView(model, head, reads)), method
 
 
+def check_head(model: nn.Module, head: str, option: str = "head") -> None:
+    """A one-line error unless ``model`` has ``head`` (``option`` names it as the caller spells it)."""
+    names = tuple(getattr(model, "head_names", ()))
+    if head not in names:
+        raise SamplingError(f"{option} {head}: this model has no such head (its heads: {', '.join(names)})")
+
+
 def choose_sampling(
     config: SampleConfig,
     model: nn.Module,
@@ -112,9 +119,7 @@ def choose_sampling(
     to guide towards. The ``*_option`` names are how the caller spells them in its messages."""
     changes: dict[str, object] = {}
     if head is not None:
-        names = tuple(getattr(model, "head_names", ()))
-        if head not in names:
-            raise SamplingError(f"{head_option} {head}: this model has no such head (its heads: {', '.join(names)})")
+        check_head(model, head, head_option)
         changes["head"] = head
     if guidance is not None:
         if not (math.isfinite(guidance) and guidance >= 0):
@@ -148,8 +153,7 @@ def head_draws(
     head_samplers = getattr(model, "head_samplers", None) or {}
     names = tuple(getattr(model, "head_names", ()))
     if head is not None:
-        if head not in names:
-            raise SamplingError(f"{head_option} {head}: this model has no such head (its heads: {', '.join(names)})")
+        check_head(model, head, head_option)
         if method == "auto" and head not in head_samplers:
             raise SamplingError(f"{head_option} {head}: no sampler is known for it; name one with {method_option}")
         draws = [(head, head_samplers[head] if method == "auto" else method)]
