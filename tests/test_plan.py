@@ -1,6 +1,7 @@
 """dumo plan: FLOPs, throughput, memory, days and GPU-hours of a configured run, on the CPU in seconds."""
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,19 @@ def test_generated_data_has_no_epochs(capsys):
     assert main(["plan", "configs/toy/moons-dumo.yaml"]) == 0
     out = capsys.readouterr().out
     assert "generated data: no epochs" in out and "GPU-hours" in out
+
+
+def test_the_epoch_size_comes_from_the_config_not_its_file_name(tmp_path, capsys):
+    import yaml
+
+    raw = yaml.safe_load(Path("configs/imagenet256/dumo-xl2.yaml").read_text())
+    assert raw["data"]["train_images"] == IMAGENET_TRAIN
+    renamed = tmp_path / "latents-run.yaml"  # no "imagenet" in its path: the data key says it
+    renamed.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(renamed), "--gpus", "8"]) == 0
+    assert f"{IMAGENET_TRAIN:,} images" in capsys.readouterr().out
+    del raw["data"]["train_images"]
+    unknown = tmp_path / "imagenet-without-size.yaml"  # the name alone no longer counts
+    unknown.write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(unknown), "--gpus", "8"]) == 0
+    assert "unknown: give --dataset-size or data.train_images" in capsys.readouterr().out

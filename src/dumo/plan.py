@@ -30,9 +30,9 @@ from dumo.config import Config
 from dumo.errors import ConfigError
 from dumo.training.throughput import StepCost, count_step_cost, format_flops, throughput_table
 
-IMAGENET_TRAIN = 1_281_167  # ImageNet-1k training images (one epoch; flipped latent copies not counted)
-#: training images of the built-in datasets (the splits dumo reads)
-BUILTIN_SIZES = {"digits": 1_797, "mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
+#: ImageNet-1k training images (one epoch; flipped latent copies not counted): the ImageNet configs'
+#: data.train_images
+IMAGENET_TRAIN = 1_281_167
 GIB = 2**30
 
 
@@ -121,20 +121,20 @@ def model_shape(config: Config) -> tuple[tuple[int, ...], int]:
     return tuple(shape), classes if config.data.conditional else 0
 
 
-def dataset_size(config: Config, config_path: str | Path | None = None) -> tuple[int | None, str]:
+def dataset_size(config: Config) -> tuple[int | None, str]:
     """Training images in one epoch, and where the number comes from (None: generated data, or unknown)."""
     data = config.data
-    if data.name in ("moons", "8gaussians", "checkerboard", "random_latents"):
+    if data.is_generated():
         return None, "generated data: no epochs"
-    if data.name in BUILTIN_SIZES:
-        return BUILTIN_SIZES[data.name], f"the {data.name} training set"
     if data.name == "latents" and data.path and Path(data.path).expanduser().is_file():
         counted = latent_file_images(Path(data.path).expanduser())
         if counted is not None:
             return counted, f"{data.path} (flipped copies not counted)"
-    if config_path is not None and "imagenet" in str(config_path).lower():
-        return IMAGENET_TRAIN, "ImageNet-1k train: an ImageNet config"
-    return None, "unknown: give --dataset-size"
+    if data.train_images is not None:
+        return data.train_images, "data.train_images"
+    if data.expected_images() is not None:
+        return data.expected_images(), f"the {data.name} training set"
+    return None, "unknown: give --dataset-size or data.train_images"
 
 
 def latent_file_images(path: Path) -> int | None:
@@ -207,7 +207,6 @@ def make_plan(
     gpu: str,
     mfu: float | None = None,
     images: int | None = None,
-    config_path: str | Path | None = None,
 ) -> Plan:
     """The plan of ``config`` on ``gpus`` GPUs of kind ``gpu`` (a key of plan_table.yaml)."""
     table = throughput_table()
@@ -237,7 +236,7 @@ def make_plan(
     if images is not None:
         size, size_source = images, "--dataset-size"
     else:
-        size, size_source = dataset_size(config, config_path)
+        size, size_source = dataset_size(config)
     micro_batch = math.ceil(config.data.batch_size / (gpus * config.train.grad_accumulation))
     memory = memory_per_gpu(config, cost, gpus, micro_batch, precision)
     return Plan(

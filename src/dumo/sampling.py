@@ -7,6 +7,7 @@ The sampler algorithms themselves and their registry are :mod:`dumo.samplers`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import sys
@@ -22,9 +23,10 @@ from dumo.config import SampleConfig
 from dumo.data import SampleSpace
 from dumo.distributed import Distributed
 from dumo.errors import SamplingError
+from dumo.models.heads import VELOCITY_HEAD
 from dumo.objectives import objective_class
 from dumo.objectives.base import methods_by_head
-from dumo.samplers import GuidedModel, HeadView, check_times, cost_label, sample, sampler_named
+from dumo.samplers import VELOCITY_SAMPLER, GuidedModel, HeadView, check_times, cost_label, sample, sampler_named
 
 
 def sampler_for(objective_name: str, method: str = "auto") -> str:
@@ -94,6 +96,83 @@ def head_sampling(model: nn.Module, objective_name: str, head: str | None, metho
         raise unfit_sampler(method, objective_name, methods, head)
     reads = sampler_named(method).head
     return (model if reads == head else HeadView(model, head, reads)), method
+
+
+def check_head(model: nn.Module, head: str, option: str = "head") -> None:
+    """A one-line error unless ``model`` has ``head`` (``option`` names it as the caller spells it)."""
+    names = tuple(getattr(model, "head_names", ()))
+    if head not in names:
+        raise SamplingError(f"{option} {head}: this model has no such head (its heads: {', '.join(names)})")
+
+
+def choose_sampling(
+    config: SampleConfig,
+    model: nn.Module,
+    conditional: bool,
+    head: str | None = None,
+    guidance: float | None = None,
+    head_option: str = "head",
+    guidance_option: str = "guidance",
+) -> SampleConfig:
+    """``config`` with the head and the guidance scale a caller asks for (None: the config's own),
+    refused by name where the model cannot take them: a head it lacks, guidance without class labels
+    to guide towards. The ``*_option`` names are how the caller spells them in its messages."""
+    changes: dict[str, object] = {}
+    if head is not None:
+        check_head(model, head, head_option)
+        changes["head"] = head
+    if guidance is not None:
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise SamplingError(f"{guidance_option} must be a finite number >= 0; got {guidance}")
+        if not conditional and guidance != 1:
+            raise SamplingError(f"{guidance_option} needs a class-conditional model")
+        changes["guidance_scale"] = guidance
+    return dataclasses.replace(config, **changes)
+
+
+@dataclass(frozen=True)
+class HeadDraw:
+    """One head drawn with one sampler, and how it is shown (``"u-head"``, ``"v-head Euler"``)."""
+
+    head: str
+    method: str
+    label: str
+
+
+def head_draws(
+    model: nn.Module,
+    objective_name: str,
+    head: str | None = None,
+    method: str = "auto",
+    head_option: str = "head",
+    method_option: str = "method",
+) -> list[HeadDraw]:
+    """The draws that show each head of ``model``: with ``method`` auto every head with its own sampler
+    (the objective's own head first: DuMo's u-head, then Euler on its v-head); with ``head`` that head
+    only (its own sampler, or ``method``); a named sampler alone draws the head it fits."""
+    head_samplers = getattr(model, "head_samplers", None) or {}
+    names = tuple(getattr(model, "head_names", ()))
+    if head is not None:
+        check_head(model, head, head_option)
+        if method == "auto" and head not in head_samplers:
+            raise SamplingError(f"{head_option} {head}: no sampler is known for it; name one with {method_option}")
+        draws = [(head, head_samplers[head] if method == "auto" else method)]
+    elif method == "auto":
+        own = sampler_for(objective_name)
+        draws = list(head_samplers.items()) or [(sampler_named(own).head, own)]
+    else:  # the head the sampler fits (refused by name if none does)
+        draws = [(head_for_sampler(model, objective_name, method), method)]
+    result = []
+    for name, sampler in draws:
+        if name not in names:
+            raise SamplingError(
+                f"{method_option} {sampler} needs a {name}-head, which this model lacks (it has {', '.join(names)})"
+            )
+        label = f"{name}-head"
+        if sampler_named(sampler).head == VELOCITY_HEAD:  # velocity samplers are told apart by their integrator
+            label += " Euler" if method == "auto" and sampler == VELOCITY_SAMPLER else f" {sampler}"
+        result.append(HeadDraw(name, sampler, label))
+    return result
 
 
 def drawing_sampler(model: nn.Module, objective_name: str, config: SampleConfig, method: str = "auto") -> str:

@@ -93,32 +93,15 @@ DATA_SAMPLES = 2000  # default -n for data files and scoring
 
 def sampling_session(args: argparse.Namespace):
     """Join torchrun's process group if there is one, and load the run on this rank's device
-    (cuda:LOCAL_RANK when there is a GPU)."""
+    (cuda:LOCAL_RANK when there is a GPU), sampling with --head and --guidance."""
     from dumo.distributed import from_environment, resolve_device
     from dumo.runs.loading import load_run
 
     dist = from_environment()
     device = resolve_device(args.device, dist.local_rank, option="--device")
     run = load_run(args.run_dir, args.checkpoint, args.weights, device=str(device))
-    if args.head is not None:
-        check_head(run, args.head)
-        run.config.sample.head = args.head
-    apply_guidance(run, args.guidance)
+    run.choose_sampling(args.head, args.guidance, head_option="--head", guidance_option="--guidance")
     return dist, run
-
-
-def apply_guidance(run, guidance: float | None) -> None:
-    """--guidance W: the run samples with guidance scale W (a class-conditional model only)."""
-    if guidance is not None:
-        if run.num_classes == 0 and guidance != 1:
-            raise UsageError("--guidance needs a class-conditional model")
-        run.config.sample.guidance_scale = guidance
-
-
-def check_head(run, head: str) -> None:
-    """A one-line error unless the run's model has ``head`` (dumo sample --head)."""
-    if head not in run.model.heads:
-        raise UsageError(f"--head {head}: this model has no such head (its heads: {', '.join(run.model.heads)})")
 
 
 def check_png_folder(path: Path, option: str) -> None:

@@ -24,7 +24,9 @@ def add_parser(subparsers) -> None:
     )
     plan.add_argument("--mfu", type=float, help="assume this MFU instead of the table's (a fraction, e.g. 0.4)")
     plan.add_argument(
-        "--dataset-size", type=positive("--dataset-size"), help="training images per epoch (default: from the data)"
+        "--dataset-size",
+        type=positive("--dataset-size"),
+        help="training images per epoch (default: from the data, or the config's data.train_images)",
     )
     add_set_argument(plan)
     plan.set_defaults(handler=run)
@@ -35,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
     from dumo.plan import format_plan, make_plan
 
     config = load_config(args.config, args.set)
-    plan = make_plan(config, args.gpus, args.gpu, args.mfu, args.dataset_size, config_path=args.config)
+    plan = make_plan(config, args.gpus, args.gpu, args.mfu, args.dataset_size)
     print(format_plan(plan, args.config))
     return 0

@@ -8,15 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dumo.cli.common import (
-    MAX_NFE,
-    UsageError,
-    add_sampling_arguments,
-    apply_guidance,
-    check_head,
-    check_output_file,
-    positive,
-)
+from dumo.cli.common import MAX_NFE, add_sampling_arguments, check_output_file, positive
 
 TRAJECTORY_IMAGES = 8  # default rows of the trajectories figure of an image run
 TRAJECTORY_PATHS = 32  # default paths per panel of the trajectories figure of a 2-D run
@@ -57,44 +49,21 @@ def run(args: argparse.Namespace) -> int:
     from dumo.files import atomic_output
     from dumo.plotting import image_grid, paths_over_density
     from dumo.runs.loading import load_run
-    from dumo.samplers import SAMPLERS, VELOCITY_SAMPLER, cost_label
-    from dumo.sampling import balanced_labels, generate, head_for_sampler, is_guided, sampler_for
+    from dumo.samplers import cost_label
+    from dumo.sampling import balanced_labels, generate, head_draws, is_guided
 
     out = Path(args.out).expanduser()
     check_output_file(out, (".png",))
     run = load_run(args.run_dir, args.checkpoint, args.weights)
-    apply_guidance(run, args.guidance)
-    # --method auto draws every head of the model with its own sampler (the objective's own head
-    # first: DuMo's u-head, then Euler on its v-head); --head draws that head only; a named sampler
-    # without --head draws the head it reads
-    head_samplers = run.model.head_samplers
-    if args.head is not None:
-        check_head(run, args.head)
-        if args.method == "auto" and args.head not in head_samplers:
-            raise UsageError(f"--head {args.head}: no sampler is known for it; name one with --method")
-        draws = [(args.head, head_samplers[args.head] if args.method == "auto" else args.method)]
-    elif args.method == "auto":
-        own = sampler_for(run.objective_name)
-        draws = list(head_samplers.items()) or [(SAMPLERS[own].head, own)]
-    else:  # the head the sampler fits (refused by name if none does)
-        draws = [(head_for_sampler(run.model, run.objective_name, args.method), args.method)]
-    heads = []
-    for head, method in draws:
-        if head not in run.model.heads:
-            raise UsageError(
-                f"--method {method} needs a {head}-head, which this model lacks (it has {', '.join(run.model.heads)})"
-            )
-        if SAMPLERS[method].head == "v":  # velocity samplers are told apart by their integrator
-            shown = "Euler" if args.method == "auto" and method == VELOCITY_SAMPLER else method
-            heads.append((f"{head}-head {shown}", head, method))
-        else:
-            heads.append((f"{head}-head", head, method))
+    run.choose_sampling(guidance=args.guidance, guidance_option="--guidance")
+    draws = head_draws(run.model, run.objective_name, args.head, args.method, "--head", "--method")
     num = args.num or (TRAJECTORY_IMAGES if run.space.is_images else TRAJECTORY_PATHS)
     labels = balanced_labels(num, run.num_classes)
     guided = is_guided(run.config.sample, labels is not None)
     columns = {}  # (head, nfe) -> samples in the data's own space (2-D: every state of the sampler)
     costs = {}  # (head, nfe) -> "2 NFE", or under guidance the steps and passes
-    for name, head, method in heads:
+    for draw in draws:
+        name, head, method = draw.label, draw.head, draw.method
         for nfe in args.nfe:
             states: list = []
             x = generate(
@@ -138,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             paths_over_density(panels, reference.numpy(), tmp, columns=len(args.nfe), title=title)
     passes = f", each 2 network passes with guidance {run.config.sample.guidance_scale}" if guided else ""
     print(
-        f"wrote trajectories ({', '.join(name for name, _, _ in heads)}; NFE {', '.join(map(str, args.nfe))}{passes}) "
+        f"wrote trajectories ({', '.join(draw.label for draw in draws)}; NFE {', '.join(map(str, args.nfe))}{passes}) "
         f"to {out}"
     )
     return 0

@@ -26,6 +26,8 @@ from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
 from dumo.schema import require
 
 IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+#: training images of the built-in image datasets (the splits dumo reads)
+IMAGE_COUNTS = {"digits": 1_797, "mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
 Dataset = ToyDataset | ImageDataset
 
 
@@ -52,6 +54,9 @@ class DataConfig:
     num_classes: int | None = None  # latents: expected number of classes, checked against the file
     # (random_latents, data for timing runs: both required; the tensors come from a fixed seed)
     autoencoder_path: str | None = None  # latents: decoder folder (default: the one recorded by dumo encode)
+    # images in one epoch of the training data, for a plan made without the files (a latents file's own
+    # count wins where it can be read; the built-in datasets know theirs); null = unknown
+    train_images: int | None = None
 
     def validate(self, prefix: str) -> None:
         require(self.batch_size > 0, f"{prefix}.batch_size must be > 0; got {self.batch_size}")
@@ -61,11 +66,21 @@ class DataConfig:
                 f"{prefix}: random_latents needs latent_shape and num_classes",
             )
         require(self.resolution is None or self.resolution > 0, f"{prefix}.resolution must be > 0 or null")
+        require(self.train_images is None or self.train_images > 0, f"{prefix}.train_images must be > 0 or null")
         if self.conditional and self.name in TOY_DATASETS:
             require(
                 TOY_DATASETS[self.name].num_classes > 0,
                 f"{prefix}.conditional: dataset '{self.name}' has no class labels",
             )
+
+    def is_generated(self) -> bool:
+        """Whether the samples are drawn afresh for every batch (toys, random latents): no epochs."""
+        return self.name in TOY_DATASETS or self.name == "random_latents"
+
+    def expected_images(self) -> int | None:
+        """Training images in one epoch as far as the config tells: ``train_images``, else a built-in
+        dataset's own count (None: only the files know)."""
+        return self.train_images if self.train_images is not None else IMAGE_COUNTS.get(self.name)
 
     def expected_shape(self) -> tuple[int, ...] | None:
         """The shape of one sample, known without reading the data (None for an uncropped image folder)."""

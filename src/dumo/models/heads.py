@@ -11,6 +11,10 @@ from dumo.conditioning import Condition, find_conditioner
 from dumo.models.embeddings import modulate
 from dumo.models.output import ModelOutput
 
+#: the name of a velocity head v(x_t, t): what a Flow Matching teacher has, and what guidance and the
+#: velocity samplers read
+VELOCITY_HEAD = "v"
+
 
 def at_least_fp32(x: Tensor) -> Tensor:
     """``x`` in fp32, or as it is when it is already fp32 or wider (fp64 in tests)."""

@@ -75,37 +75,29 @@ def _entries() -> dict[str, ModelEntry]:
         ),
         "unet": ModelEntry("unet", "unet", "images", None, None, None, None, ("none", "class"), False, UNET_KEYS),
     }
-    for size_name, size in DIT_SIZES.items():
-        for patch in PATCHES:
-            name = f"DiT-{size_name}/{patch}"
-            entries[name] = ModelEntry(
-                name,
-                "dit",
-                "images",
-                size.hidden_dim,
-                size.depth,
-                size.num_heads,
-                patch,
-                ("none", "class"),
-                True,
-                DIT_KEYS,
-            )
-    for size_name, text_size in TEXT_DIT_SIZES.items():
-        for patch in PATCHES:
-            name = f"TextDiT-{size_name}/{patch}"
-            entries[name] = ModelEntry(
-                name,
-                "text_dit",
-                "images",
-                text_size.hidden_dim,
-                text_size.depth,
-                text_size.num_heads,
-                patch,
-                ("none", "text"),
-                False,
-                (),  # build_text_dit takes its size from the name alone
-                buildable=False,
-            )
+    # The transformer families: one entry per (size, patch); a TextDiT takes its size from the name alone
+    # (build_text_dit), and models.build_model does not build it yet (it needs a text encoder's width).
+    transformers = (
+        ("DiT", "dit", DIT_SIZES, ("none", "class"), True, DIT_KEYS, True),
+        ("TextDiT", "text_dit", TEXT_DIT_SIZES, ("none", "text"), False, (), False),
+    )
+    for prefix, family, sizes, conditions, head_blocks, reads, buildable in transformers:
+        for size_name, size in sizes.items():
+            for patch in PATCHES:
+                name = f"{prefix}-{size_name}/{patch}"
+                entries[name] = ModelEntry(
+                    name,
+                    family,
+                    "images",
+                    size.hidden_dim,
+                    size.depth,
+                    size.num_heads,
+                    patch,
+                    conditions,
+                    head_blocks,
+                    reads,
+                    buildable=buildable,
+                )
     return entries
 
 

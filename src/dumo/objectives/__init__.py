@@ -1,7 +1,8 @@
 """Training objectives, one per module, behind :class:`~dumo.objectives.base.Objective`.
 
 :data:`OBJECTIVES` is the one place an objective is registered: config parsing, the trainer,
-sampling and the CLI find its config class, network and sampler through it.
+sampling and the CLI find its config class, network and sampler through it, and multi-head models
+their head kinds (each objective's ``head_terms``).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from dumo.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, Ti
 from dumo.objectives.dumo import DuMoConfig, DuMoObjective
 from dumo.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from dumo.objectives.meanflow import MeanFlowConfig, MeanFlowObjective
-from dumo.objectives.multihead import HEAD_TERMS, MultiHeadConfig, MultiHeadObjective
+from dumo.objectives.multihead import MultiHeadConfig, MultiHeadObjective, head_kinds
 from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective
 
-#: objective name (``objective.name``) -> (config dataclass, objective class)
+#: objective name (``objective.name``) -> (config dataclass, objective class). The head kinds of
+#: multi-head models are the ``head_terms`` these objectives declare (:func:`head_kinds`), in this order.
 OBJECTIVES: dict[str, tuple[type[ObjectiveConfig], type[Objective]]] = {
+    "fm": (FlowMatchingConfig, FlowMatchingObjective),
     "dumo": (DuMoConfig, DuMoObjective),
     "meanflow": (MeanFlowConfig, MeanFlowObjective),
-    "fm": (FlowMatchingConfig, FlowMatchingObjective),
     "multihead": (MultiHeadConfig, MultiHeadObjective),
     "shortcut": (ShortcutConfig, ShortcutObjective),
 }
@@ -43,7 +45,6 @@ def build_objective(config: ObjectiveConfig, num_classes: int = 0) -> Objective:
 
 __all__ = [
     "DEFAULT_OBJECTIVE",
-    "HEAD_TERMS",
     "OBJECTIVES",
     "DuMoConfig",
     "DuMoObjective",
@@ -58,6 +59,7 @@ __all__ = [
     "ObjectiveOutput",
     "TimeConfig",
     "build_objective",
+    "head_kinds",
     "objective_class",
     "objective_config_class",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,9 @@ from dumo.models.heads import at_least_fp32
 from dumo.models.output import ModelOutput
 from dumo.paths import PATHS, AffinePath, expand_time
 from dumo.schema import require
+
+if TYPE_CHECKING:
+    from dumo.objectives.terms import HeadInit, HeadTerm
 
 
 @dataclass
@@ -142,10 +145,11 @@ class Objective(ABC):
     module under DDP); ``teacher_model`` the frozen initial weights of a run started from a checkpoint.
 
     Everything the rest of dumo needs to know about an objective is declared here: the network it
-    trains (``heads``, ``time_inputs``), how its model samples (``default_sampler``, ``sampling_methods``) and what the
-    trainer must provide (``target_network``, ``wants_teacher``, ``needs_forward_ad``,
-    ``target_precision``). A new objective is a subclass in its own module plus one line in
-    :data:`dumo.objectives.OBJECTIVES`.
+    trains (``heads``, ``time_inputs``), how its heads start from a teacher (``head_inits``), the head
+    kinds it brings to multi-head models (``head_terms``), how its model samples (``default_sampler``,
+    ``sampling_methods``) and what the trainer must provide (``target_network``, ``wants_teacher``,
+    ``needs_forward_ad``, ``target_precision``). A new objective is a subclass in its own module plus
+    one line in :data:`dumo.objectives.OBJECTIVES`.
     """
 
     heads: tuple[str, ...] = ()  # heads the network must have (names of ModelOutput attributes)
@@ -181,6 +185,17 @@ class Objective(ABC):
         """The samplers each head of this objective's model can be drawn with, by head name: each
         supported sampler under the head it reads."""
         return methods_by_head(self.supported_samplers())
+
+    @classmethod
+    def head_terms(cls) -> tuple[type[HeadTerm], ...]:
+        """The term of each head kind this objective brings to multi-head models: a kind
+        (``objective.heads.<name>.kind``) is registered by the objective that declares it here."""
+        return ()
+
+    def head_inits(self) -> dict[str, HeadInit]:
+        """How heads start from a teacher that lacks them (``train.init_from``), by head name; a head
+        not named here must be in the teacher."""
+        return {}
 
     def wants_teacher(self) -> bool:
         """Whether the objective uses a frozen teacher (the trainer keeps one only when asked)."""

@@ -55,6 +55,7 @@ from dumo.objectives.base import (
     squared_error,
     time_derivative_jvp,
 )
+from dumo.objectives.terms import DerivativeNeed, HeadInit, HeadTerm, TargetContext
 from dumo.paths import expand_time
 from dumo.schema import require
 
@@ -88,12 +89,36 @@ def flow_map_target(v_target: Tensor, t: Tensor, du_dt: Tensor) -> Tensor:
     return v_target - expand_time(t, du_dt) * du_dt
 
 
+class DuMoFlowMapTerm(HeadTerm):
+    """DuMo's flow-map head in a multi-head model (kind ``dumo_flow_map``): ``v_tgt - t du/dt``."""
+
+    kind, sampler, methods = "dumo_flow_map", "flow_map", ("flow_map",)
+    # the teacher's velocity: one u-step is then its one Euler step at step 0 (or zero, model.u_head_init)
+    init = HeadInit(zero_allowed=True)
+
+    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
+        # As in DuMoObjective: "guided" is the conditional path when nothing is guided.
+        direction = self.config.derivative_direction
+        key = "v_head" if direction == "v_head" else "target" if direction == "guided" and context.guided else "path"
+        return DerivativeNeed(self.head, key, tangents[key], 0.0)
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        return flow_map_target(context.v_target, context.t, derivative)
+
+
 class DuMoObjective(FewStepObjective):
     heads = ("v", "u")
     time_inputs = 1
     default_sampler = "flow_map"
     sampling_methods = ("flow_map", "euler", "heun")  # the u-head's flow map; the v-head's ODE
     config: DuMoConfig
+
+    @classmethod
+    def head_terms(cls) -> tuple[type[HeadTerm], ...]:
+        return (DuMoFlowMapTerm,)
+
+    def head_inits(self) -> dict[str, HeadInit]:
+        return {"u": DuMoFlowMapTerm.init}
 
     def wants_teacher(self) -> bool:
         return super().wants_teacher() or self.config.u_velocity == "teacher"

@@ -6,10 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dumo.data.batch import Batch
+from dumo.models.heads import VELOCITY_HEAD
 from dumo.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, squared_error
+from dumo.objectives.terms import HeadInit, HeadTerm, TargetContext
 
 
 @dataclass
@@ -22,6 +24,10 @@ class FlowMatchingObjective(Objective):
     time_inputs = 1
     default_sampler = "euler"
     sampling_methods = ("euler", "heun")  # a velocity only: no flow map to jump with
+
+    @classmethod
+    def head_terms(cls) -> tuple[type[HeadTerm], ...]:
+        return (VelocityTerm,)
 
     def __call__(
         self,
@@ -42,3 +48,14 @@ class FlowMatchingObjective(Objective):
             parts={"loss_v": loss_v.mean().detach()},
             targets={"t": t, "x_t": x_t, "v": v_target},
         )
+
+
+class VelocityTerm(HeadTerm):
+    """The velocity head of a multi-head model (kind ``velocity``): the (guided) velocity target."""
+
+    kind, sampler, is_velocity = "velocity", "euler", True
+    methods = FlowMatchingObjective.sampling_methods
+    init = HeadInit(VELOCITY_HEAD)  # a velocity head under another name starts as the teacher's v
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        return context.v_target

@@ -32,6 +32,7 @@ from dumo.objectives.base import (
     squared_error,
     time_derivative_jvp,
 )
+from dumo.objectives.terms import DerivativeNeed, HeadInit, HeadTerm, TargetContext
 from dumo.paths import expand_time
 from dumo.schema import require
 
@@ -71,12 +72,39 @@ def average_velocity_target(v_target: Tensor, t: Tensor, r: Tensor, du_dt: Tenso
     return v_target - expand_time(t - r, du_dt) * du_dt
 
 
+class MeanFlowTerm(HeadTerm):
+    """MeanFlow's average-velocity head in a multi-head model (kind ``meanflow``): ``v_tgt - (t - r) dm/dt``."""
+
+    kind, sampler, uses_r = "meanflow", "meanflow", True
+    methods = ("meanflow",)
+    # the teacher's velocity with a zero interval embedding: u(x, r, t) = v(x, t) for every r at step 0
+    init = HeadInit(zero_interval=True)
+
+    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        return draw_average_velocity_times(time_sampler, self.config.rho, n, device)
+
+    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
+        # MeanFlow's tangent is its velocity target: the conditional path itself when unguided.
+        key = "target" if context.guided else "path"
+        return DerivativeNeed(self.head, key, tangents[key], context.r, used=context.t != context.r)
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        return average_velocity_target(context.v_target, context.t, context.r, derivative)
+
+
 class MeanFlowObjective(FewStepObjective):
     heads = ("u",)
     time_inputs = 2
     default_sampler = "meanflow"
-    sampling_methods = ("meanflow",)  # its one head is the average velocity u(x_t, r, t): no v to integrate
+    sampling_methods = MeanFlowTerm.methods  # its one head is the average velocity u(x_t, r, t): no v to integrate
     config: MeanFlowConfig
+
+    @classmethod
+    def head_terms(cls) -> tuple[type[HeadTerm], ...]:
+        return (MeanFlowTerm,)
+
+    def head_inits(self) -> dict[str, HeadInit]:
+        return {"u": MeanFlowTerm.init}
 
     def wants_teacher(self) -> bool:
         return super().wants_teacher() or self.config.u_velocity == "teacher"

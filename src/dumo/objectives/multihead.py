@@ -28,32 +28,29 @@ and t - e gives du/dt and dm/dt together. MeanFlow's stencil stays in [r, 1] and
 which keeps the loss what separate passes give.
 
 The target formulas are the single-head objectives' own functions (:func:`flow_map_target`,
-:func:`average_velocity_target`, :func:`shortcut_target`); a term kind is one entry of
-:data:`HEAD_TERMS`. Conditions are dropped once for all heads (``label_dropout``), so Shortcut's
-self-consistency rows, which keep their conditions in the Shortcut objective, may be dropped here too.
+:func:`average_velocity_target`, :func:`shortcut_target`); a term kind is declared by the objective
+it comes from (``head_terms``) and found through :data:`dumo.objectives.OBJECTIVES` (:func:`head_kinds`).
+Conditions are dropped once for all heads (``label_dropout``), so Shortcut's self-consistency rows,
+which keep their conditions in the Shortcut objective, may be dropped here too.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 
 from dumo.conditioning import Condition, index_condition
 from dumo.data.batch import Batch
 from dumo.errors import ConfigError
 from dumo.models.heads import check_head_names
-from dumo.models.output import ModelOutput
 from dumo.objectives.base import (
     FewStepConfig,
     FewStepObjective,
     ModelInput,
     ObjectiveOutput,
-    TimeSampler,
     adaptive_weighting,
     at_least_fp32,
     central_difference_times,
@@ -63,10 +60,8 @@ from dumo.objectives.base import (
     squared_error,
     time_derivative_jvp,
 )
-from dumo.objectives.dumo import flow_map_target
-from dumo.objectives.flow_matching import FlowMatchingObjective
-from dumo.objectives.meanflow import MeanFlowObjective, average_velocity_target, draw_average_velocity_times
-from dumo.objectives.shortcut import ShortcutConfig, ShortcutObjective, bootstrap_rows, shortcut_target
+from dumo.objectives.shortcut import shortcut_config
+from dumo.objectives.terms import DerivativeNeed, HeadInit, HeadTerm, TargetContext, rows_where
 from dumo.paths import expand_time
 from dumo.schema import require
 
@@ -79,7 +74,8 @@ class HeadConfig:
     weight: float = 1.0
 
     def validate(self, prefix: str) -> None:
-        require(self.kind in HEAD_TERMS, f"{prefix}.kind must be one of {', '.join(HEAD_TERMS)}; got {self.kind!r}")
+        kinds = head_kinds()
+        require(self.kind in kinds, f"{prefix}.kind must be one of {', '.join(kinds)}; got {self.kind!r}")
         require(self.weight >= 0.0, f"{prefix}.weight must be >= 0; got {self.weight}")
 
 
@@ -115,175 +111,33 @@ class MultiHeadConfig(FewStepConfig):
         require(sum(h.weight for h in self.heads.values()) > 0, f"{prefix}.heads: the weights must not all be 0")
         require(0.0 <= self.rho <= 1.0, f"{prefix}.rho must be in [0, 1]; got {self.rho}")
         shortcut_config(self).validate(prefix)
-        kinds = [HEAD_TERMS[h.kind] for h in self.heads.values()]
-        velocity_heads = [name for name, h in self.heads.items() if HEAD_TERMS[h.kind].is_velocity]
+        terms = {name: head_kinds()[h.kind] for name, h in self.heads.items()}
+        velocity_heads = [name for name, term in terms.items() if term.is_velocity]
         require(
             len(velocity_heads) <= 1,
             f"{prefix}.heads: at most one head of kind velocity; got {', '.join(velocity_heads)}",
         )
         needs_velocity = self.zeta > 0 or (
-            self.derivative_direction == "v_head" and any(k.kind == "dumo_flow_map" for k in kinds)
+            self.derivative_direction == "v_head" and any(h.kind == "dumo_flow_map" for h in self.heads.values())
         )
         require(
             not needs_velocity or velocity_heads,
             f"{prefix}: guidance (zeta > 0) and derivative_direction v_head need a head of kind velocity",
         )
-        drawing = [name for name, h in self.heads.items() if HEAD_TERMS[h.kind].uses_r]
+        drawing = [name for name, term in terms.items() if term.uses_r]
         require(
             len(drawing) <= 1,
             f"{prefix}.heads: {', '.join(drawing)} each draw their own (t, r); a model can have one such head",
         )
 
 
-@dataclass
-class TargetContext:
-    """What every term's target may read: the batch point, theta^- and the shared velocity target."""
+def head_kinds() -> dict[str, type[HeadTerm]]:
+    """Every head kind (``objective.heads.<name>.kind``) and its term: those the objectives of
+    :data:`dumo.objectives.OBJECTIVES` declare (``head_terms``), so an objective registered there
+    brings its kind along."""
+    from dumo.objectives import OBJECTIVES  # the registry imports this module
 
-    x_t: Tensor
-    t: Tensor
-    r: Tensor
-    cond: Condition
-    path_velocity: Tensor  # z - x (fp32)
-    v_target: Tensor  # the (guided) velocity target (fp32)
-    out: ModelOutput  # the pass with gradients (read it detached)
-    target_model: nn.Module
-    guided: bool
-
-
-@dataclass
-class DerivativeNeed:
-    """d(head)/dt from theta^- along ``tangent`` (dx/dt), with the difference stencil kept in [lower, 1].
-
-    ``tangent_key`` names the tangent tensor: needs with the same key share their passes.
-    ``used`` marks the rows whose derivative enters the target (None: all); on the others any
-    finite value will do (MeanFlow multiplies dm/dt by t - r = 0 there)."""
-
-    head: str
-    tangent_key: str
-    tangent: Tensor
-    lower: Tensor | float
-    used: Tensor | None = None
-
-
-class HeadTerm(ABC):
-    """The objective term of one head kind."""
-
-    kind: str = ""
-    sampler: str = ""  # name in dumo.samplers.SAMPLERS of the sampler for a head of this kind
-    methods: tuple[str, ...] = ()  # every sampler a head of this kind can be drawn with (empty: ``sampler``)
-    uses_r: bool = False  # the head's target depends on r, and the term draws (t, r)
-    is_velocity: bool = False  # the head is the velocity v(x_t, t) (guidance, the v_head tangent)
-
-    def __init__(self, head: str, config: MultiHeadConfig):
-        self.head, self.config = head, config
-
-    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        """(t, r) for a batch of ``n`` (only asked of a term that ``uses_r``)."""
-        raise NotImplementedError
-
-    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed | None:
-        """The time derivative the target needs, or None."""
-        return None
-
-    @abstractmethod
-    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
-        """The (no-grad, fp32) regression target of the head."""
-
-
-class VelocityTerm(HeadTerm):
-    kind, sampler, is_velocity = "velocity", "euler", True
-    methods = FlowMatchingObjective.sampling_methods
-
-    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
-        return context.v_target
-
-
-class DuMoFlowMapTerm(HeadTerm):
-    kind, sampler, methods = "dumo_flow_map", "flow_map", ("flow_map",)
-
-    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
-        # As in DuMoObjective: "guided" is the conditional path when nothing is guided.
-        direction = self.config.derivative_direction
-        key = "v_head" if direction == "v_head" else "target" if direction == "guided" and context.guided else "path"
-        return DerivativeNeed(self.head, key, tangents[key], 0.0)
-
-    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
-        return flow_map_target(context.v_target, context.t, derivative)
-
-
-class MeanFlowTerm(HeadTerm):
-    kind, sampler, uses_r = "meanflow", "meanflow", True
-    methods = MeanFlowObjective.sampling_methods
-
-    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        return draw_average_velocity_times(time_sampler, self.config.rho, n, device)
-
-    def derivative_need(self, context: TargetContext, tangents: dict[str, Tensor]) -> DerivativeNeed:
-        # MeanFlow's tangent is its velocity target: the conditional path itself when unguided.
-        key = "target" if context.guided else "path"
-        return DerivativeNeed(self.head, key, tangents[key], context.r, used=context.t != context.r)
-
-    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
-        return average_velocity_target(context.v_target, context.t, context.r, derivative)
-
-
-def rows_where(mask: Tensor, count_if_unknown: int) -> Tensor:
-    """Indices of the rows where ``mask`` holds. On fake tensors (``dumo plan``'s FLOP count runs
-    the objective on them) the values are unknown and the count cannot be data-dependent: the
-    first ``count_if_unknown`` rows stand in."""
-    if is_fake(mask):
-        return torch.arange(count_if_unknown, device=mask.device)
-    return mask.nonzero().squeeze(1)
-
-
-def shortcut_config(config: MultiHeadConfig) -> ShortcutConfig:
-    """The Shortcut objective's settings inside a multi-head config."""
-    return ShortcutConfig(
-        max_steps=config.max_steps, bootstrap_fraction=config.bootstrap_fraction, target_clip=config.target_clip
-    )
-
-
-class ShortcutTerm(HeadTerm):
-    """Shortcut's head s(x_t, t, d) with d = t - r: Flow Matching (z - x) on rows with the finest
-    step 1/M, the two-half-step self-consistency target of theta^- (:func:`shortcut_target`) on the
-    others; (t, d) are drawn as the Shortcut objective draws them."""
-
-    kind, sampler, uses_r = "shortcut", ShortcutObjective.default_sampler, True
-    methods = ShortcutObjective.sampling_methods
-
-    def __init__(self, head: str, config: MultiHeadConfig):
-        super().__init__(head, config)
-        self.shortcut = ShortcutObjective(shortcut_config(config))
-
-    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        t, d = self.shortcut.sample_times(n, device)
-        return t, t - d
-
-    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
-        d = context.t - context.r
-        # Shortcut draws round(B * bootstrap_fraction) self-consistency rows (the count is what the
-        # FLOP count on fake tensors, which cannot see the values, takes)
-        count = bootstrap_rows(d.shape[0], self.config.bootstrap_fraction)
-        rows = rows_where(self.shortcut.is_bootstrap(d), count)
-        target = context.path_velocity  # Shortcut's own Flow Matching target, unguided
-        if rows.shape[0] == 0:
-            return target
-        consistent = shortcut_target(
-            context.target_model,
-            context.x_t[rows],
-            context.t[rows],
-            d[rows],
-            index_condition(context.cond, rows),
-            self.config.target_clip,
-            head=self.head,
-        )
-        return target.index_copy(0, rows, consistent.to(target.dtype))
-
-
-#: head kind (``objective.heads.<name>.kind``) -> its term
-HEAD_TERMS: dict[str, type[HeadTerm]] = {
-    term.kind: term for term in (VelocityTerm, DuMoFlowMapTerm, MeanFlowTerm, ShortcutTerm)
-}
+    return {term.kind: term for _, objective in OBJECTIVES.values() for term in objective.head_terms()}
 
 
 class MultiHeadObjective(FewStepObjective):
@@ -297,7 +151,8 @@ class MultiHeadObjective(FewStepObjective):
 
     def __init__(self, config: MultiHeadConfig, num_classes: int = 0):
         super().__init__(config, num_classes)
-        self.terms = {name: HEAD_TERMS[head.kind](name, config) for name, head in config.heads.items()}
+        kinds = head_kinds()
+        self.terms = {name: kinds[head.kind](name, config) for name, head in config.heads.items()}
         self.heads = tuple(config.heads)
         self.time_inputs = 2 if any(term.uses_r for term in self.terms.values()) else 1
         self.velocity_head = next((name for name, term in self.terms.items() if term.is_velocity), None)
@@ -307,6 +162,9 @@ class MultiHeadObjective(FewStepObjective):
 
     def head_methods(self) -> dict[str, tuple[str, ...]]:
         return {name: term.methods or (term.sampler,) for name, term in self.terms.items()}
+
+    def head_inits(self) -> dict[str, HeadInit]:
+        return {name: term.init for name, term in self.terms.items() if term.init is not None}
 
     def __call__(
         self,

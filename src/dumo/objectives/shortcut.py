@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -64,10 +64,12 @@ from dumo.objectives.base import (
     Objective,
     ObjectiveConfig,
     ObjectiveOutput,
+    TimeSampler,
     at_least_fp32,
     derivative_precision,
     squared_error,
 )
+from dumo.objectives.terms import HeadInit, HeadTerm, TargetContext, rows_where
 from dumo.paths import expand_time
 from dumo.schema import require
 
@@ -198,6 +200,13 @@ class ShortcutObjective(Objective):
     sampling_methods = ("meanflow",)
     config: ShortcutConfig
 
+    @classmethod
+    def head_terms(cls) -> tuple[type[HeadTerm], ...]:
+        return (ShortcutTerm,)
+
+    def head_inits(self) -> dict[str, HeadInit]:
+        return {"u": ShortcutTerm.init}
+
     def target_network(self) -> Literal["online", "ema"]:
         return self.config.target_network
 
@@ -326,3 +335,49 @@ class ShortcutObjective(Objective):
             parts=parts,
             targets={"t": t, "d": d, "x_t": x_t, "u": target, "bootstrap": kind.bool()},
         )
+
+
+def shortcut_config(config: Any) -> ShortcutConfig:
+    """The Shortcut objective's settings inside a multi-head config (its ``max_steps``,
+    ``bootstrap_fraction`` and ``target_clip``)."""
+    return ShortcutConfig(
+        max_steps=config.max_steps, bootstrap_fraction=config.bootstrap_fraction, target_clip=config.target_clip
+    )
+
+
+class ShortcutTerm(HeadTerm):
+    """Shortcut's head s(x_t, t, d) with d = t - r in a multi-head model (kind ``shortcut``): Flow
+    Matching (z - x) on rows with the finest step 1/M, the two-half-step self-consistency target of
+    theta^- (:func:`shortcut_target`) on the others; (t, d) are drawn as the Shortcut objective draws them."""
+
+    kind, sampler, uses_r = "shortcut", ShortcutObjective.default_sampler, True
+    methods = ShortcutObjective.sampling_methods
+    init = HeadInit(zero_interval=True)  # as MeanFlow's: the teacher's velocity for every step size at step 0
+
+    def __init__(self, head: str, config: Any):
+        super().__init__(head, config)
+        self.shortcut = ShortcutObjective(shortcut_config(config))
+
+    def draw_times(self, time_sampler: TimeSampler, n: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        t, d = self.shortcut.sample_times(n, device)
+        return t, t - d
+
+    def target(self, context: TargetContext, derivative: Tensor | None) -> Tensor:
+        d = context.t - context.r
+        # Shortcut draws round(B * bootstrap_fraction) self-consistency rows (the count is what the
+        # FLOP count on fake tensors, which cannot see the values, takes)
+        count = bootstrap_rows(d.shape[0], self.config.bootstrap_fraction)
+        rows = rows_where(self.shortcut.is_bootstrap(d), count)
+        target = context.path_velocity  # Shortcut's own Flow Matching target, unguided
+        if rows.shape[0] == 0:
+            return target
+        consistent = shortcut_target(
+            context.target_model,
+            context.x_t[rows],
+            context.t[rows],
+            d[rows],
+            index_condition(context.cond, rows),
+            self.config.target_clip,
+            head=self.head,
+        )
+        return target.index_copy(0, rows, consistent.to(target.dtype))

@@ -49,6 +49,7 @@ KEPT_ON_OVERWRITE = (HISTORY_FILE,)  # every start of the folder, the overwritin
 #: must hold the same data (the fingerprint stored in the checkpoint is checked on resume).
 RESUMABLE_KEYS = (
     "data.path",
+    "data.train_images",  # read by plans only
     "train.grad_accumulation",
 ) + tuple(
     f"train.{k}"

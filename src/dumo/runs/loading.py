@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -49,6 +48,21 @@ class LoadedRun:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def choose_sampling(
+        self,
+        head: str | None = None,
+        guidance: float | None = None,
+        head_option: str = "head",
+        guidance_option: str = "guidance",
+    ) -> None:
+        """Sample with ``head`` and the guidance scale ``guidance`` from now on (None: the config's own),
+        as :func:`dumo.sampling.choose_sampling` checks them."""
+        from dumo.sampling import choose_sampling
+
+        self.config.sample = choose_sampling(
+            self.config.sample, self.model, self.num_classes > 0, head, guidance, head_option, guidance_option
+        )
 
     @property
     def dataset(self) -> Dataset:
@@ -215,12 +229,11 @@ class Model:
         ``classes``: one class or one per sample (indices or names); default balanced over classes.
         The samples are those ``dumo sample`` writes with the same seed and batch size.
         """
-        from dumo.sampling import balanced_labels, generate_many
+        from dumo.sampling import balanced_labels, choose_sampling, generate_many
 
         if num < 1:
             raise SamplingError(f"num must be >= 1; got {num}")
-        if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-            raise SamplingError(f"guidance must be a finite number >= 0; got {guidance}")
+        sample_config = choose_sampling(self.run.config.sample, self.run.model, self.num_classes > 0, guidance=guidance)
         labels = balanced_labels(num, self.num_classes)
         if classes is not None:
             if self.num_classes == 0:
@@ -232,9 +245,6 @@ class Model:
             if len(index) not in (1, num):
                 raise ConfigError(f"give one class or one per sample ({num}); got {len(index)}")
             labels = torch.tensor(index * num if len(index) == 1 else index, dtype=torch.long)
-        sample_config = self.run.config.sample
-        if guidance is not None:
-            sample_config = type(sample_config)(**{**vars(sample_config), "guidance_scale": guidance})
         points = generate_many(
             self.run.model,
             self.run.objective_name,

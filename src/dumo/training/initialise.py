@@ -1,14 +1,14 @@
 """Starting a run from existing weights (``train.init_from``): a dumo run, an export or a safetensors file.
 
-The mapping between objectives is explicit, tensor by tensor:
+The mapping is explicit, tensor by tensor:
 
 - same architecture (continuation): every tensor is copied;
-- Flow Matching -> DuMo: the backbone and the v-head are copied; the u-head copies the v-head
-  (``model.u_head_init: copy_v``, so at step 0 one u-step is the teacher's one Euler step) or
-  keeps its zero initialisation (``zero``);
-- Flow Matching -> MeanFlow: the backbone is copied and the v-head becomes the average-velocity
-  head; the new interval embedding (of t - r) gets a zero output layer, so at step 0
-  u(x, r, t) = v(x, t) for every r, the teacher's velocity;
+- a head the source lacks starts as its objective declares (``Objective.head_inits``, a
+  :class:`~dumo.objectives.terms.HeadInit` per head): a copy of a source head (DuMo's u and
+  MeanFlow's u: the Flow Matching teacher's v), or, where the declaration allows it and the model
+  also trains that source head, its own zero initialisation (``model.u_head_init: zero``); a head
+  that reads the interval t - r gets a new interval embedding with a zero output layer, so at step 0
+  it gives the teacher's velocity for every r;
 - a shared trunk -> a DiT with ``model.head_blocks`` k: the source's last k blocks become each
   head's own blocks (every head's path computes what the source computed at step 0).
 
@@ -19,6 +19,7 @@ with one line naming the first such tensor.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +29,11 @@ from torch import Tensor, nn
 
 from dumo.errors import CheckpointError
 from dumo.files import FORMAT, MODEL_FORMAT, load_checkpoint
+from dumo.objectives.terms import HeadInit
 from dumo.runs.checkpoints import unprefixed
 from dumo.runs.layout import CONFIG_FILE, EXPORTED_WEIGHTS, list_checkpoints
 
-U_HEAD = "heads.u."
-V_HEAD = "heads.v."
+HEADS = "heads."
 INTERVAL = "backbone.conditioning.interval."
 BLOCKS = "backbone.blocks."
 HEAD_BLOCK = re.compile(r"heads\.\w+\.blocks\.(\d+)\.(.+)")
@@ -90,31 +91,43 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], Path]:
 
 
 def fit_weights(
-    source: dict[str, Tensor], model: nn.Module, u_head_init: str = "copy_v", origin: Path | str = "init_from"
+    source: dict[str, Tensor],
+    model: nn.Module,
+    u_head_init: str = "copy_v",
+    origin: Path | str = "init_from",
+    head_inits: Mapping[str, HeadInit] | None = None,
 ) -> InitialWeights:
-    """Map ``source`` onto the state dict of ``model`` (see the module docstring)."""
+    """Map ``source`` onto the state dict of ``model`` (see the module docstring). ``head_inits``:
+    how heads the source lacks start, by head name (the objective's ``head_inits()``); None: every
+    head may start from the source's velocity head, as DuMo's and MeanFlow's do."""
     expected = model.state_dict()
-    has_v_head = any(k.startswith(V_HEAD) for k in expected)
+    model_heads = list(dict.fromkeys(k.split(".")[1] for k in expected if k.startswith(HEADS)))
+    if head_inits is None:
+        head_inits = {head: HeadInit(zero_allowed=True, zero_interval=True) for head in model_heads}
     state: dict[str, Tensor] = {}
     result = InitialWeights(state, Path(origin))
     used: set[str] = set()
-    u_from_v = zeroed_interval = False
+    started: dict[str, str] = {}  # head -> how it started, for the summary
+    zeroed_interval = False
     # model.head_blocks: head block i is trunk block (shared depth + i) of a shared-trunk source
     shared_depth = len({k.split(".")[2] for k in expected if k.startswith(BLOCKS)})
     for key, target in expected.items():
         head_block = HEAD_BLOCK.fullmatch(key)
         trunk_key = head_block and f"{BLOCKS}{shared_depth + int(head_block[1])}.{head_block[2]}"
+        head, init, from_key = head_source(key, head_inits)
         if key in source:
             name = key
         elif trunk_key in source:
             name = trunk_key
-        elif key.startswith(U_HEAD) and V_HEAD + key[len(U_HEAD) :] in source:
-            name = V_HEAD + key[len(U_HEAD) :]
-            if has_v_head and u_head_init == "zero":
+        elif init is not None and from_key in source:
+            name = from_key
+            if init.zero_allowed and u_head_init == "zero" and init.source in model_heads:
                 state[key] = target.detach().clone()  # the model's own (zero) initialisation
+                started[head] = f"{head}-head left at its zero initialisation"
                 continue
-            u_from_v = True
-        elif key.startswith(INTERVAL):
+            how = "copied from" if init.source in model_heads else "initialised from"
+            started[head] = f"{head}-head {how} the {init.source}-head"
+        elif key.startswith(INTERVAL) and any(init.zero_interval for init in head_inits.values()):
             # A new interval embedding whose output layer is zero adds nothing to the conditioning.
             last = max(int(k[len(INTERVAL) :].split(".")[1]) for k in expected if k.startswith(INTERVAL + "mlp."))
             is_output = key.startswith(f"{INTERVAL}mlp.{last}.")
@@ -128,22 +141,28 @@ def fit_weights(
                 f"train.init_from: {origin}: shape of {name} is {tuple(source[name].shape)}, "
                 f"this model needs {tuple(target.shape)} for {key}"
             )
-        state[key] = source[name].to(dtype=target.dtype, copy=True)  # own storage: u may copy v
+        state[key] = source[name].to(dtype=target.dtype, copy=True)  # own storage: a head may copy another
         used.add(name)
         result.copied += 1
-    if u_from_v:
-        result.filled.append("u-head copied from the v-head" if has_v_head else "u-head initialised from the v-head")
-    elif any(k.startswith(U_HEAD) for k in expected) and not any(k.startswith(U_HEAD) for k in source):
-        result.filled.append("u-head left at its zero initialisation")
+    result.filled += started.values()
     if zeroed_interval:
         result.filled.append("new interval embedding with a zero output layer (u(x, r, t) = v(x, t) at step 0)")
     unused = sorted(set(source) - used)
-    heads = sorted({k.split(".")[1] for k in unused if k.startswith("heads.")})
-    others = [k for k in unused if not k.startswith("heads.")]
+    heads = sorted({k.split(".")[1] for k in unused if k.startswith(HEADS)})
+    others = [k for k in unused if not k.startswith(HEADS)]
     if others:
         raise CheckpointError(f"train.init_from: {origin} has tensor {others[0]}, which this model does not have")
-    result.dropped = [f"head {h}" for h in heads if not any(k.startswith(f"heads.{h}.") for k in expected)]
+    result.dropped = [f"head {h}" for h in heads if h not in model_heads]
     return result
+
+
+def head_source(key: str, head_inits: Mapping[str, HeadInit]) -> tuple[str, HeadInit | None, str]:
+    """For a tensor of a head: (the head, its declared start, the source tensor it starts from)."""
+    if not key.startswith(HEADS):
+        return "", None, ""
+    _, head, rest = key.split(".", 2)
+    init = head_inits.get(head)
+    return head, init, "" if init is None else f"{HEADS}{init.source}.{rest}"
 
 
 #: model keys that change what the weights compute without changing any tensor's shape
@@ -168,10 +187,15 @@ def check_model_keys(path: str | Path, model_config: object) -> None:
 
 
 def initial_weights(
-    path: str | Path, model: nn.Module, u_head_init: str = "copy_v", model_config: object | None = None
+    path: str | Path,
+    model: nn.Module,
+    u_head_init: str = "copy_v",
+    model_config: object | None = None,
+    head_inits: Mapping[str, HeadInit] | None = None,
 ) -> InitialWeights:
-    """Read ``path`` and fit its weights to ``model`` (checking ``model_config`` against the source's)."""
+    """Read ``path`` and fit its weights to ``model`` (checking ``model_config`` against the source's);
+    ``head_inits`` as in :func:`fit_weights`."""
     if model_config is not None:
         check_model_keys(path, model_config)
     source, origin = read_weights(path)
-    return fit_weights(source, model, u_head_init, origin)
+    return fit_weights(source, model, u_head_init, origin, head_inits)

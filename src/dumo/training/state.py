@@ -222,7 +222,9 @@ def _choose_checkpoint(trainer: Trainer) -> tuple[Path, dict[str, torch.Tensor],
 def initialise_from(trainer: Trainer, path: str) -> None:
     """Load the weights at ``path`` into model and EMA before step 0 (see dumo.training.initialise)."""
     model_config = trainer.config.model
-    weights = initial_weights(path, trainer.scratch_model(), model_config.u_head_init, model_config)
+    weights = initial_weights(
+        path, trainer.scratch_model(), model_config.u_head_init, model_config, trainer.objective.head_inits()
+    )
     load_weights(trainer.model, weights.state, str(weights.source))
     load_weights(trainer.ema.model, weights.state, str(weights.source))
     if trainer.objective.wants_teacher() and trainer.dist.is_main:
