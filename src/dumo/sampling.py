@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dumo.conditioning import slice_condition
+from dumo.conditioning import Condition, slice_condition
 from dumo.config import SampleConfig
 from dumo.data import SampleSpace
 from dumo.distributed import Distributed
@@ -138,13 +138,14 @@ def generate(
     nfe: int,
     config: SampleConfig,
     seed: int = 0,
-    labels: Tensor | None = None,
+    labels: Condition = None,  # class labels (B,) or prompts (a TextCondition), one per sample
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
     path: list[Tensor] | None = None,
 ) -> Tensor:
-    """Samples (in the model's standardised space) from noise drawn with ``seed``.
+    """Samples (in the model's standardised space) from noise drawn with ``seed``, conditioned on
+    ``labels`` (class labels or prompts; guided towards them when ``config.guidance_scale`` is not 1).
 
     ``path``, if given, receives the sampler's states in order, from the noise to the samples.
     """
@@ -190,7 +191,7 @@ class Chunk:
     start: int
     stop: int
     samples: Tensor  # in the model's space, on the sampling device
-    labels: Tensor | None
+    labels: Condition  # the chunk's class labels or prompts
 
 
 def rank_chunks(num: int, batch_size: int | None, dist: Distributed) -> tuple[int, list[int]]:
@@ -208,7 +209,7 @@ def sample_chunks(
     nfe: int,
     config: SampleConfig,
     seed: int = 0,
-    labels: Tensor | None = None,
+    labels: Condition = None,  # class labels (B,) or prompts (a TextCondition), one per sample
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
@@ -277,7 +278,7 @@ def generate_many(
     nfe: int,
     config: SampleConfig,
     seed: int = 0,
-    labels: Tensor | None = None,
+    labels: Condition = None,  # class labels (B,) or prompts (a TextCondition), one per sample
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",

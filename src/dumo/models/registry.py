@@ -40,7 +40,7 @@ class ModelEntry:
     conditions: tuple[Condition, ...]  # what it can be conditioned on ("none": unconditional)
     head_blocks: bool  # whether model.head_blocks may give each head private blocks
     reads: tuple[str, ...]  # the ModelConfig keys it reads besides name and time_embedding_scale
-    buildable: bool = True  # built by models.build_model (a TextDiT needs a text encoder's width: not yet)
+    buildable: bool = True  # built by models.build_model
 
     @property
     def unused_keys(self) -> tuple[str, ...]:
@@ -103,8 +103,7 @@ def _entries() -> dict[str, ModelEntry]:
                 patch,
                 ("none", "text"),
                 False,
-                (),  # build_text_dit takes its size from the name alone
-                buildable=False,
+                ("hidden_dim", "depth", "num_heads"),
             )
     return entries
 
