@@ -108,9 +108,9 @@ def sampling_session(args: argparse.Namespace):
 
 
 def apply_guidance(run, guidance: float | None) -> None:
-    """--guidance W: the run samples with guidance scale W (a class-conditional model only)."""
+    """--guidance W: the run samples with guidance scale W (a class- or text-conditional model only)."""
     if guidance is not None:
-        if run.num_classes == 0 and guidance != 1:
+        if not run.conditional and guidance != 1:
             raise UsageError("--guidance needs a class-conditional model")
         run.config.sample.guidance_scale = guidance
 
