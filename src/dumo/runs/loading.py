@@ -251,6 +251,8 @@ class Model:
             if len(texts) not in (1, num):
                 raise SamplingError(f"give one prompt or one per sample ({num}); got {len(texts)}")
         elif self.run.is_text:
+            if classes is not None:
+                raise ConfigError("classes given but the model is conditioned on prompts (give prompts)")
             raise SamplingError("this model draws from prompts: give prompts=[...]")
         if num is None:
             raise SamplingError("give the number of samples (num)")
@@ -263,8 +265,7 @@ class Model:
             labels = self.run.prompt_condition(texts * num if len(texts) == 1 else texts)
         elif classes is not None:
             if self.num_classes == 0:
-                kind = "conditioned on prompts (give prompts)" if self.run.is_text else "unconditional"
-                raise ConfigError(f"classes given but the model is {kind}")
+                raise ConfigError("classes given but the model is unconditional")
             chosen = [classes] if isinstance(classes, (int, str)) else list(classes)
             index = [self.run.space.class_label(str(c)) for c in chosen]
             if any(not 0 <= i < self.num_classes for i in index):
