@@ -44,7 +44,8 @@ def test_every_shapes_config_trains_two_steps(tmp_path, monkeypatch):
         assert result.step == 2 and result.skipped_steps == 0, name
 
 
-def test_compare_tabulates_seen_and_held_out_accuracy_of_the_runs_there(tmp_path):
+def test_compare_tabulates_seen_and_held_out_accuracy_of_the_runs_there(tmp_path, monkeypatch):
+    monkeypatch.setattr("dumo.training.loop.evaluate_and_log", lambda trainer: {})
     Trainer(load_config(SHAPES / "fm.yaml", [*QUICK, "model.depth=1", "model.hidden_dim=32"]), tmp_path / "fm-s0").run()
     command = [sys.executable, str(ROOT / "experiments" / "shapes.py"), "compare", "--seeds", "0", "--table-only"]
     result = subprocess.run([*command, "--out", str(tmp_path)], capture_output=True, text=True)
