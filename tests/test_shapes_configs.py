@@ -55,3 +55,11 @@ def test_compare_tabulates_seen_and_held_out_accuracy_of_the_runs_there(tmp_path
     scores = json.loads((tmp_path / "fm-s0" / "shapes-scores.json").read_text())
     assert 0 <= scores["50 NFE"]["seen"] <= 1 and scores["training"]["step"] == 2
     assert (tmp_path / "results.md").read_text().count("| FM teacher") == 2
+
+
+def test_info_counts_a_text_model_with_its_encoder(capsys):
+    from dumo.cli import main
+
+    assert main(["info", str(SHAPES / "dumo.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "model TextDiT-XS/4, data shapes (3, 32, 32)" in out and "encoder: small" in out

@@ -201,6 +201,15 @@ def dataset_prompts(dataset: Dataset, config: TextConfig) -> Prompts | None:
     return None
 
 
+def config_text_spec(data: DataConfig, text: TextConfig) -> TextSpec | None:
+    """How the prompts of the data of a config are encoded (None: the data has no prompts); reads the
+    captions (and loads a frozen encoder) where the data's words are needed."""
+    if not data.is_text:
+        return None
+    prompts = dataset_prompts(build_dataset(data), text)
+    return None if prompts is None else prompts.spec
+
+
 def conditioning_classes(dataset: Dataset, config: DataConfig) -> int:
     """Classes the model is conditioned on (0 = unconditional)."""
     return dataset.num_classes if config.conditional else 0
@@ -226,6 +235,7 @@ __all__ = [
     "ToyStream",
     "build_dataset",
     "build_stream",
+    "config_text_spec",
     "conditioning_classes",
     "data_fingerprint",
     "data_summary",
