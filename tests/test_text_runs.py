@@ -275,3 +275,13 @@ def test_eval_judges_seen_and_held_out_prompts(text_run, tmp_path, capsys):
     assert set(scores) == {"seen", "held_out", "all"} and set(scores["seen"]) == {*CATEGORIES, "overall"}
     status, out, err = run_main(capsys, "eval", text_run, "--nfe", 2)  # the world's evaluation prompts
     assert status == 0 and "seen           111" in out, err
+
+
+def test_an_export_samples_prompts_with_nothing_but_itself(text_run, tmp_path):
+    import dumo
+    from dumo.runs.loading import export_run
+
+    export_run(text_run, tmp_path / "export")
+    prompts = ["a purple circle", "four red triangles"]
+    exported = dumo.load(tmp_path / "export").generate(prompts=prompts, nfe=1)
+    assert torch.equal(exported, dumo.load(text_run).generate(prompts=prompts, nfe=1))
