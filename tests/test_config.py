@@ -25,6 +25,14 @@ def test_every_shipped_config_loads_and_builds(path):
     objective = build_objective(config.objective)  # a multi-head config names its heads
     # an image folder's classes are its subfolders: the shipped template names no folder, so assume 2
     classes = (config.data.expected_classes() or 2) if config.data.conditional else 0
+    if config.data.is_text:  # a TextDiT is built with its text encoder, whose vocabulary comes from the data
+        from dumo.data import config_text_spec
+        from dumo.network import build_network
+
+        with torch.device("meta"):
+            model = build_network(config, config.data.expected_shape(), 0, config_text_spec(config.data, config.text))
+        assert sum(p.numel() for p in model.parameters()) > 0
+        return
     with torch.device("meta"):  # no weights are allocated, so paper-sized configs are cheap
         model = build_model(config.model, config.data.expected_shape(), objective.heads, classes, objective.time_inputs)
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -415,5 +415,5 @@ def test_cli_guidance_flag(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and result.stderr.strip() == "dumo: error: --guidance needs a class-conditional model"
+    assert result.returncode == 2 and result.stderr.strip() == "dumo: error: --guidance needs a conditional model (class labels or prompts)"
     assert Path(run).is_dir()

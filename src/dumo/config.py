@@ -1,7 +1,7 @@
 """The run configuration: one YAML file, every key overridable with ``--set key=value``.
 
 Sections: ``data``, ``model``, ``objective`` (its keys depend on ``objective.name``),
-``optim``, ``train`` and ``sample``. Defaults are the paper's (AdamW lr 1e-4, betas
+``optim``, ``train``, ``sample`` and, for data with prompts, ``text``. Defaults are the paper's (AdamW lr 1e-4, betas
 (0.9, 0.95), no weight decay, EMA 0.9999) and METHOD's documented option defaults.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dumo.data import DataConfig
+from dumo.data import DataConfig, TextConfig
 from dumo.errors import ConfigError
 from dumo.models import ModelConfig, find_model
 from dumo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveConfig, objective_config_class
@@ -131,15 +131,35 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain values, with only the model keys the chosen network reads (a DiT's
-        config.yaml listing U-Net keys suggests they matter)."""
+        config.yaml listing U-Net keys suggests they matter), and the text section only for data
+        with prompts."""
         raw = to_dict(self)
         network = find_model(self.model.name)  # None: a name validation refuses; then every key is kept
         unused = network.unused_keys if network is not None else ()
         raw["model"] = {k: v for k, v in raw["model"].items() if k not in unused}
+        if not self.data.is_text:
+            raw.pop("text")
         return raw
+
+
+def check_conditions(config: Config) -> None:
+    """Refuse a network that cannot read what the data conditions on (prompts need a TextDiT)."""
+    network = find_model(config.model.name)
+    reads_text = network is not None and "text" in network.conditions
+    if config.data.is_text and not reads_text:
+        raise ConfigError(
+            f"data.name={config.data.name} conditions on prompts: set model.name to a TextDiT (e.g. TextDiT-XS/4); "
+            f"{config.model.name} reads no text"
+        )
+    if reads_text and not config.data.is_text:
+        raise ConfigError(
+            f"model.name={config.model.name} is conditioned on prompts; data.name={config.data.name} has none "
+            "(text data: shapes or captions)"
+        )
 
 
 SECTIONS = {
@@ -148,6 +168,7 @@ SECTIONS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "text": TextConfig,
 }
 
 
@@ -173,7 +194,11 @@ def config_from_dict(raw: Any) -> Config:
         objective_raw = dict(objective_raw)
         objective_raw["target_precision"] = "fp32" if objective_raw.pop("fp32_target_passes") else "bf16"
     objective = build(OBJECTIVES[name][0], {**objective_raw, "name": name}, prefix="objective")
-    return Config(objective=objective, **sections)
+    config = Config(objective=objective, **sections)
+    if raw.get("text") and not config.data.is_text:
+        raise ConfigError(f"the text section applies to data with prompts (shapes, captions), not {config.data.name}")
+    check_conditions(config)
+    return config
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dumo.config import SampleConfig
-from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, ToyDataset
+from dumo.data import DataError, Dataset, ImageDataset, LatentDataset, Prompts, ShapesWorld, ToyDataset
 from dumo.errors import MetricsError
 from dumo.metrics import mmd, sliced_wasserstein
 from dumo.metrics.classifier import frechet_distance, train_classifier
@@ -61,6 +61,38 @@ def image_scorer(dataset: ImageDataset, num: int):
     return score
 
 
+def shapes_accuracy(
+    model: nn.Module,
+    objective_name: str,
+    world: ShapesWorld,
+    prompts: Prompts,
+    config: SampleConfig,
+    nfes: Sequence[int] = (1, 2),
+    seed: int = 0,
+    method: str = "auto",
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """The shapes judge's overall accuracy on one sample per evaluation prompt of ``world`` (its
+    held-out pairs), at each NFE, keyed ``seen_1nfe`` and ``held_out_1nfe`` (the prompts that name
+    no held-out pair, and those that do)."""
+    from dumo.data.shapes import evaluation_prompts
+    from dumo.metrics.shapes import judge
+
+    chosen = evaluation_prompts(world.held_out)
+    texts = chosen.seen + chosen.held_out
+    cond = prompts.condition(texts).to(device)
+    results = {}
+    for nfe in nfes:
+        x = generate(model, objective_name, (len(texts), *world.shape), nfe, config, seed, cond, method, device=device)
+        images = world.unstandardise(x.cpu()).permute(0, 2, 3, 1).numpy()
+        report = judge(images, texts, world.held_out)
+        for split in ("seen", "held_out"):
+            accuracy = report.accuracy(split)
+            if accuracy is not None:
+                results[f"{split}_{nfe}nfe"] = accuracy
+    return results
+
+
 def evaluate(
     model: nn.Module,
     objective_name: str,
@@ -72,9 +104,18 @@ def evaluate(
     num_classes: int = 0,
     method: str = "auto",
     device: torch.device | str = "cpu",
+    prompts: Prompts | None = None,
 ) -> dict[str, float]:
     """The dataset's own metrics of ``num`` samples at each NFE, keyed like ``mmd_1nfe``:
-    MMD and sliced Wasserstein for 2-D data, domain FD and class fidelity for images."""
+    MMD and sliced Wasserstein for 2-D data, domain FD and class fidelity for images; for the
+    shapes world (``prompts`` encodes them) the judge's accuracy on its evaluation prompts
+    (:func:`shapes_accuracy`; ``num`` does not apply); captioned images are not scored."""
+    if isinstance(dataset, ShapesWorld):
+        if prompts is None:
+            raise ValueError("scoring the shapes world needs the run's prompt encoding")
+        return shapes_accuracy(model, objective_name, dataset, prompts, config, nfes, seed, method, device)
+    if prompts is not None:
+        return {}
     score = toy_scorer(dataset, num) if isinstance(dataset, ToyDataset) else image_scorer(dataset, num)
     labels = balanced_labels(num, num_classes, device)
     results = {}

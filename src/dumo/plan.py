@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumo.config import Config
+from dumo.data import config_text_spec
 from dumo.errors import ConfigError
 from dumo.training.throughput import StepCost, count_step_cost, format_flops, throughput_table
 
@@ -219,7 +220,7 @@ def make_plan(
     entry = table["gpus"][gpu]
     precision = matmul_precision_of(config)
     shape, classes = model_shape(config)
-    cost = count_step_cost(config, shape, classes, activations=True)
+    cost = count_step_cost(config, shape, classes, activations=True, text=config_text_spec(config.data, config.text))
     peak = entry["peak_tflops"][precision] * 1e12
     measured = None if mfu is not None else measured_throughput(config, gpu, precision)
     if measured is not None:

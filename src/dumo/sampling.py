@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dumo.conditioning import slice_condition
+from dumo.conditioning import Condition, slice_condition
 from dumo.config import SampleConfig
 from dumo.data import SampleSpace
 from dumo.distributed import Distributed
@@ -115,8 +115,8 @@ def choose_sampling(
     guidance_option: str = "guidance",
 ) -> SampleConfig:
     """``config`` with the head and the guidance scale a caller asks for (None: the config's own),
-    refused by name where the model cannot take them: a head it lacks, guidance without class labels
-    to guide towards. The ``*_option`` names are how the caller spells them in its messages."""
+    refused by name where the model cannot take them: a head it lacks, guidance without a condition
+    (class labels or prompts) to guide towards. The ``*_option`` names are how the caller spells them in its messages."""
     changes: dict[str, object] = {}
     if head is not None:
         check_head(model, head, head_option)
@@ -125,7 +125,7 @@ def choose_sampling(
         if not (math.isfinite(guidance) and guidance >= 0):
             raise SamplingError(f"{guidance_option} must be a finite number >= 0; got {guidance}")
         if not conditional and guidance != 1:
-            raise SamplingError(f"{guidance_option} needs a class-conditional model")
+            raise SamplingError(f"{guidance_option} needs a conditional model (class labels or prompts)")
         changes["guidance_scale"] = guidance
     return dataclasses.replace(config, **changes)
 
@@ -217,13 +217,14 @@ def generate(
     nfe: int,
     config: SampleConfig,
     seed: int = 0,
-    labels: Tensor | None = None,
+    labels: Condition = None,  # class labels (B,) or prompts (a TextCondition), one per sample
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
     path: list[Tensor] | None = None,
 ) -> Tensor:
-    """Samples (in the model's standardised space) from noise drawn with ``seed``.
+    """Samples (in the model's standardised space) from noise drawn with ``seed``, conditioned on
+    ``labels`` (class labels or prompts; guided towards them when ``config.guidance_scale`` is not 1).
 
     ``path``, if given, receives the sampler's states in order, from the noise to the samples.
     """
@@ -269,7 +270,7 @@ class Chunk:
     start: int
     stop: int
     samples: Tensor  # in the model's space, on the sampling device
-    labels: Tensor | None
+    labels: Condition  # the chunk's class labels or prompts
 
 
 def rank_chunks(num: int, batch_size: int | None, dist: Distributed) -> tuple[int, list[int]]:
@@ -287,7 +288,7 @@ def sample_chunks(
     nfe: int,
     config: SampleConfig,
     seed: int = 0,
-    labels: Tensor | None = None,
+    labels: Condition = None,  # class labels (B,) or prompts (a TextCondition), one per sample
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",
@@ -356,7 +357,7 @@ def generate_many(
     nfe: int,
     config: SampleConfig,
     seed: int = 0,
-    labels: Tensor | None = None,
+    labels: Condition = None,  # class labels (B,) or prompts (a TextCondition), one per sample
     method: str = "auto",
     times: Sequence[float] | None = None,
     device: torch.device | str = "cpu",

@@ -55,6 +55,20 @@ def add_parser(subparsers) -> None:
         "folder written before is replaced as a whole, and only if it holds nothing but such files",
     )
     evaluate.add_argument("--json", metavar="FILE.json", help="also write the scores as JSON (by rank 0)")
+    evaluate.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a run trained on the shapes world: judge one image per line of FILE (prompts of the world's grammar) "
+        "instead of its evaluation prompts (the default; -n does not apply); accuracy per category and overall, "
+        "for prompts naming no held-out pair (seen) and those that do (held-out)",
+    )
+    evaluate.add_argument(
+        "--per-prompt",
+        type=positive("--per-prompt"),
+        default=1,
+        metavar="K",
+        help="with a shapes run: K images of each prompt (default 1)",
+    )
     evaluate.set_defaults(handler=run)
 
 
@@ -72,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     dist, run = sampling_session(args)
     try:
+        if run.is_text or args.prompts is not None:
+            return judge_prompts(args, dist, run)
         latent = run.space.kind == "latents"  # its training latents are not read: they can be large
         if latent and args.inception is None:
             raise UsageError("a latent-space run is scored with Inception metrics: give --inception (and --ref)")
@@ -183,6 +199,69 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         shutdown()
+
+
+def judge_prompts(args: argparse.Namespace, dist, run) -> int:
+    """dumo eval of a run trained on the shapes world: the shapes judge on its evaluation prompts
+    (or --prompts), each NFE, seen and held-out prompts apart."""
+    import json
+
+    from dumo.data.shapes import evaluation_prompts, read_prompt_file
+    from dumo.metrics.inception import to_uint8
+    from dumo.metrics.shapes import judge
+    from dumo.runs.generation import generate_from_run
+    from dumo.sampling import sampling_cost
+
+    if not run.is_text:
+        kind = "class-conditional" if run.num_classes else "unconditional"
+        raise UsageError(f"--prompts: this run is {kind}; it reads no prompts")
+    if run.space.name != "shapes":
+        raise UsageError(
+            f"dumo eval judges runs trained on the shapes world; this run was trained on {run.space.name}: draw "
+            "images with 'dumo sample --prompts' and score them with a metric of your own"
+        )
+    for option in ("inception", "npz", "png_dir"):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} does not apply to the shapes judge; use 'dumo sample'")
+    held_out = run.config.data.held_out_pairs()
+    if args.prompts is not None:
+        lines = read_prompt_file(args.prompts)
+    else:
+        chosen = evaluation_prompts(held_out)
+        lines = chosen.seen + chosen.held_out
+    texts = [line for line in lines for _ in range(args.per_prompt)]
+    if dist.is_main:
+        source = args.prompts or "the evaluation prompts"
+        print(
+            f"{args.run_dir}: {run.objective_name}, step {run.step}, {len(texts)} images of {source}, seed {args.seed}"
+        )
+    results = {}
+    for nfe in args.nfe:
+        cost = sampling_cost(run.model, run.objective_name, nfe, run.config.sample, args.method, True)
+        _, points = generate_from_run(
+            run, nfe, len(texts), args.seed, args.method, None, None, args.batch_size, dist, texts
+        )
+        if not dist.is_main:
+            continue
+        images = to_uint8(run.space.unstandardise(points)).permute(0, 2, 3, 1).numpy()
+        report = judge(images, texts, held_out)
+        results[str(nfe)] = report.scores()
+        print(f"  {cost}")
+        print("    " + report.format().replace("\n", "\n    "))
+    if args.json is not None and dist.is_main:
+        from dumo.files import atomic_output
+
+        record = {
+            "run": str(args.run_dir),
+            "step": run.step,
+            "images": len(texts),
+            "seed": args.seed,
+            "guidance_scale": run.config.sample.guidance_scale,
+            "nfe": results,
+        }
+        with atomic_output(Path(args.json).expanduser()) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
 
 
 def check_sample_output(path: Path, option: str, folder: bool) -> None:

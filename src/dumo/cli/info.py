@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from dumo.config import load_config
+    from dumo.data import config_text_spec
     from dumo.models import count_parameters, describe_model
     from dumo.network import build_network
     from dumo.objectives import objective_class
@@ -41,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
                 "data.path (an existing folder)" if config.data.name == "image_folder" else "data.num_classes"
             )
         raise UsageError(f"the data's shape or classes are known only from its files: set {' and '.join(missing)}")
+    text = config_text_spec(config.data, config.text)
     with torch.device("meta"):  # counts parameters without allocating them
-        model = build_network(config, shape, classes)
+        model = build_network(config, shape, classes, text)
     total = count_parameters(model)
     print(
         f"model {describe_model(config.model)}, data {config.data.name} {shape} ({classes} classes), "

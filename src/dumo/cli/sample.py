@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from dumo.cli.common import (
 from dumo.runs.generation import generate_from_run, sample_labels, stream_from_run
 
 PICTURE_SAMPLES = 64  # default -n for a .png grid (2000 tiles would be a 1100 x 24000 px picture)
+PROMPT_SAMPLES = 16  # default -n for one --prompt
 
 
 def add_parser(subparsers) -> None:
@@ -73,6 +75,23 @@ def add_parser(subparsers) -> None:
         metavar="CLASS",
         help="class to sample, by index or by name (an image folder's subfolder) (default: balanced over classes)",
     )
+    sample.add_argument(
+        "--prompt",
+        metavar="TEXT",
+        help=f'a text-to-image run: draw -n images (default {PROMPT_SAMPLES}) of this prompt, e.g. "a red circle"',
+    )
+    sample.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="a text-to-image run: draw --per-prompt images of each line of FILE (one prompt a line), in line "
+        "order; a .npz also holds them as 'prompts', a folder of PNGs as prompts.txt",
+    )
+    sample.add_argument(
+        "--per-prompt",
+        type=positive("--per-prompt"),
+        metavar="K",
+        help="with --prompts: K images of each prompt, one after the other (default 1)",
+    )
     sample.set_defaults(handler=run)
 
 
@@ -97,20 +116,23 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError(f"--uint8 writes a .npz only; {out} gets the float coordinates of 2-D samples")
             if dist.is_main:
                 print("dumo: warning: --uint8 shapes a .npz only; PNGs are 8-bit anyway: ignored", file=sys.stderr)
-        num = args.num or (PICTURE_SAMPLES if picture and images else DATA_SAMPLES)
         label = class_index(run, args.class_label)
+        texts = prompt_texts(args, run)
+        num = len(texts) if texts else args.num or (PICTURE_SAMPLES if picture and images else DATA_SAMPLES)
         # "2 NFE", or under guidance the steps and passes; it also refuses a sampler unfit for the model
-        conditional = run.num_classes > 0
-        cost = sampling_cost(run.model, run.objective_name, args.nfe, run.config.sample, args.method, conditional)
+        cost = sampling_cost(run.model, run.objective_name, args.nfe, run.config.sample, args.method, run.conditional)
         ranks = f" on {dist.world_size} processes" if dist.enabled else ""
         if images and not picture:
             # a .npz or a folder of PNGs: every rank writes its own chunks as it decodes them
-            labels = sample_labels(run, num, label)
+            labels = sample_labels(run, num, label) if texts is None else run.prompt_condition(texts)
             if png_folder:
-                writer = PngFolder(out, dist, label_array(labels, num) if labels is not None else None, run.space)
+                classes = label_array(labels, num) if run.num_classes else None
+                writer = PngFolder(out, dist, classes, run.space, texts)
                 sinks = [writer.sink]
             else:
-                writer = sample_npz(out, run, num, args.batch_size, labels, dist, float_images=not args.uint8)
+                writer = sample_npz(
+                    out, run, num, args.batch_size, labels, dist, float_images=not args.uint8, prompts=texts
+                )
                 sinks = [npz_sink(writer, float_images=not args.uint8)]
             dist.barrier()  # every rank has checked --out before any writes to it
             method, times = args.method, parse_times(args.times)
@@ -122,14 +144,17 @@ def run(args: argparse.Namespace) -> int:
                 print(f"wrote {num} samples ({cost}, step {run.step}) to {out}{ranks}")
             return 0
         labels, points = generate_from_run(
-            run, args.nfe, num, args.seed, args.method, parse_times(args.times), label, args.batch_size, dist
+            run, args.nfe, num, args.seed, args.method, parse_times(args.times), label, args.batch_size, dist, texts
         )
         if not dist.is_main:
             return 0
         data = run.space.unstandardise(points).numpy()
         title = f"{run.objective_name}, step {run.step}, {cost}"
         if picture and images:
-            names = None if labels is None else [run.space.class_name(int(c)) for c in labels]
+            if texts is not None:
+                names = [textwrap.fill(text, 18) for text in texts]
+            else:
+                names = None if labels is None else [run.space.class_name(int(c)) for c in labels]
             with atomic_output(out) as tmp:
                 image_grid(data, names, tmp, title=title, columns=8)
         elif picture:
@@ -145,10 +170,40 @@ def run(args: argparse.Namespace) -> int:
         shutdown()
 
 
+def prompt_texts(args: argparse.Namespace, run) -> list[str] | None:
+    """The prompt of each sample, in order (--prompt, or --prompts with --per-prompt), checked against
+    the run: prompts for a text-to-image run only, and a text-to-image run needs them."""
+    from dumo.data.prompts import read_prompts
+
+    given = "--prompt" if args.prompt is not None else "--prompts" if args.prompts is not None else None
+    if args.prompt is not None and args.prompts is not None:
+        raise UsageError("give --prompt or --prompts, not both")
+    if given is None:
+        if args.per_prompt is not None:
+            raise UsageError("--per-prompt goes with --prompts FILE")
+        if run.is_text:
+            raise UsageError("this run draws images of prompts: give --prompt TEXT or --prompts FILE")
+        return None
+    if not run.is_text:
+        kind = "class-conditional (use --class)" if run.num_classes else "unconditional"
+        raise UsageError(f"{given}: this run is {kind}; it reads no prompts")
+    if args.prompt is not None:
+        if args.per_prompt is not None:
+            raise UsageError("--per-prompt goes with --prompts FILE; with --prompt give -n")
+        if not args.prompt.strip():
+            raise UsageError("--prompt is empty")
+        return [" ".join(args.prompt.split())] * (args.num or PROMPT_SAMPLES)
+    if args.num is not None:
+        raise UsageError("-n does not go with --prompts: each line is drawn --per-prompt times (default 1)")
+    return [line for line in read_prompts(args.prompts) for _ in range(args.per_prompt or 1)]
+
+
 def class_index(run, text: str | None) -> int | None:
     """``--class`` as an index (3) or a class name (cat), checked against the model."""
     if text is None:
         return None
+    if run.is_text:
+        raise UsageError("--class: this run is conditioned on prompts; give --prompt TEXT or --prompts FILE")
     if run.num_classes == 0:
         raise UsageError("--class given but the model is unconditional")
     label = run.space.class_label(text)

@@ -123,6 +123,19 @@ class WordTokenizer:
             raise TextEncoderError(f"{file} is not a tokenizer.json file: {error}") from None
         return cls(tokenizer)
 
+    @classmethod
+    def from_json(cls, text: str) -> WordTokenizer:
+        """A tokenizer from the text of a ``tokenizer.json`` (as :meth:`to_json` gives it)."""
+        try:
+            tokenizer = _tokenizers().Tokenizer.from_str(text)
+        except Exception as error:  # tokenizers raises a bare Exception for malformed text
+            raise TextEncoderError(f"not a tokenizer.json: {error}") from None
+        return cls(tokenizer)
+
+    def to_json(self) -> str:
+        """The text of this tokenizer's ``tokenizer.json``."""
+        return self.tokenizer.to_str()
+
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` (at ``path``, or inside it when it is a folder) atomically."""
         file = Path(path).expanduser()

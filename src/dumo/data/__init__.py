@@ -1,6 +1,7 @@
 """Datasets and the configs that select them.
 
-2-D toys are generated on the fly; image datasets are read once from local files into memory.
+2-D toys and the shapes world are generated on the fly; image datasets (captioned ones too) are
+read once from local files into memory.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from dumo.data.batch import Batch
+from dumo.data.captions import CaptionDataset, CaptionStream, load_captions
 from dumo.data.images import (
     DataError,
     ImageDataset,
@@ -21,14 +23,17 @@ from dumo.data.images import (
     load_mnist_json,
 )
 from dumo.data.latents import LatentDataset, RandomLatentDataset
+from dumo.data.prompts import TEXT_DATASETS, Prompts, PromptStream, TextConfig, TextSpec, text_spec
+from dumo.data.shapes import CATEGORIES, ShapesError, ShapesStream, ShapesWorld, parse_held_out, vocabulary
 from dumo.data.space import SampleSpace, data_fingerprint, data_summary
 from dumo.data.toy import TOY_DATASETS, ToyDataset, ToyStream
+from dumo.errors import ConfigError
 from dumo.schema import require
 
 IMAGE_SHAPES = {"digits": (1, 8, 8), "fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 #: training images of the built-in image datasets (the splits dumo reads)
 IMAGE_COUNTS = {"digits": 1_797, "mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
-Dataset = ToyDataset | ImageDataset
+Dataset = ToyDataset | ImageDataset | ShapesWorld
 
 
 @dataclass
@@ -44,10 +49,13 @@ class DataConfig:
         "image_folder",
         "latents",
         "random_latents",
+        "shapes",
+        "captions",
     ] = "moons"
     batch_size: int = 256
     conditional: bool = False  # train with class labels (needed for guidance, zeta > 0)
     path: str | None = None  # file-based datasets: where the files are (default: the usual install location)
+    # (captions: a caption folder, image + same-named .txt, or a .jsonl manifest)
     resolution: int | None = None  # image_folder: centre-crop to this size (ADM preprocessing)
     hflip: bool = False  # random horizontal flips (images)
     latent_shape: tuple[int, ...] | None = None  # latents: expected (C, H, W), checked against the file
@@ -58,8 +66,49 @@ class DataConfig:
     # count wins where it can be read; the built-in datasets know theirs); null = unknown
     train_images: int | None = None
 
+    # shapes: colour-shape pairs no training prompt names, e.g. ["yellow triangle"]; null = yellow triangle,
+    # purple circle and green square; [] = none
+    held_out: list[str] | None = None
+    # shapes: weights of the prompt categories (single, two_objects, counting, position; a category left out
+    # weighs 0); null = all four equally often
+    prompt_mix: dict[str, float] | None = None
+
+    @property
+    def is_text(self) -> bool:
+        """Whether every sample comes with a prompt (the network is conditioned on text)."""
+        return self.name in TEXT_DATASETS
+
+    def held_out_pairs(self) -> frozenset[tuple[str, str]]:
+        """The shapes world's held-out colour-shape pairs (the default three when held_out is null)."""
+        from dumo.data.shapes import DEFAULT_HELD_OUT
+
+        return DEFAULT_HELD_OUT if self.held_out is None else parse_held_out(self.held_out)
+
+    def category_weights(self) -> tuple[float, ...] | None:
+        """prompt_mix as one weight per category, in the world's order (None: all equal)."""
+        if self.prompt_mix is None:
+            return None
+        return tuple(float(self.prompt_mix.get(category, 0.0)) for category in CATEGORIES)
+
     def validate(self, prefix: str) -> None:
         require(self.batch_size > 0, f"{prefix}.batch_size must be > 0; got {self.batch_size}")
+        if self.name != "shapes":
+            for key in ("held_out", "prompt_mix"):
+                require(getattr(self, key) is None, f"{prefix}.{key} applies to data.name=shapes only")
+        else:
+            unknown = [key for key in self.prompt_mix or {} if key not in CATEGORIES]
+            require(
+                not unknown,
+                f"{prefix}.prompt_mix: unknown category {unknown[:1]} (categories: {', '.join(CATEGORIES)})",
+            )
+            try:
+                ShapesWorld(self.held_out_pairs(), self.category_weights())
+            except ShapesError as error:
+                raise ConfigError(f"{prefix}: {error}") from None
+        require(
+            not (self.conditional and self.is_text),
+            f"{prefix}.conditional is for class labels; data.name={self.name} conditions on its prompts: remove it",
+        )
         if self.name == "random_latents":
             require(
                 self.latent_shape is not None and self.num_classes is not None,
@@ -90,6 +139,10 @@ class DataConfig:
             return (3, self.resolution, self.resolution) if self.resolution else None
         if self.name in ("latents", "random_latents"):
             return self.latent_shape
+        if self.name == "shapes":
+            return ShapesWorld.shape
+        if self.name == "captions":
+            return (3, self.resolution, self.resolution) if self.resolution else None
         return IMAGE_SHAPES[self.name]
 
     def expected_classes(self) -> int | None:
@@ -99,6 +152,8 @@ class DataConfig:
             return TOY_DATASETS[self.name].num_classes
         if self.name in ("latents", "random_latents"):
             return self.num_classes
+        if self.is_text:
+            return 0
         if self.name == "image_folder":
             root = Path(self.path).expanduser() if self.path else None
             if root is None or not root.is_dir():
@@ -119,6 +174,10 @@ def build_dataset(config: DataConfig) -> Dataset:
         return load_mnist_json(config.path)
     if config.name == "cifar10":
         return load_cifar10(config.path)
+    if config.name == "shapes":
+        return ShapesWorld(config.held_out_pairs(), config.category_weights())
+    if config.name == "captions":
+        return load_captions(config.path, config.resolution)
     if config.name == "random_latents":
         return RandomLatentDataset(tuple(config.latent_shape), config.num_classes)
     if config.name == "latents":
@@ -133,10 +192,38 @@ def build_dataset(config: DataConfig) -> Dataset:
     return load_image_folder(config.path, config.resolution)
 
 
-def build_stream(dataset: Dataset, config: DataConfig, seed: int) -> ToyStream | ImageStream:
+def build_stream(
+    dataset: Dataset, config: DataConfig, seed: int, prompts: Prompts | None = None
+) -> ToyStream | ImageStream | PromptStream:
+    """The training stream of ``dataset``; a text dataset's prompts become ``prompts``' conditions."""
+    if isinstance(dataset, (ShapesWorld, CaptionDataset)):
+        if prompts is None:
+            raise ValueError(f"the {dataset.name} dataset needs the prompts' encoding (dataset_prompts)")
+        if isinstance(dataset, ShapesWorld):
+            return PromptStream(ShapesStream(dataset, config.batch_size, seed), prompts)
+        return PromptStream(CaptionStream(dataset, config.batch_size, seed, config.hflip), prompts)
     if isinstance(dataset, ImageDataset):
         return ImageStream(dataset, config.batch_size, config.conditional, seed, config.hflip)
     return ToyStream(dataset, config.batch_size, config.conditional, seed)
+
+
+def dataset_prompts(dataset: Dataset, config: TextConfig) -> Prompts | None:
+    """How the prompts of ``dataset`` become conditions for a new run (None: the data has no prompts):
+    the small encoder's vocabulary is the shapes world's words or the captions' words."""
+    if isinstance(dataset, ShapesWorld):
+        return Prompts(text_spec(config, words=vocabulary()), config)
+    if isinstance(dataset, CaptionDataset):
+        return Prompts(text_spec(config, sentences=dataset.captions), config)
+    return None
+
+
+def config_text_spec(data: DataConfig, text: TextConfig) -> TextSpec | None:
+    """How the prompts of the data of a config are encoded (None: the data has no prompts); reads the
+    captions (and loads a frozen encoder) where the data's words are needed."""
+    if not data.is_text:
+        return None
+    prompts = dataset_prompts(build_dataset(data), text)
+    return None if prompts is None else prompts.spec
 
 
 def conditioning_classes(dataset: Dataset, config: DataConfig) -> int:
@@ -146,6 +233,13 @@ def conditioning_classes(dataset: Dataset, config: DataConfig) -> int:
 
 __all__ = [
     "Batch",
+    "CaptionDataset",
+    "PromptStream",
+    "Prompts",
+    "ShapesWorld",
+    "TextConfig",
+    "TextSpec",
+    "dataset_prompts",
     "DataConfig",
     "DataError",
     "Dataset",
@@ -157,6 +251,7 @@ __all__ = [
     "ToyStream",
     "build_dataset",
     "build_stream",
+    "config_text_spec",
     "conditioning_classes",
     "data_fingerprint",
     "data_summary",

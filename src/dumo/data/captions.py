@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dumo.data.images import IMAGE_SUFFIXES, DataError, read_rgb
+from dumo.data.images import IMAGE_SUFFIXES, DataError, ImageDataset, ImageStream, read_rgb
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,40 @@ def load_caption_manifest(path: str | Path, resolution: int | None = None) -> Ca
     return CaptionedImages(read_images(files, resolution, Path(path).expanduser()), captions, files)
 
 
+class CaptionDataset(ImageDataset):
+    """Captioned images as training data: ``captions[i]`` is the prompt of ``images[i]``."""
+
+    def __init__(self, captioned: CaptionedImages):
+        super().__init__("captions", captioned.images, torch.zeros(len(captioned), dtype=torch.long), 0)
+        self.captions = list(captioned.captions)
+
+
+class CaptionStream(ImageStream):
+    """Batches of (images in [-1, 1], their captions), drawn as :class:`ImageStream` draws them."""
+
+    def __init__(self, dataset: CaptionDataset, batch_size: int, seed: int, hflip: bool = False):
+        super().__init__(dataset, batch_size, False, seed, hflip)
+
+    def next_batch(self, device: torch.device | str = "cpu") -> tuple[Tensor, list[str]]:  # type: ignore[override]
+        index, images = self.next_images()
+        captions = [self.dataset.captions[i] for i in index.tolist()]  # type: ignore[attr-defined]
+        return self.dataset.standardise(images).to(device), captions
+
+
+def load_captions(path: str | Path | None, resolution: int | None = None) -> CaptionDataset:
+    """A caption folder, or a JSONL manifest when ``path`` is a ``.jsonl`` file."""
+    if path is None:
+        raise DataError("the captions dataset needs data.path: a caption folder or a .jsonl manifest")
+    if Path(path).suffix.lower() == ".jsonl":
+        return CaptionDataset(load_caption_manifest(path, resolution))
+    return CaptionDataset(load_caption_folder(path, resolution))
+
+
 __all__ = [
+    "CaptionDataset",
+    "CaptionStream",
     "CaptionedImages",
+    "load_captions",
     "clean_caption",
     "list_caption_folder",
     "load_caption_folder",

@@ -78,6 +78,13 @@ class ImageStream:
         self.position = 0
 
     def next_batch(self, device: torch.device | str = "cpu") -> Batch:
+        index, images = self.next_images()
+        x = self.dataset.standardise(images).to(device)
+        labels = self.dataset.labels[index].to(device) if self.conditional else None
+        return Batch(x=x, cond=labels)
+
+    def next_images(self) -> tuple[Tensor, Tensor]:
+        """The dataset indices of the next batch and its images in [0, 1] (flipped where drawn so)."""
         chosen = []
         needed = self.batch_size
         while needed:
@@ -93,9 +100,7 @@ class ImageStream:
         if self.hflip:
             flip = torch.rand(len(index), generator=self.generator) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        x = self.dataset.standardise(images).to(device)
-        labels = self.dataset.labels[index].to(device) if self.conditional else None
-        return Batch(x=x, cond=labels)
+        return index, images
 
     def state(self) -> Tensor:
         """Generator state at the start of this epoch, followed by the position as 8 bytes."""

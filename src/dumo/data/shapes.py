@@ -228,15 +228,23 @@ def names_held_out(spec: PromptSpec, held_out: Iterable[tuple[str, str]]) -> boo
 # -- drawing prompts ------------------------------------------------------------------------------
 
 
-def sample_prompt(rng: np.random.Generator, held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT) -> PromptSpec:
-    """A random prompt naming no held-out pair. The mix: the four categories equally often; colours,
-    shapes, counts (2, 3, 4) and relations uniform; pairs of objects are redrawn until they differ
-    and neither is held out (which keeps every allowed prompt of a category equally likely)."""
+def sample_prompt(
+    rng: np.random.Generator,
+    held_out: Iterable[tuple[str, str]] = DEFAULT_HELD_OUT,
+    mix: Sequence[float] | None = None,
+) -> PromptSpec:
+    """A random prompt naming no held-out pair. The mix: the four categories equally often (or in
+    the proportions ``mix``, one weight per category in :data:`CATEGORIES` order); colours, shapes,
+    counts (2, 3, 4) and relations uniform; pairs of objects are redrawn until they differ and
+    neither is held out (which keeps every allowed prompt of a category equally likely)."""
     held = frozenset(held_out)
     allowed = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
     if len(allowed) < 2:
         raise ShapesError("fewer than two colour-shape pairs are not held out: too few to train on")
-    category = CATEGORIES[rng.integers(len(CATEGORIES))]
+    if mix is None:
+        category = CATEGORIES[rng.integers(len(CATEGORIES))]
+    else:
+        category = CATEGORIES[rng.choice(len(CATEGORIES), p=check_mix(mix))]
 
     def pick() -> ShapeObject:
         return ShapeObject(*allowed[rng.integers(len(allowed))])
@@ -251,6 +259,22 @@ def sample_prompt(rng: np.random.Generator, held_out: Iterable[tuple[str, str]] 
         second = pick()
     relation = RELATIONS[rng.integers(len(RELATIONS))] if category == "position" else None
     return PromptSpec(category, (first, second), relation)
+
+
+def check_mix(mix: Sequence[float]) -> np.ndarray:
+    """Category weights (one per category, >= 0, not all 0) as probabilities."""
+    weights = np.asarray(mix, dtype=np.float64)
+    if weights.shape != (len(CATEGORIES),) or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ShapesError(f"a prompt mix is {len(CATEGORIES)} weights >= 0 ({', '.join(CATEGORIES)}); got {list(mix)}")
+    if weights.sum() == 0:
+        raise ShapesError("a prompt mix needs at least one category with a weight above 0")
+    return weights / weights.sum()
+
+
+def vocabulary() -> list[str]:
+    """Every word a prompt of the world may use, in a fixed order."""
+    words = ["a", "and", *COLOURS, *SHAPES, *(f"{s}s" for s in SHAPES), *NUMBERS]
+    return words + [word for relation in RELATIONS for word in relation.split() if word not in words]
 
 
 def all_prompts(category: str) -> list[PromptSpec]:
@@ -417,12 +441,15 @@ class ShapesWorld:
     shape = (3, IMAGE_SIZE, IMAGE_SIZE)
     num_classes = 0
 
-    def __init__(self, held_out: Iterable[tuple[str, str]] | str = DEFAULT_HELD_OUT):
+    def __init__(
+        self, held_out: Iterable[tuple[str, str]] | str = DEFAULT_HELD_OUT, mix: Sequence[float] | None = None
+    ):
         self.held_out = parse_held_out(held_out)
-        sample_prompt(np.random.default_rng(0), self.held_out)  # refuses a world with too few pairs left
+        self.mix = None if mix is None else tuple(float(w) for w in mix)
+        sample_prompt(np.random.default_rng(0), self.held_out, self.mix)  # refuses a world with too few pairs left
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-        spec = sample_prompt(rng, self.held_out)
+        spec = sample_prompt(rng, self.held_out, self.mix)
         return render(spec, rng), format_prompt(spec)
 
     def draw(self, rngs: Iterable[np.random.Generator]) -> tuple[np.ndarray, list[str]]:

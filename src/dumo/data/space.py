@@ -20,32 +20,46 @@ from torch import Tensor
 
 from dumo.data.images import DataError, ImageDataset
 from dumo.data.latents import LatentCodec, LatentDataset, RandomLatentDataset, load_autoencoder
+from dumo.data.prompts import TextSpec
+from dumo.data.shapes import CATEGORIES, ShapesWorld
 from dumo.data.toy import TOY_DATASETS, ToyDataset
 
 #: images hashed for the fingerprint, evenly spaced (all of them would take minutes for ImageNet latents)
 FINGERPRINT_IMAGES = 1024
 
 
-def data_fingerprint(dataset: ToyDataset | ImageDataset) -> str:
-    """A short hash of the data: its size, shape, classes, every label and an evenly spaced subset of
-    the images (the standardisation for 2-D toys, which are generated, not read)."""
+def data_fingerprint(dataset: ToyDataset | ImageDataset | ShapesWorld) -> str:
+    """A short hash of the data: its size, shape, classes, every label (caption) and an evenly spaced
+    subset of the images (the standardisation for 2-D toys, the held-out pairs and prompt mix of the
+    shapes world: data that is generated, not read)."""
     digest = hashlib.sha256()
     if isinstance(dataset, ToyDataset):
         mean, std = dataset.standardisation
         digest.update(f"{dataset.name}|{mean.tolist()}|{std.tolist()}".encode())
         return digest.hexdigest()[:16]
+    if isinstance(dataset, ShapesWorld):
+        digest.update(f"{dataset.name}|{sorted(dataset.held_out)}|{dataset.mix}".encode())
+        return digest.hexdigest()[:16]
     digest.update(f"{dataset.name}|{len(dataset)}|{dataset.shape}|{dataset.num_classes}".encode())
     digest.update(dataset.labels.numpy().tobytes())
+    for caption in getattr(dataset, "captions", ()):
+        digest.update(f"{caption}\0".encode())
     stride = max(1, len(dataset) // FINGERPRINT_IMAGES)
     digest.update(dataset.images[::stride].contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def data_summary(dataset: ToyDataset | ImageDataset) -> str:
+def data_summary(dataset: ToyDataset | ImageDataset | ShapesWorld) -> str:
     """One human line about the data, e.g. ``image_folder: 40 images 3x32x32, 2 classes``."""
     if isinstance(dataset, ToyDataset):
         return f"{dataset.name} (2-D, generated)"
     shape = "x".join(map(str, dataset.shape))
+    if isinstance(dataset, ShapesWorld):
+        held = ", ".join(f"{c} {s}" for c, s in sorted(dataset.held_out)) or "none"
+        mix = "" if dataset.mix is None else f", prompt mix {dict(zip(CATEGORIES, dataset.mix))}"
+        return f"shapes: generated captioned images {shape}, held-out pairs {held}{mix}"
+    if hasattr(dataset, "captions"):
+        return f"{dataset.name}: {len(dataset)} captioned images {shape}"
     return f"{dataset.name}: {len(dataset)} items {shape}, {dataset.num_classes} classes"
 
 
@@ -63,11 +77,16 @@ class SampleSpace:
     autoencoder: dict[str, Any] | None = None  # latents: kind, path, scaling_factor, shift_factor
     fingerprint: str = ""
     summary: str = ""
+    text: dict[str, Any] | None = None  # text-conditioned runs: the TextSpec of their prompts' encoder
     _codec: LatentCodec | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def of(cls, dataset: ToyDataset | ImageDataset) -> SampleSpace:
+    def of(cls, dataset: ToyDataset | ImageDataset | ShapesWorld, text: TextSpec | None = None) -> SampleSpace:
         fingerprint, summary = data_fingerprint(dataset), data_summary(dataset)
+        if isinstance(dataset, ShapesWorld) or hasattr(dataset, "captions"):
+            record = None if text is None else text.to_dict()
+            shape = tuple(dataset.shape)
+            return cls("images", dataset.name, shape, 0, fingerprint=fingerprint, summary=summary, text=record)
         names = getattr(dataset, "class_names", None)
         if isinstance(dataset, ToyDataset):
             mean, std = dataset.standardisation
@@ -129,6 +148,11 @@ class SampleSpace:
         if space.kind == "toy" and space.name not in TOY_DATASETS:
             raise DataError(f"the weights name an unknown 2-D dataset {space.name!r}")
         return space
+
+    @property
+    def text_spec(self) -> TextSpec | None:
+        """How this run's prompts are encoded (None: the model reads no prompts)."""
+        return None if self.text is None else TextSpec.from_dict(self.text)
 
     @property
     def is_images(self) -> bool:

@@ -28,6 +28,7 @@ from dumo.models.registry import (
     find_model,
     model_entry,
 )
+from dumo.models.text_dit import TextDiTSize, build_text_dit, parse_text_dit_name
 from dumo.models.unet import UNetBackbone, UNetHead
 from dumo.schema import require
 
@@ -36,7 +37,7 @@ MODEL_NAMES = tuple(name for name, entry in MODEL_REGISTRY.items() if entry.buil
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp, unet, or DiT-{XS,S,B,L,XL}/{1,2,4}
+    name: str = "mlp"  # mlp, unet, DiT-{XS,S,B,L,XL}/{1,2,4}, or TextDiT-... for data with prompts
     hidden_dim: int | None = None  # width; null = the size's own (mlp: 256)
     depth: int | None = None  # blocks; null = the size's own (mlp: 4)
     num_heads: int | None = None  # DiT attention heads; null = the size's own
@@ -59,7 +60,9 @@ class ModelConfig:
 
     def validate(self, prefix: str) -> None:
         require(
-            self.name in MODEL_NAMES, f"{prefix}.name must be mlp, unet or a DiT name like DiT-B/2; got {self.name!r}"
+            self.name in MODEL_NAMES,
+            f"{prefix}.name must be mlp, unet, a DiT name like DiT-B/2 or a TextDiT name like TextDiT-B/2; "
+            f"got {self.name!r}",
         )
         require(self.channels > 0 and all(m > 0 for m in self.channel_mult), f"{prefix}.channels must be > 0")
         require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks must be >= 1")
@@ -79,7 +82,15 @@ class ModelConfig:
             self.position_order == "rows_first" or parse_dit_name(self.name) is not None,
             f"{prefix}.position_order applies to DiT models only",
         )
-        if not model_entry(self.name).head_blocks:
+        entry = model_entry(self.name)
+        if entry.family == "text_dit":
+            require(self.head_blocks == 0, f"{prefix}.head_blocks applies to DiT models only, not TextDiT")
+            size = self.dit_size()
+            require(
+                size.hidden_dim % size.num_heads == 0 and size.hidden_dim % 4 == 0,
+                f"{prefix}.hidden_dim ({size.hidden_dim}) must be divisible by 4 and by num_heads ({size.num_heads})",
+            )
+        elif not entry.head_blocks:
             require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
             require(self.head_blocks == 0, f"{prefix}.head_blocks applies to DiT models only")
         else:
@@ -98,8 +109,8 @@ class ModelConfig:
         return model_entry(self.name).with_overrides(self.hidden_dim, self.depth, self.num_heads)
 
     def dit_size(self) -> DiTSize:
-        """The DiT size after the hidden_dim / depth / num_heads overrides."""
-        size, _ = parse_dit_name(self.name)
+        """The DiT (or TextDiT) size after the hidden_dim / depth / num_heads overrides."""
+        size, _ = parse_dit_name(self.name) or parse_text_dit_name(self.name)
         return DiTSize(
             self.hidden_dim or size.hidden_dim,
             size.depth if self.depth is None else self.depth,
@@ -114,12 +125,33 @@ def build_model(
     num_classes: int = 0,
     time_inputs: int = 1,
     conditioner: ConditionerFactory | None = None,
+    text_dim: int | None = None,
+    text_encoder: nn.Module | None = None,
+    pooled_dim: int | None = None,
 ) -> FlowModel:
     """The network for ``config`` on data of ``data_shape`` ((D,) vectors or (C, H, W) images)
     with the heads (and time inputs) an objective needs, conditioned on class labels when
-    ``num_classes`` > 0, or by the module ``conditioner(dim)`` builds for another kind of condition."""
+    ``num_classes`` > 0, or by the module ``conditioner(dim)`` builds for another kind of condition.
+    A TextDiT reads prompts of width ``text_dim``: embeddings (with pooled vectors of ``pooled_dim``),
+    or token ids that its trainable ``text_encoder`` turns into such tokens."""
     data_shape = tuple(data_shape)
     check_fits(config, data_shape)
+    if model_entry(config.name).family == "text_dit":
+        if text_dim is None:
+            raise ConfigError(f"model.name={config.name} reads prompts: it needs the width of their text encoder")
+        size = config.dit_size()
+        return build_text_dit(
+            config.name,
+            data_shape[1],
+            data_shape[0],
+            text_dim,
+            heads,
+            time_inputs,
+            config.time_embedding_scale,
+            text_encoder,
+            pooled_dim,
+            size=TextDiTSize(size.hidden_dim, size.depth, size.num_heads, size.hidden_dim, size.num_heads),
+        )
     dit = parse_dit_name(config.name)
     if dit is not None:
         size, patch = config.dit_size(), dit[1]
@@ -199,11 +231,11 @@ def check_fits(config: ModelConfig, data_shape: tuple[int, ...]) -> None:
             if len(data_shape) == 3
             else f"model.name={config.name} needs images; the data is {shown}: use model.name=mlp for 2-D data"
         )
-    dit = parse_dit_name(config.name)
-    if dit is not None and data_shape[1] % dit[1]:
+    patch = model_entry(config.name).patch
+    if patch is not None and data_shape[1] % patch:
         raise ConfigError(
-            f"model.name={config.name} has patch size {dit[1]}, which does not divide the image size {data_shape[1]}: "
-            f"set data.resolution to a multiple of {dit[1]} or pick another patch size (DiT-S/1, /2, /4)"
+            f"model.name={config.name} has patch size {patch}, which does not divide the image size {data_shape[1]}: "
+            f"set data.resolution to a multiple of {patch} or pick another patch size (DiT-S/1, /2, /4)"
         )
 
 

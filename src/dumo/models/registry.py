@@ -40,7 +40,7 @@ class ModelEntry:
     conditions: tuple[Condition, ...]  # what it can be conditioned on ("none": unconditional)
     head_blocks: bool  # whether model.head_blocks may give each head private blocks
     reads: tuple[str, ...]  # the ModelConfig keys it reads besides name and time_embedding_scale
-    buildable: bool = True  # built by models.build_model (a TextDiT needs a text encoder's width: not yet)
+    buildable: bool = True  # built by models.build_model
 
     @property
     def unused_keys(self) -> tuple[str, ...]:
@@ -75,11 +75,10 @@ def _entries() -> dict[str, ModelEntry]:
         ),
         "unet": ModelEntry("unet", "unet", "images", None, None, None, None, ("none", "class"), False, UNET_KEYS),
     }
-    # The transformer families: one entry per (size, patch); a TextDiT takes its size from the name alone
-    # (build_text_dit), and models.build_model does not build it yet (it needs a text encoder's width).
+    # The transformer families: one entry per (size, patch).
     transformers = (
         ("DiT", "dit", DIT_SIZES, ("none", "class"), True, DIT_KEYS, True),
-        ("TextDiT", "text_dit", TEXT_DIT_SIZES, ("none", "text"), False, (), False),
+        ("TextDiT", "text_dit", TEXT_DIT_SIZES, ("none", "text"), False, ("hidden_dim", "depth", "num_heads"), True),
     )
     for prefix, family, sizes, conditions, head_blocks, reads, buildable in transformers:
         for size_name, size in sizes.items():

@@ -263,13 +263,15 @@ def build_text_dit(
     text_encoder: nn.Module | None = None,
     pooled_dim: int | None = None,
     mlp_ratio: float = 4.0,
+    size: TextDiTSize | None = None,
 ) -> FlowModel:
     """The TextDiT ``name`` (e.g. ``"TextDiT-XL/2"``) on ``in_channels`` x ``input_size``^2 images or latents,
-    reading prompts of width ``text_dim``, with DiT's final layer as each of ``heads``."""
+    reading prompts of width ``text_dim``, with DiT's final layer as each of ``heads``; ``size`` replaces
+    the name's own width, depth and heads."""
     parsed = parse_text_dit_name(name)
     if parsed is None:
         raise ConfigError(f"{name!r} is not a TextDiT name; expected TextDiT-{{XS,S,B,L,XL}}/{{1,2,4}}")
-    size, patch = parsed
+    size, patch = size or parsed[0], parsed[1]
     if input_size % patch:
         raise ConfigError(f"{name} has patch size {patch}, which does not divide the image size {input_size}")
     backbone = TextDiTBackbone(

@@ -54,15 +54,20 @@ def generate_from_run(
     class_label: int | None = None,
     batch_size: int = 256,
     dist=None,
+    prompts=None,
 ):
     """(labels, samples) of a :class:`~dumo.runs.loading.LoadedRun`: ``num`` samples in its model space
     (``run.space.unstandardise`` maps them to data), ``nfe`` network evaluations each, with the
     objective's own sampler for ``method`` auto; labels of one class or balanced over the classes
-    (None: unconditional). Under torchrun (``dist``) split over ranks and gathered on each (for what is
-    small: pictures, 2-D points; image files and Inception scores are streamed by :func:`stream_from_run`)."""
+    (None: unconditional), or with ``prompts`` (a text-conditioned model) one sample per prompt, conditioned
+    on it (the labels returned are then the prompts' TextCondition). Under torchrun (``dist``) split over
+    ranks and gathered on each (for what is small: pictures, 2-D points; image files and Inception scores
+    are streamed by :func:`stream_from_run`)."""
     from dumo.sampling import generate_many
 
-    labels = sample_labels(run, num, class_label)
+    labels = sample_labels(run, num, class_label) if prompts is None else run.prompt_condition(prompts)
+    if prompts is not None and len(prompts) != num:
+        raise SamplingError(f"{len(prompts)} prompts for {num} samples: give one prompt per sample")
     size = math.prod(run.space.shape) * 4
     check_memory(2 * num * size, f"{num} samples of shape {'x'.join(map(str, run.space.shape))}")
     check_memory(8 * min(batch_size, num) * size, f"batches of {min(batch_size, num)} samples (--batch-size)")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dumo.config import Config, config_differences, config_from_dict, load_config, save_config
-from dumo.data import Dataset, SampleSpace, build_dataset
+from dumo.data import Dataset, Prompts, SampleSpace, build_dataset
 from dumo.errors import ConfigError, RunDirError, SamplingError
 from dumo.files import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from dumo.network import build_network
@@ -40,10 +40,33 @@ class LoadedRun:
     step: int
     checkpoint: Path
     _dataset: Dataset | None = field(default=None, repr=False)
+    _prompts: Prompts | None = field(default=None, repr=False)
 
     @property
     def objective_name(self) -> str:
         return self.config.objective.name
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the model is conditioned on prompts."""
+        return self.space.text is not None
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model is conditioned (on class labels or prompts): what guidance needs."""
+        return self.num_classes > 0 or self.is_text
+
+    def prompt_condition(self, prompts: Sequence[str]):
+        """``prompts`` as this run's network reads them (a TextCondition on the run's device), encoded
+        with the tokenizer recorded in the weights or the frozen encoder the run was trained with."""
+        if not self.is_text:
+            kind = "class-conditional (give classes)" if self.num_classes else "unconditional"
+            raise SamplingError(f"prompts given but this model is {kind}, not conditioned on text")
+        if not prompts:
+            raise SamplingError("no prompts given")
+        if self._prompts is None:
+            self._prompts = Prompts(self.space.text_spec, self.config.text)
+        return self._prompts.condition(list(prompts)).to(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +84,7 @@ class LoadedRun:
         from dumo.sampling import choose_sampling
 
         self.config.sample = choose_sampling(
-            self.config.sample, self.model, self.num_classes > 0, head, guidance, head_option, guidance_option
+            self.config.sample, self.model, self.conditional, head, guidance, head_option, guidance_option
         )
 
     @property
@@ -171,7 +194,7 @@ def load_run(
     if space.autoencoder is not None and config.data.autoencoder_path:
         space.autoencoder["path"] = config.data.autoencoder_path  # the decoder moved
     classes = space.num_classes if config.data.conditional else 0
-    model = build_network(config, space.shape, classes)
+    model = build_network(config, space.shape, classes, space.text_spec)
     load_weights(model, unprefixed(tensors, weights), str(checkpoint))
     model.to(torch.device(device)).eval().requires_grad_(False)
     return LoadedRun(config, model, space, classes, int(metadata["step"]), Path(checkpoint), dataset)
@@ -215,27 +238,45 @@ class Model:
 
     def generate(
         self,
-        num: int,
+        num: int | None = None,
         nfe: int = 1,
         classes: Sequence[int | str] | int | str | None = None,
         seed: int = 0,
         method: str = "auto",
         guidance: float | None = None,
         batch_size: int = 256,
+        prompts: Sequence[str] | str | None = None,
     ) -> Tensor:
         """``num`` samples in the data's own space: images (N, C, H, W) in [0, 1] (decoded for latent
         models) or 2-D points in the dataset's coordinates.
 
         ``classes``: one class or one per sample (indices or names); default balanced over classes.
-        The samples are those ``dumo sample`` writes with the same seed and batch size.
+        ``prompts`` (a text-conditioned model): one prompt for all ``num`` samples, or one per sample
+        (``num`` defaults to their number). The samples are those ``dumo sample`` writes with the same
+        seed and batch size.
         """
         from dumo.sampling import balanced_labels, choose_sampling, generate_many
 
+        if prompts is not None:
+            if classes is not None:
+                raise ConfigError("give classes or prompts, not both")
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            num = len(texts) if num is None else num
+            if len(texts) not in (1, num):
+                raise SamplingError(f"give one prompt or one per sample ({num}); got {len(texts)}")
+        elif self.run.is_text:
+            if classes is not None:
+                raise ConfigError("classes given but the model is conditioned on prompts (give prompts)")
+            raise SamplingError("this model draws from prompts: give prompts=[...]")
+        if num is None:
+            raise SamplingError("give the number of samples (num)")
         if num < 1:
             raise SamplingError(f"num must be >= 1; got {num}")
-        sample_config = choose_sampling(self.run.config.sample, self.run.model, self.num_classes > 0, guidance=guidance)
+        sample_config = choose_sampling(self.run.config.sample, self.run.model, self.run.conditional, guidance=guidance)
         labels = balanced_labels(num, self.num_classes)
-        if classes is not None:
+        if prompts is not None:
+            labels = self.run.prompt_condition(texts * num if len(texts) == 1 else texts)
+        elif classes is not None:
             if self.num_classes == 0:
                 raise ConfigError("classes given but the model is unconditional")
             chosen = [classes] if isinstance(classes, (int, str)) else list(classes)
@@ -252,7 +293,7 @@ class Model:
             nfe,
             sample_config,
             seed,
-            None if labels is None else labels.to(self.run.device),
+            None if labels is None else labels.to(self.run.device),  # class labels or prompts
             method,
             device=self.run.device,
             batch_size=batch_size,

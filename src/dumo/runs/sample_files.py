@@ -170,18 +170,25 @@ def npz_sink(writer, float_images: bool):
     return sink
 
 
-def sample_npz(out: Path, run, num: int, batch_size: int, labels, dist, float_images: bool):
-    """The writer of a samples .npz: 'arr_0' (N, H, W, C) uint8, 'labels' (N,) int64 (-1: unconditional)
-    and, with ``float_images``, 'images' (N, C, H, W) float32 in [0, 1]."""
+def sample_npz(out: Path, run, num: int, batch_size: int, labels, dist, float_images: bool, prompts=None):
+    """The writer of a samples .npz: 'arr_0' (N, H, W, C) uint8, 'labels' (N,) int64 (-1: no class),
+    with ``float_images`` 'images' (N, C, H, W) float32 in [0, 1], and with ``prompts`` (one per sample)
+    'prompts' (N,) unicode strings."""
     channels, height, width = image_shape(run)
     arrays = {"arr_0": ((height, width, channels), np.uint8)}
     if float_images:
         arrays["images"] = ((channels, height, width), np.float32)
-    return ShardedNpz(out, num, batch_size, dist, arrays, {"labels": label_array(labels, num)})
+    whole = {"labels": label_array(labels, num)}
+    if prompts is not None:
+        whole["prompts"] = np.array(list(prompts), dtype=str)
+    return ShardedNpz(out, num, batch_size, dist, arrays, whole)
 
 
 def label_array(labels, num: int) -> np.ndarray:
-    return np.full(num, -1, dtype=np.int64) if labels is None else labels.numpy().astype(np.int64)
+    """Class labels as int64, -1 for samples without a class (unconditional, or conditioned on prompts)."""
+    if labels is None or not hasattr(labels, "numpy"):
+        return np.full(num, -1, dtype=np.int64)
+    return labels.cpu().numpy().astype(np.int64)
 
 
 class PngFolder:
@@ -191,8 +198,9 @@ class PngFolder:
     images never sit beside 48 stale ones). The old folder must hold only such files
     (``dumo.cli.common.check_png_folder``)."""
 
-    def __init__(self, out: Path, dist, labels: np.ndarray | None, space):
+    def __init__(self, out: Path, dist, labels: np.ndarray | None, space, prompts=None):
         self.out, self.dist, self.labels, self.space = out, dist, labels, space
+        self.prompts = None if prompts is None else list(prompts)  # written as prompts.txt, one a line
         self.staging = out.parent / f".{out.name}.writing"
         if dist.is_main:
             if self.staging.is_dir() and not self.staging.is_symlink():
@@ -209,6 +217,11 @@ class PngFolder:
         if self.dist.is_main:
             if self.labels is not None:
                 write_labels_csv(self.staging, self.labels, self.space)
+            if self.prompts is not None:
+                from dumo.files import atomic_output
+
+                with atomic_output(self.staging / "prompts.txt") as tmp:
+                    tmp.write_text("".join(f"{prompt}\n" for prompt in self.prompts), encoding="utf-8")
             replace_folder(self.staging, self.out)
         self.dist.barrier()
 
@@ -228,8 +241,10 @@ def replace_folder(new: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-#: the files of a folder of PNG samples: its images, labels.csv, and their temporary copies
-PNG_FOLDER_FILES = r"^(?:\d{6,}\.png|labels\.csv|\.(?:\d{6,}\.png|labels\.csv)\.[^/]+\.tmp(?:\.\w+)?)$"
+#: the files of a folder of PNG samples: its images, labels.csv, prompts.txt, and their temporary copies
+PNG_FOLDER_FILES = (
+    r"^(?:\d{6,}\.png|labels\.csv|prompts\.txt|\.(?:\d{6,}\.png|labels\.csv|prompts\.txt)\.[^/]+\.tmp(?:\.\w+)?)$"
+)
 
 
 def write_png_folder(folder: Path, pixels: np.ndarray, first: int = 0) -> None:

@@ -42,14 +42,15 @@ def check_batch_fits(config: Config, shape: tuple[int, ...], shards: int = 1) ->
         )
 
 
-def ineffective_settings(config: Config, num_classes: int, distributed: bool) -> list[str]:
-    """Settings of ``config`` that cannot take effect in this run, each with what happens instead."""
+def ineffective_settings(config: Config, conditional: bool | int, distributed: bool) -> list[str]:
+    """Settings of ``config`` that cannot take effect in this run (``conditional``: whether the model is
+    conditioned, on class labels or prompts), each with what happens instead."""
     found = []
     zeta = getattr(config.objective, "zeta", 0.0)
-    if zeta > 0 and num_classes == 0:
+    if zeta > 0 and not conditional:
         found.append(
-            f"objective.zeta={zeta:g} is training-time guidance, which needs class labels; this run is unconditional "
-            "(data.conditional is false or the data has no classes), so it trains without guidance"
+            f"objective.zeta={zeta:g} is training-time guidance, which needs class labels or prompts; this run is "
+            "unconditional (data.conditional is false or the data has no classes), so it trains without guidance"
         )
     if config.train.parallel == "fsdp" and not distributed:
         found.append(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dumo.config import Config, save_config
-from dumo.data import SampleSpace, build_dataset, build_stream, conditioning_classes
+from dumo.data import SampleSpace, build_dataset, build_stream, conditioning_classes, dataset_prompts
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
 from dumo.errors import ConfigError, TrainingError
 from dumo.network import build_network
@@ -89,6 +89,9 @@ class Trainer:
         self.dataset = build_dataset(config.data)
         check_batch_fits(config, self.dataset.shape, self.shards)
         self.num_classes = conditioning_classes(self.dataset, config.data)
+        # text data: how its prompts become the network's condition (None: class labels or nothing)
+        self.prompts = dataset_prompts(self.dataset, config.text)
+        self.text = None if self.prompts is None else self.prompts.spec
         self.objective = build_objective(config.objective, self.num_classes)
         if self.objective.wants_teacher() and config.train.init_from is None:
             asking = [f"objective.{key}=teacher" for key, value in vars(config.objective).items() if value == "teacher"]
@@ -106,7 +109,7 @@ class Trainer:
                 "forward-mode AD (jvp) cannot run through FSDP's parameter gathering"
             )
         if self.dist.is_main:
-            for line in ineffective_settings(config, self.num_classes, self.dist.enabled):
+            for line in ineffective_settings(config, self.conditional, self.dist.enabled):
                 print(f"dumo: warning: {line}", file=sys.stderr, flush=True)
         # The objective calls the DDP-wrapped or FSDP-sharded (and/or compiled) module, so that
         # gradients are reduced over ranks whatever the objective does (its exact-JVP pass
@@ -138,8 +141,8 @@ class Trainer:
             eps=config.optim.eps,
             fused=self.device.type == "cuda",  # one kernel for all parameters; CPU keeps the foreach default
         )
-        self.stream = build_stream(self.dataset, config.data, seed=config.train.seed + 1)
-        self.space = SampleSpace.of(self.dataset)
+        self.stream = build_stream(self.dataset, config.data, seed=config.train.seed + 1, prompts=self.prompts)
+        self.space = SampleSpace.of(self.dataset, self.text)
         self.wall_seconds = 0.0  # training time over every invocation of this run
         self.step = 0
         self.nonfinite_in_a_row = 0
@@ -152,7 +155,12 @@ class Trainer:
 
     def build_plain_model(self) -> nn.Module:
         """A freshly initialised, unwrapped network of this run's architecture."""
-        return build_network(self.config, self.dataset.shape, self.num_classes)
+        return build_network(self.config, self.dataset.shape, self.num_classes, self.text)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the model is conditioned (on class labels or prompts): guidance has something to guide by."""
+        return self.num_classes > 0 or self.text is not None
 
     def scratch_model(self) -> nn.Module:
         """A network of this run's architecture built without touching the run's random stream
@@ -270,7 +278,7 @@ class Trainer:
         meter = None  # the throughput columns: FLOPs counted once here, the rest read at log steps only
         if main and cfg.log_every:
             meter, line = ThroughputMeter.for_run(
-                self.config, self.dataset.shape, self.num_classes, self.device, self.dist.world_size
+                self.config, self.dataset.shape, self.num_classes, self.device, self.dist.world_size, self.text
             )
             if cfg.progress:
                 print(line, flush=True)

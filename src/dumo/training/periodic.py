@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,7 @@ def evaluate_ema(trainer: Trainer, model: nn.Module | None = None) -> dict[str, 
         num=trainer.config.train.eval_samples,
         num_classes=trainer.num_classes,
         device=trainer.device,
+        prompts=trainer.prompts,
     )
 
 
@@ -106,6 +108,11 @@ def save_picture(trainer: Trainer, model: nn.Module) -> Path:
 
     num = 40 if trainer.space.is_images else 1000
     labels = balanced_labels(num, trainer.num_classes, trainer.device)
+    names = None if labels is None else [trainer.space.class_name(int(c)) for c in labels]
+    if trainer.prompts is not None:
+        texts = picture_prompts(trainer, num)
+        labels = trainer.prompts.condition(texts).to(trainer.device)
+        names = [textwrap.fill(text, 18) for text in texts]
     x = generate(
         model,
         trainer.config.objective.name,
@@ -118,17 +125,32 @@ def save_picture(trainer: Trainer, model: nn.Module) -> Path:
     )
     data = _to_data(trainer, x)
     path = sample_picture_path(trainer.run_dir, trainer.step)
-    cost = sampling_cost(model, trainer.config.objective.name, 1, trainer.config.sample, conditional=labels is not None)
+    cost = sampling_cost(
+        model, trainer.config.objective.name, 1, trainer.config.sample, conditional=trainer.conditional
+    )
     title = f"{trainer.config.objective.name}, step {trainer.step}, {cost} (EMA)"
     path.parent.mkdir(exist_ok=True)
     with atomic_output(path) as tmp:
         if trainer.space.is_images:
-            names = None if labels is None else [trainer.space.class_name(int(c)) for c in labels]
             image_grid(data.numpy(), names, tmp, title=title, columns=10)
         else:
             reference, _ = trainer.dataset.sample(20_000, torch.Generator().manual_seed(0))
             scatter_over_density([(title, data.numpy())], reference.numpy(), tmp)
     return path
+
+
+def picture_prompts(trainer: Trainer, num: int) -> list[str]:
+    """The prompts of a run's sample picture: evenly spread over the shapes world's evaluation prompts
+    (seen, then held-out), or the first captions of the data."""
+    from dumo.data import ShapesWorld
+    from dumo.data.shapes import evaluation_prompts
+
+    if isinstance(trainer.dataset, ShapesWorld):
+        chosen = evaluation_prompts(trainer.dataset.held_out)
+        pool = chosen.seen + chosen.held_out
+    else:
+        pool = list(dict.fromkeys(trainer.dataset.captions))
+    return [pool[(i * len(pool)) // num % len(pool)] for i in range(num)]
 
 
 def _to_data(trainer: Trainer, x: Tensor, chunk: int = 8) -> Tensor:
@@ -161,7 +183,7 @@ def save_ema_snapshot(trainer: Trainer) -> Path | None:
 def metrics_note(trainer: Trainer) -> str | None:
     """Caveats about the metrics for the person reading them: too little data, guided samples."""
     notes = [small_data_note(trainer.dataset)]
-    if is_guided(trainer.config.sample, trainer.num_classes > 0):
+    if is_guided(trainer.config.sample, trainer.conditional):
         notes.append(
             f"the scores are of samples drawn with guidance scale {trainer.config.sample.guidance_scale}: "
             "each NFE above is 2 network passes"

@@ -28,6 +28,7 @@ import torch
 import yaml
 from torch import nn
 
+from dumo.conditioning import TextCondition
 from dumo.data.batch import Batch
 
 TABLE_FILE = "plan_table.yaml"  # peak FLOP/s per GPU kind and measured training throughput
@@ -133,7 +134,7 @@ def _fixed_times(objective) -> Iterator[None]:
         sampler.sample = original
 
 
-def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activations: bool = False) -> StepCost:
+def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activations: bool = False, text=None) -> StepCost:
     """FLOPs per image of one training step of ``config`` on data of ``shape`` with ``num_classes``
     conditioning classes (0: unconditional), counted on fake tensors in a few seconds even for
     DiT-XL/2. With ``activations`` also the bytes saved for backward, from batches of 1 and 2.
@@ -149,7 +150,7 @@ def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activation
     bf16 = config.train.precision == "bf16"
     objective = build_objective(config.objective, num_classes)
     with torch.random.fork_rng(devices=[]), FakeTensorMode(), _fixed_times(objective):
-        model = build_network(config, shape, num_classes)
+        model = build_network(config, shape, num_classes, text)
         teacher = model if objective.wants_teacher() else None
         parameters = count_parameters(model)
 
@@ -163,6 +164,10 @@ def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activation
 
             x = torch.zeros(batch_size, *shape)
             labels = torch.zeros(batch_size, dtype=torch.long) if num_classes else None
+            if text is not None:  # prompts of the full length: ids of the small encoder, or embeddings
+                width = () if text.encoder == "small" else (text.text_dim,)
+                tokens = torch.zeros(batch_size, text.max_tokens, *width, dtype=None if width else torch.long)
+                labels = TextCondition(tokens, torch.ones(batch_size, text.max_tokens, dtype=torch.bool))
             counter = flop_counter()
             model.zero_grad(set_to_none=True)
             with counter:
@@ -221,10 +226,12 @@ class ThroughputMeter:
         self.restart_memory()
 
     @classmethod
-    def for_run(cls, config, shape: tuple[int, ...], num_classes: int, device: torch.device, world_size: int):
+    def for_run(
+        cls, config, shape: tuple[int, ...], num_classes: int, device: torch.device, world_size: int, text=None
+    ):
         """Count the run's step once and look its device up; also returns a line saying what was found."""
         try:
-            flops = count_step_cost(config, shape, num_classes).flops_per_image
+            flops = count_step_cost(config, shape, num_classes, text=text).flops_per_image
             counted = f"{format_flops(flops)} per image per training step (counted, all passes of the objective)"
         except Exception as error:  # a network the fake tensors cannot run: no MFU, but the run goes on
             flops, counted = None, f"FLOPs not counted ({type(error).__name__}: {error})"
