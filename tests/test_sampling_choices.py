@@ -29,7 +29,7 @@ def test_choose_sampling_sets_the_head_and_guidance_and_refuses_what_the_model_l
     assert (chosen.head, chosen.guidance_scale) == ("v", 2.0)
     with pytest.raises(SamplingError, match=r"^--head w: this model has no such head \(its heads: v, u\)$"):
         choose_sampling(SampleConfig(), model, True, head="w", head_option="--head")
-    with pytest.raises(SamplingError, match="^guidance needs a conditional model \(class labels or prompts\)$"):
+    with pytest.raises(SamplingError, match=r"^guidance needs a conditional model \(class labels or prompts\)$"):
         choose_sampling(SampleConfig(), model, conditional=False, guidance=2.0)
     assert choose_sampling(SampleConfig(), model, conditional=False, guidance=1.0).guidance_scale == 1.0
 
@@ -49,8 +49,9 @@ def test_head_draws_show_every_head_with_its_own_sampler():
 def test_the_python_api_and_the_cli_refuse_guidance_alike(tmp_path, capsys):
     run = tmp_path / "run"
     Trainer(load_config(CONFIGS / "toy" / "moons-dumo.yaml", [*TINY_MOONS, "train.steps=1"]), run).run()
-    with pytest.raises(SamplingError, match="^guidance needs a conditional model \(class labels or prompts\)$"):
+    with pytest.raises(SamplingError, match=r"^guidance needs a conditional model \(class labels or prompts\)$"):
         load(run).generate(4, guidance=2.0)
     assert main(["sample", str(run), "-n", "4", "--nfe", "1", "--guidance", "2", "--out", str(tmp_path / "x.npy")]) == 2
-    assert capsys.readouterr().err.strip() == "dumo: error: --guidance needs a conditional model (class labels or prompts)"
+    expected = "dumo: error: --guidance needs a conditional model (class labels or prompts)"
+    assert capsys.readouterr().err.strip() == expected
     assert torch.isfinite(load(run).generate(4, guidance=1.0)).all()

@@ -415,5 +415,6 @@ def test_cli_guidance_flag(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and result.stderr.strip() == "dumo: error: --guidance needs a conditional model (class labels or prompts)"
+    expected = "dumo: error: --guidance needs a conditional model (class labels or prompts)"
+    assert result.returncode == 2 and result.stderr.strip() == expected
     assert Path(run).is_dir()

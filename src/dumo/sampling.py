@@ -116,7 +116,8 @@ def choose_sampling(
 ) -> SampleConfig:
     """``config`` with the head and the guidance scale a caller asks for (None: the config's own),
     refused by name where the model cannot take them: a head it lacks, guidance without a condition
-    (class labels or prompts) to guide towards. The ``*_option`` names are how the caller spells them in its messages."""
+    (class labels or prompts) to guide towards. The ``*_option`` names are how the caller spells them
+    in its messages."""
     changes: dict[str, object] = {}
     if head is not None:
         check_head(model, head, head_option)
