@@ -20,5 +20,5 @@ def test_gpu_speed_table_runs_tiny_on_the_cpu(capsys, monkeypatch):
         images_per_sec, step_ms, tflops, mfu, memory = (cell.strip() for cell in cells[5:10])
         assert float(images_per_sec) > 0 and float(step_ms) > 0 and float(tflops) > 0, cells
         assert mfu == "-" and memory == "-"  # no peak FLOP/s nor CUDA memory on the CPU
-    assert {cells[3].strip() for cells in rows} == {"eager", "blocks"}
+    assert {cells[3].strip() for cells in rows} == {"eager", "blocks, checkpointed blocks"}
     assert "| flow_map_sample, 1 step |" in out and "skipped" not in out

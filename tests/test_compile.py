@@ -145,3 +145,10 @@ def test_inductor_compiled_step_matches_eager(tmp_path, monkeypatch, mode):
     monkeypatch.setattr(compiling, "BACKEND", "inductor")
     eager = one_step(config("dumo"), tmp_path / "eager")
     assert_same_step(eager, one_step(config("dumo", compile=mode), tmp_path / "compiled"), tolerance=1e-4)
+
+
+@pytest.mark.parametrize("mode", [True, "blocks"])
+def test_compiled_and_checkpointed_step_matches_eager(tmp_path, mode):
+    eager = one_step(config("dumo"), tmp_path / "eager")
+    both = one_step(config("dumo", compile=mode, activation_checkpointing=True), tmp_path / "both")
+    assert_same_step(eager, both)

@@ -361,13 +361,14 @@ _NOTED_MATH_ATTENTION = False
 
 def note_math_attention() -> None:
     """Say once per process that the exact JVP runs attention on the math kernel (and outside
-    torch.compile's graphs), so that a slower step is not a mystery."""
+    torch.compile's graphs: dynamo falls back to eager inside torch.func.jvp), so that a slower
+    step is not a mystery."""
     global _NOTED_MATH_ATTENTION
     if not _NOTED_MATH_ATTENTION:
         _NOTED_MATH_ATTENTION = True
         print(
-            "dumo: note: the exact JVP (objective.derivative=jvp) runs attention on the math kernel and uncompiled, "
-            "inside the JVP only; objective.derivative=finite_difference keeps the fused kernels",
+            "dumo: note: the exact JVP (objective.derivative=jvp) runs attention on the math kernel, and eagerly "
+            "under train.compile, inside the JVP only; objective.derivative=finite_difference keeps the fused kernels",
             file=sys.stderr,
             flush=True,
         )
