@@ -141,7 +141,7 @@ def main() -> None:
         nargs="?",
         const=True,
         default=False,
-        choices=(True, "blocks"),
+        choices=("blocks",),
         help="compile the network as train.compile does: the whole network, or with 'blocks' each transformer block",
     )
     parser.add_argument(
