@@ -1,7 +1,7 @@
 """Median training-step time of each objective on the same network, batch and machine, in one run.
 
     .venv/bin/python benchmarks/step_cost.py [--networks mlp dit28 dit-s2] [--steps 10] [--device cpu]
-        [--batch N] [--precision bf16] [--target-precision fp32|tf32|bf16] [--compile] [--methods NAME ...]
+        [--batch N] [--precision bf16] [--target-precision fp32|tf32|bf16] [--compile [blocks]] [--methods NAME ...]
 
 Reports ratios to Flow Matching and to MeanFlow (JVP-free), next to the pass accounting (a
 forward+backward costs about 3 forward passes): with guidance, DuMo = 3 + 3 = 6 units (u at t +- e,
@@ -28,6 +28,7 @@ from dumo.data.batch import Batch
 from dumo.models import ModelConfig, build_model
 from dumo.objectives import DuMoConfig, FlowMatchingConfig, MeanFlowConfig, build_objective
 from dumo.samplers import flow_map_sample
+from dumo.training.compiling import compile_network
 
 BENCH = load_config(Path(__file__).resolve().parents[1] / "configs" / "bench" / "dit-s2-dumo.yaml")
 NETWORKS = {
@@ -57,7 +58,7 @@ class Settings:
     device: torch.device
     batch_size: int | None = None  # None: the network's own
     bf16: bool = False
-    compile: bool = False
+    compile: bool | str = False  # train.compile: True (the whole network) or "blocks"
 
 
 def time_steps(network: str, objective_config, settings: Settings) -> tuple[float, float]:
@@ -68,9 +69,9 @@ def time_steps(network: str, objective_config, settings: Settings) -> tuple[floa
     torch.manual_seed(0)
     objective = build_objective(objective_config, num_classes=CLASSES)
     model = build_model(model_config, shape, objective.heads, CLASSES, objective.time_inputs).to(device)
-    step_model = torch.compile(model) if settings.compile else model
-    # as the trainer does: the exact-JVP pass goes through the plain module
-    target = model if settings.compile and objective_config.name != "fm" else None
+    # as the trainer does: the no-grad target passes go through the compiled network too (the exact
+    # JVP runs eagerly inside torch.func.jvp either way)
+    step_model = compile_network(model, settings.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = Batch(torch.randn(batch_size, *shape, device=device), torch.arange(batch_size, device=device) % CLASSES)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
@@ -84,7 +85,7 @@ def time_steps(network: str, objective_config, settings: Settings) -> tuple[floa
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = objective(step_model, batch, target_model=target).loss
+            loss = objective(step_model, batch).loss
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -135,7 +136,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="batch size for every network (default: each network's own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the network")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the network of the training step")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=("blocks",),
+        help="compile the network as train.compile does: the whole network, or with 'blocks' each transformer block",
+    )
     parser.add_argument(
         "--target-precision", choices=("fp32", "tf32", "bf16"), help="objective.target_precision of DuMo and MeanFlow"
     )

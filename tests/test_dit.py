@@ -100,3 +100,84 @@ def test_finite_difference_under_bf16_autocast(precision):
         assert error < 1e-5
     else:
         assert error > 1e-2  # what the default avoids: bf16 rounding magnified by 1 / (2 epsilon)
+
+
+def kernel_states(monkeypatch) -> list[bool]:
+    """For each attention call from now on: whether the fused (flash) kernel was allowed."""
+    states = []
+    real = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        states.append(torch.backends.cuda.flash_sdp_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return states
+
+
+@pytest.mark.parametrize(
+    ("objective", "heads", "time_inputs"),
+    [
+        (DuMoObjective(DuMoConfig(zeta=0.5), 3), ("v", "u"), 1),
+        (MeanFlowObjective(MeanFlowConfig(derivative="finite_difference", zeta=0.5), 3), ("u",), 2),
+    ],
+)
+def test_finite_difference_objectives_never_force_the_math_kernel(monkeypatch, objective, heads, time_inputs):
+    states = kernel_states(monkeypatch)
+    model = tiny_dit(heads=heads, time_inputs=time_inputs)
+    objective(model, Batch(x=torch.randn(4, 1, 8, 8), cond=torch.tensor([0, 1, 2, 0]))).loss.backward()
+    assert states and all(states)
+
+
+@pytest.mark.parametrize(
+    ("objective", "heads", "time_inputs"),
+    [
+        (DuMoObjective(DuMoConfig(derivative="jvp", zeta=0.5), 3), ("v", "u"), 1),
+        (MeanFlowObjective(MeanFlowConfig(derivative="jvp", zeta=0.5), 3), ("u",), 2),
+    ],
+)
+def test_exact_jvp_uses_the_math_kernel_inside_the_jvp_only_and_says_so_once(
+    monkeypatch, capsys, objective, heads, time_inputs
+):
+    from dumo.objectives import base
+
+    monkeypatch.setattr(base, "_NOTED_MATH_ATTENTION", False)
+    states = kernel_states(monkeypatch)
+    model = tiny_dit(heads=heads, time_inputs=time_inputs)
+    batch = Batch(x=torch.randn(4, 1, 8, 8), cond=torch.tensor([0, 1, 2, 0]))
+    for _ in range(2):
+        objective(model, batch).loss.backward()
+    assert set(states) == {True, False}  # the guidance (and DuMo's gradient) pass keeps the fused kernels
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored after the JVP
+    assert capsys.readouterr().err.count("runs attention on the math kernel") == 1
+
+
+def test_meanflow_exact_jvp_under_bf16_autocast_backpropagates_through_a_plain_pass(monkeypatch):
+    grad_inside_jvp = []
+    real = torch.func.jvp
+
+    def recording(*args, **kwargs):
+        grad_inside_jvp.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.func, "jvp", recording)
+    model = tiny_dit(heads=("u",), time_inputs=2)
+    batch = Batch(x=torch.randn(16, 1, 8, 8), cond=torch.arange(16) % 3)
+    objective = MeanFlowObjective(MeanFlowConfig(derivative="jvp", rho=0.25), 3)
+
+    def step(bf16: bool):
+        model.zero_grad()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = objective(model, batch).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss, grads = step(bf16=False)
+    assert grad_inside_jvp == [True]  # fp32: one forward-mode pass gives u (with gradients) and du/dt
+    loss_bf16, grads_bf16 = step(bf16=True)
+    # bf16: the backward pass never goes through the JVP (on CUDA its dtypes did not match)
+    assert grad_inside_jvp == [True, False]
+    assert torch.isfinite(grads_bf16).all()
+    assert abs(loss_bf16 - loss) / loss < 0.05
+    assert ((grads_bf16 - grads).norm() / grads.norm()).item() < 0.1

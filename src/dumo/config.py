@@ -61,7 +61,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast the network; heads, times, targets stay fp32
     # CUDA: TF32 matmuls/convolutions for fp32 computations (the target passes follow objective.target_precision)
     tf32: bool = False
-    compile: bool = False  # torch.compile the network for the training step
+    # torch.compile for the training step: true = the whole network (the gradient pass and the no-grad
+    # target passes); blocks = each transformer block alone (regional: built once, reused by every block,
+    # so it builds in a fraction of the time on a deep DiT); false = eager
+    compile: bool | Literal["blocks"] = False
+    # recompute each transformer block in the backward pass instead of storing its activations
+    # (less memory for about one more forward pass of compute); DiT models only
+    activation_checkpointing: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     # FSDP2's MixedPrecisionPolicy for the transformer/residual blocks: bf16 parameters in the forward
     # pass and the all-gather, fp32 gradient reduction; fp32 = gather and compute as stored.

@@ -167,7 +167,7 @@ def measured_throughput(config: Config, gpu: str, precision: str) -> dict | None
             and entry.get("derivative") == derivative
             and bool(entry.get("guided", False)) == guided
             and entry["precision"] == precision
-            and bool(entry.get("compile", False)) == config.train.compile
+            and bool(entry.get("compile", False)) == bool(config.train.compile)
             # where both name it: the precision of the no-grad target passes (fp32 ones cost more)
             and (target is None or entry.get("target_precision", target) == target)
         ):

@@ -14,7 +14,16 @@ from typing import Literal
 from torch import nn
 
 from dumo.errors import ConfigError
-from dumo.models.dit import POSITION_ORDERS, DiTBackbone, DiTHead, DiTSize, parse_dit_name
+from dumo.models.dit import (
+    POSITION_ORDERS,
+    DiTBackbone,
+    DiTHead,
+    DiTSize,
+    keep_activations,
+    parse_dit_name,
+    set_activation_checkpointing,
+    transformer_blocks,
+)
 from dumo.models.embeddings import ConditionerFactory
 from dumo.models.heads import FlowModel, OutputHead
 from dumo.models.mlp import MLPBackbone
@@ -268,5 +277,8 @@ __all__ = [
     "describe",
     "describe_model",
     "find_model",
+    "keep_activations",
     "model_entry",
+    "set_activation_checkpointing",
+    "transformer_blocks",
 ]

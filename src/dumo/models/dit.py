@@ -9,13 +9,15 @@ finite-difference target get PyTorch's fused kernels.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dumo.conditioning import Condition
 from dumo.models.embeddings import ConditionerFactory, Conditioning, LabelEmbedding, modulate
@@ -84,7 +86,12 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Attention and MLP, each behind adaLN (shift, scale) and a zero-initialised gate."""
+    """Attention and MLP, each behind adaLN (shift, scale) and a zero-initialised gate.
+
+    ``checkpointed`` (set by :func:`set_activation_checkpointing`): recompute the block in the
+    backward pass instead of keeping its activations, when called through :func:`call_block`."""
+
+    checkpointed: bool = False
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -99,6 +106,45 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+_KEEP_ACTIVATIONS = False  # set inside keep_activations()
+
+
+@contextlib.contextmanager
+def keep_activations() -> Iterator[None]:
+    """Blocks called inside store their activations even where checkpointing is on: forward-mode AD
+    (torch.func.jvp) saves other tensors than a recomputation would, which checkpoint refuses."""
+    global _KEEP_ACTIVATIONS
+    before, _KEEP_ACTIVATIONS = _KEEP_ACTIVATIONS, True
+    try:
+        yield
+    finally:
+        _KEEP_ACTIVATIONS = before
+
+
+def call_block(block: nn.Module, *inputs: Tensor) -> Tensor:
+    """``block(*inputs)``; with activation checkpointing on (``block.checkpointed``) and gradients
+    being recorded, its activations are recomputed in the backward pass instead of stored. The
+    no-grad target passes store nothing anyway and run the block as it is."""
+    if getattr(block, "checkpointed", False) and torch.is_grad_enabled() and not _KEEP_ACTIVATIONS:
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
+def transformer_blocks(model: nn.Module) -> list[DiTBlock]:
+    """The repeated transformer blocks of ``model`` (the trunk's and the heads' own; text DiT blocks
+    too), in module order; empty for a network without them (mlp, unet)."""
+    return [module for module in model.modules() if isinstance(module, DiTBlock)]
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing of every transformer block of ``model`` on or off; returns
+    how many blocks there are (0: the network has none, so nothing changed)."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        block.checkpointed = enabled
+    return len(blocks)
 
 
 def initialise_blocks(modules: Iterable[nn.Module]) -> None:
@@ -159,7 +205,7 @@ class DiTBackbone(nn.Module):
         vector = self.conditioning(t, r, cond, x.shape[0])
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2) + self.position.to(x.dtype)
         for block in self.blocks:
-            tokens = block(tokens, vector)
+            tokens = call_block(block, tokens, vector)
         return tokens, vector
 
 
@@ -205,6 +251,10 @@ __all__ = [
     "DiTBackbone",
     "DiTHead",
     "DiTSize",
+    "call_block",
+    "keep_activations",
     "parse_dit_name",
+    "set_activation_checkpointing",
     "sincos_position_embedding",
+    "transformer_blocks",
 ]

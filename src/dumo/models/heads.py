@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dumo.conditioning import Condition, find_conditioner
+from dumo.models.dit import call_block
 from dumo.models.embeddings import modulate
 from dumo.models.output import ModelOutput
 
@@ -84,7 +85,7 @@ class FlowModel(nn.Module):
 
 def run_blocks(blocks: Iterable[nn.Module], features: Tensor, cond: Tensor) -> Tensor:
     for block in blocks:
-        features = block(features, cond)
+        features = call_block(block, features, cond)
     return features
 
 

@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from dumo.conditioning import Condition, TextCondition, TextPrompts
 from dumo.errors import ConfigError
-from dumo.models.dit import DIT_SIZES, DiTBlock, DiTHead, initialise_blocks, sincos_position_embedding
+from dumo.models.dit import (
+    DIT_SIZES,
+    DiTBlock,
+    DiTHead,
+    call_block,
+    initialise_blocks,
+    sincos_position_embedding,
+)
 from dumo.models.embeddings import Conditioning, modulate
 from dumo.models.heads import FlowModel
 
@@ -234,7 +241,7 @@ class TextDiTBackbone(nn.Module):
         vector = self.conditioning(t, r, None, x.shape[0]) + pooled
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2) + self.position.to(x.dtype)
         for block in self.blocks:
-            tokens = block(tokens, vector, text, text_mask)
+            tokens = call_block(block, tokens, vector, text, text_mask)
         return tokens, vector
 
 

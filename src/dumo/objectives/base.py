@@ -7,6 +7,7 @@ An objective takes the model and a :class:`~dumo.data.batch.Batch` and returns a
 from __future__ import annotations
 
 import contextlib
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -25,6 +26,7 @@ from dumo.conditioning import (
     find_conditioner,
 )
 from dumo.data.batch import Batch
+from dumo.models import keep_activations
 from dumo.models.heads import at_least_fp32
 from dumo.models.output import ModelOutput
 from dumo.paths import PATHS, AffinePath, expand_time
@@ -363,8 +365,28 @@ def time_derivative_jvp(function, x_t: Tensor, t: Tensor, dx_dt: Tensor, *extra_
     """
     primals = (x_t, t, *extra_primals)
     tangents = (dx_dt, torch.ones_like(t), *(torch.zeros_like(p) for p in extra_primals))
-    with sdpa_kernel([SDPBackend.MATH]):
+    note_math_attention()
+    # Blocks keep their activations here: checkpoint's recomputation cannot replay forward-mode AD.
+    with sdpa_kernel([SDPBackend.MATH]), keep_activations():
         return torch.func.jvp(function, primals, tangents)
+
+
+_NOTED_MATH_ATTENTION = False
+
+
+def note_math_attention() -> None:
+    """Say once per process that the exact JVP runs attention on the math kernel (and outside
+    torch.compile's graphs: dynamo falls back to eager inside torch.func.jvp), so that a slower
+    step is not a mystery."""
+    global _NOTED_MATH_ATTENTION
+    if not _NOTED_MATH_ATTENTION:
+        _NOTED_MATH_ATTENTION = True
+        print(
+            "dumo: note: the exact JVP (objective.derivative=jvp) runs attention on the math kernel, and eagerly "
+            "under train.compile, inside the JVP only; objective.derivative=finite_difference keeps the fused kernels",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 class FewStepObjective(Objective):

@@ -143,7 +143,15 @@ class MeanFlowObjective(FewStepObjective):
         # One forward-mode pass through ``model`` can give u and du/dt together only when theta^- is
         # ``model`` itself; a separate target (EMA, teacher, or the unwrapped module under DDP, whose
         # forward cannot run inside torch.func.jvp) gets its own no-grad derivative pass.
-        single_pass_jvp = cfg.derivative == "jvp" and cfg.target_network == "online" and target_model is None
+        # Under autocast the backward pass through a forward run inside torch.func.jvp failed on CUDA
+        # ("expected input and grad types to match"), so there u comes from a plain pass and du/dt
+        # from a separate no-grad JVP, in objective.target_precision: one forward pass more.
+        single_pass_jvp = (
+            cfg.derivative == "jvp"
+            and cfg.target_network == "online"
+            and target_model is None
+            and not torch.is_autocast_enabled(x.device.type)
+        )
         target_model, guidance_model = self.networks(model, target_model, teacher_model)
         x_t = self.path.sample(x, z, t)
         v_target = at_least_fp32(self.path.velocity(x, z, t))
@@ -208,7 +216,8 @@ class MeanFlowObjective(FewStepObjective):
             def average_velocity(x_in: Tensor, t_in: Tensor, r_in: Tensor) -> Tensor:
                 return at_least_fp32(target_model(x_in, t_in, r=r_in, cond=cond).u)
 
-            return time_derivative_jvp(average_velocity, x_t, t, tangent, r)[1]
+            with derivative_precision(cfg, x_t):
+                return time_derivative_jvp(average_velocity, x_t, t, tangent, r)[1]
         # The stencil stays in [r, 1]; rows with t = r get width 0 and derivative 0, which the
         # factor (t - r) ignores anyway.
         t_low, t_high = central_difference_times(t, cfg.epsilon, r, 1.0)

@@ -69,6 +69,7 @@ RESUMABLE_KEYS = (
         "max_skipped_fraction",
         "max_minutes",
         "compile",
+        "activation_checkpointing",
         "parallel",
         "init_from",  # only read before step 0: a resumed run no longer needs it
     )

@@ -23,11 +23,13 @@ from dumo.config import Config, save_config
 from dumo.data import SampleSpace, build_dataset, build_stream, conditioning_classes, dataset_prompts
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
 from dumo.errors import ConfigError, TrainingError
+from dumo.models import set_activation_checkpointing
 from dumo.network import build_network
 from dumo.objectives import build_objective
 from dumo.runs.folder import RunLock, check_run_dir, prepare_run_dir, record_start, remove_torn_writes
 from dumo.runs.layout import CONFIG_FILE, list_checkpoints
 from dumo.training.checks import check_batch_fits, ineffective_settings
+from dumo.training.compiling import check_compile_fits, compile_network
 from dumo.training.ema import EMA
 from dumo.training.logs import Progress, RunLogs, summary_writer_class
 from dumo.training.parallel import full_tensor, set_gradient_sync, wrap_for_training
@@ -100,6 +102,8 @@ class Trainer:
             raise ConfigError(f"{named} {verb} train.init_from (the teacher is the frozen initial weights)")
         self.teacher: nn.Module | None = None  # set in run(): from init_from, or from the run folder on resume
         self.model = self.build_plain_model().to(self.device)
+        check_compile_fits(self.model, config.train.compile, config.train.activation_checkpointing)
+        set_activation_checkpointing(self.model, config.train.activation_checkpointing)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
         if config.train.parallel == "fsdp" and self.objective.needs_forward_ad():
@@ -124,15 +128,15 @@ class Trainer:
         self.parallel_model = wrap_for_training(self.model, self.dist, config.train.parallel, self.device, param_dtype)
         if self.sharded:
             wrap_for_training(self.ema.model, self.dist, "fsdp", self.device, param_dtype)
-        self.step_model = torch.compile(self.parallel_model) if config.train.compile else self.parallel_model
-        # theta^- for the no-grad target passes. Under DDP they use the unwrapped module: they need
-        # no gradient averaging, and DDP's forward cannot run inside torch.func.jvp. Under FSDP
-        # the sharded module itself serves (every rank runs the same passes).
+        self.step_model = compile_network(self.parallel_model, config.train.compile)
+        # theta^- for the no-grad target passes, compiled like the step's network. Under DDP they
+        # use the unwrapped module: they need no gradient averaging, and DDP's forward cannot run
+        # inside torch.func.jvp. Under FSDP the sharded module itself serves (every rank runs the same passes).
         self.target_model: nn.Module | None = None
         if self.objective.target_network() == "ema":
-            self.target_model = self.ema.model
+            self.target_model = compile_network(self.ema.model, config.train.compile)
         elif self.dist.enabled and not self.sharded:
-            self.target_model = torch.compile(self.model) if config.train.compile else self.model
+            self.target_model = compile_network(self.model, config.train.compile)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=config.optim.lr,
