@@ -32,7 +32,7 @@ from dumo.conditioning.text import TextEncoderError, WordTokenizer
 from dumo.data.images import DataError
 from dumo.schema import require
 
-TEXT_DATASETS = ("shapes", "captions")  # the datasets whose samples come with a prompt
+TEXT_DATASETS = ("shapes", "captions", "caption_latents")  # the datasets whose samples come with a prompt
 DEFAULT_CACHE = "~/.cache/dumo/text-embeddings"
 
 
