@@ -155,6 +155,11 @@ def check_conditions(config: Config) -> None:
             f"data.name={config.data.name} conditions on prompts: set model.name to a TextDiT (e.g. TextDiT-XS/4); "
             f"{config.model.name} reads no text"
         )
+    if config.text.precomputed and config.data.name != "caption_latents":
+        raise ConfigError(
+            f"text.precomputed reads embeddings stored with caption latents (data.name=caption_latents), "
+            f"not {config.data.name}"
+        )
     if reads_text and not config.data.is_text:
         raise ConfigError(
             f"model.name={config.model.name} is conditioned on prompts; data.name={config.data.name} has none "

@@ -139,6 +139,11 @@ def caption_latent_prompts(dataset: CaptionLatentDataset, config: TextConfig) ->
     if config.encoder != "pretrained":
         return Prompts(text_spec(config, sentences=dataset.captions), config)
     record = matching_record(dataset.text_encoders, config, dataset.path)
+    if record is None and config.precomputed:
+        raise DataError(
+            f"text.precomputed: {dataset.path} holds no text embeddings; add them with "
+            f"dumo encode ... --out {dataset.path} --text-encoder {config.path}"
+        )
     if record is None:
         return Prompts(text_spec(config), config)
     prompts = PrecomputedPrompts(spec_of_record(record), config, record, dataset.embedding_folder)
