@@ -161,10 +161,15 @@ def check_conditions(config: Config) -> None:
             f"data.name={config.data.name} conditions on prompts: set model.name to a TextDiT (e.g. TextDiT-XS/4); "
             f"{config.model.name} reads no text"
         )
+    if config.text.precomputed and config.data.name != "caption_latents":
+        raise ConfigError(
+            f"text.precomputed reads embeddings stored with caption latents (data.name=caption_latents), "
+            f"not {config.data.name}"
+        )
     if reads_text and not config.data.is_text:
         raise ConfigError(
             f"model.name={config.model.name} is conditioned on prompts; data.name={config.data.name} has none "
-            "(text data: shapes or captions)"
+            "(text data: shapes, captions, caption_latents)"
         )
 
 
@@ -202,7 +207,9 @@ def config_from_dict(raw: Any) -> Config:
     objective = build(OBJECTIVES[name][0], {**objective_raw, "name": name}, prefix="objective")
     config = Config(objective=objective, **sections)
     if raw.get("text") and not config.data.is_text:
-        raise ConfigError(f"the text section applies to data with prompts (shapes, captions), not {config.data.name}")
+        raise ConfigError(
+            f"the text section applies to data with prompts (shapes, captions, caption_latents), not {config.data.name}"
+        )
     check_conditions(config)
     return config
 

@@ -27,7 +27,7 @@ def build_network(
     text_inputs = {}
     if model_entry(config.model.name).family == "text_dit":
         if text is None:
-            raise ConfigError(f"model.name={config.model.name} reads prompts: the data has none (shapes, captions)")
+            raise ConfigError(f"model.name={config.model.name} reads prompts: the data has none")
         text_inputs = text_network_inputs(config, text)
     network = build_model(config.model, shape, objective.heads, num_classes, objective.time_inputs, **text_inputs)
     # Which sampler reads each head (sampling picks a head by name: sample.head, dumo sample --head).

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dumo.config import Config
-from dumo.data import config_text_spec
+from dumo.data import TextSpec, config_text_spec
 from dumo.errors import ConfigError
 from dumo.training.throughput import StepCost, count_step_cost, format_flops, throughput_table
 
@@ -49,6 +49,15 @@ class Memory:
 
 
 @dataclass
+class TextEncoderCost:
+    """A frozen text encoder of a run: not trained, and not loaded at all on precomputed embeddings."""
+
+    name: str
+    parameters: int
+    precomputed: bool
+
+
+@dataclass
 class Plan:
     config: Config
     gpus: int
@@ -62,6 +71,7 @@ class Plan:
     dataset_size: int | None
     dataset_source: str
     memory: dict[str, Memory]  # "ddp", "fsdp"
+    text_encoder: TextEncoderCost | None = None  # a frozen text encoder beside the network
 
     @property
     def batch_size(self) -> int:
@@ -127,6 +137,14 @@ def dataset_size(config: Config) -> tuple[int | None, str]:
     data = config.data
     if data.is_generated():
         return None, "generated data: no epochs"
+    index = Path(data.path or "").expanduser() / "index.json"
+    if data.name in ("latents", "caption_latents") and data.path and index.is_file():
+        try:
+            import json
+
+            return int(json.loads(index.read_text())["num_images"]), f"{data.path} (flipped copies not counted)"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: fall back to what the config says
     if data.name == "latents" and data.path and Path(data.path).expanduser().is_file():
         counted = latent_file_images(Path(data.path).expanduser())
         if counted is not None:
@@ -220,7 +238,8 @@ def make_plan(
     entry = table["gpus"][gpu]
     precision = matmul_precision_of(config)
     shape, classes = model_shape(config)
-    cost = count_step_cost(config, shape, classes, activations=True, text=config_text_spec(config.data, config.text))
+    text, text_encoder = plan_text(config)
+    cost = count_step_cost(config, shape, classes, activations=True, text=text)
     peak = entry["peak_tflops"][precision] * 1e12
     measured = None if mfu is not None else measured_throughput(config, gpu, precision)
     if measured is not None:
@@ -253,6 +272,43 @@ def make_plan(
         size,
         size_source,
         memory,
+        text_encoder,
+    )
+
+
+def plan_text(config: Config) -> tuple[TextSpec | None, TextEncoderCost | None]:
+    """How the prompts of ``config`` reach the network, for planning: a frozen encoder is described from
+    its config.json alone (no weights read), and is precomputed when ``text.precomputed`` says so or the
+    latent folder lists its embeddings."""
+    if not config.data.is_text:
+        return None, None
+    text = config.text
+    if text.encoder == "small":
+        return config_text_spec(config.data, text), None
+    from dumo.conditioning.pretrained_text import describe_encoder
+
+    shape = describe_encoder(text.path)
+    spec = TextSpec("pretrained", text.max_tokens, path=text.path, text_dim=shape.text_dim, pooled_dim=shape.pooled_dim)
+    return spec, TextEncoderCost(shape.class_name, shape.parameters, text.precomputed or listed_encoder(config))
+
+
+def listed_encoder(config: Config) -> bool:
+    """Whether the caption latents of ``config`` list embeddings of its text section's encoder."""
+    import json
+
+    index = Path(config.data.path or "").expanduser() / "index.json"
+    if config.data.name != "caption_latents" or not index.is_file():
+        return False
+    try:
+        records = json.loads(index.read_text()).get("text_encoders") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    folder = str(Path(config.text.path).expanduser().resolve())
+    return any(
+        r.get("path") == folder
+        and r.get("max_tokens") == config.text.max_tokens
+        and r.get("layer") == config.text.layer
+        for r in records
     )
 
 
@@ -304,6 +360,19 @@ def format_plan(plan: Plan, config_name: str = "") -> str:
             f"  note: the objective's no-grad target passes run in {target} (objective.target_precision), at a "
             "lower peak than bf16: expect fewer images/s (one H100 measured DuMo with fp32 passes at 5.9x Flow "
             "Matching's step time)"
+        )
+    encoder = plan.text_encoder
+    if encoder is not None and encoder.precomputed:
+        lines.append(
+            f"  text encoder {encoder.name}, {encoder.parameters / 1e6:,.1f}M parameters, frozen: its embeddings are "
+            "precomputed with the latents (dumo encode --text-encoder), so training never loads it"
+        )
+    elif encoder is not None:
+        lines.append(
+            f"  text encoder {encoder.name}, {encoder.parameters / 1e6:,.1f}M parameters, frozen (with the network: "
+            f"{(plan.cost.parameters + encoder.parameters) / 1e6:,.1f}M): loaded in fp32 on each rank's CPU, "
+            f"{4 * encoder.parameters / GIB:.2f} GiB of host memory per rank, to encode each prompt once; "
+            "precompute them with the latents to skip it (dumo encode --text-encoder, text.precomputed)"
         )
     ddp, fsdp = plan.memory["ddp"], plan.memory["fsdp"]
     lines.append(f"  memory/GPU   {'':34s} {'DDP':>9s} {'FSDP':>9s}   (GiB)")

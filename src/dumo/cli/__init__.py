@@ -17,6 +17,7 @@ from dumo.cli import (
     encode,
     export,
     fid,
+    grid,
     info,
     plan,
     sample,
@@ -32,7 +33,7 @@ from dumo.version import __version__
 
 EXIT_USAGE = 2
 #: the command modules, in the order ``dumo --help`` lists their commands
-COMMANDS = (train, sample, evaluate, fid, trajectories, encode, info, plan, snapshots, export, demo, shapes)
+COMMANDS = (train, sample, evaluate, fid, trajectories, grid, encode, info, plan, snapshots, export, demo, shapes)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -192,6 +193,45 @@ class PretrainedTextEncoder:
         return TextCondition(tokens, mask, pooled)
 
 
+@dataclass(frozen=True)
+class EncoderShape:
+    """What the config of a frozen encoder says about it, without its weights."""
+
+    class_name: str
+    parameters: int
+    text_dim: int
+    pooled_dim: int
+
+
+def describe_encoder(path: str | Path) -> EncoderShape:
+    """The class, parameter count and widths of the encoder in ``path`` (a model folder or a diffusers
+    pipeline folder), from its ``config.json`` alone: the model is built on the meta device, so no
+    weight is read or allocated (for planning a run whose encoder is several GB)."""
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file() and (folder / "text_encoder" / "config.json").is_file():
+        folder = folder / "text_encoder"
+    if not (folder / "config.json").is_file():
+        raise TextEncoderError(f"no text encoder config at {folder} (config.json of a transformers folder)")
+    try:
+        import transformers
+    except ImportError:
+        raise TextEncoderError("pretrained text encoders need transformers: pip install transformers") from None
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise TextEncoderError(f"cannot read the text encoder config in {folder}: {error}") from None
+    cls = _model_class(config)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # Auto* classes | model classes
+    with torch.device("meta"):
+        model = build(config)
+    if model.config.is_encoder_decoder and hasattr(model, "get_encoder"):
+        model = model.get_encoder()
+    text_dim = int(model.config.get_text_config().hidden_size)
+    projection = getattr(model.config, "projection_dim", None) if "WithProjection" in type(model).__name__ else None
+    parameters = sum(p.numel() for p in model.parameters())
+    return EncoderShape(type(model).__name__, parameters, text_dim, int(projection or text_dim))
+
+
 def _fingerprint(
     model: nn.Module,
     tokenizer,
@@ -239,4 +279,4 @@ def _fingerprint(
     return digest.hexdigest()
 
 
-__all__ = ["PretrainedTextEncoder"]
+__all__ = ["EncoderShape", "PretrainedTextEncoder", "describe_encoder"]

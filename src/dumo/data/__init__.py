@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from dumo.data.batch import Batch
+from dumo.data.caption_latents import CaptionLatentDataset, caption_latent_prompts
 from dumo.data.captions import CaptionDataset, CaptionStream, load_captions
 from dumo.data.images import (
     DataError,
@@ -51,6 +52,7 @@ class DataConfig:
         "random_latents",
         "shapes",
         "captions",
+        "caption_latents",
     ] = "moons"
     batch_size: int = 256
     conditional: bool = False  # train with class labels (needed for guidance, zeta > 0)
@@ -58,7 +60,7 @@ class DataConfig:
     # (captions: a caption folder, image + same-named .txt, or a .jsonl manifest)
     resolution: int | None = None  # image_folder: centre-crop to this size (ADM preprocessing)
     hflip: bool = False  # random horizontal flips (images)
-    latent_shape: tuple[int, ...] | None = None  # latents: expected (C, H, W), checked against the file
+    latent_shape: tuple[int, ...] | None = None  # (caption_)latents: expected (C, H, W), checked with the file
     num_classes: int | None = None  # latents: expected number of classes, checked against the file
     # (random_latents, data for timing runs: both required; the tensors come from a fixed seed)
     autoencoder_path: str | None = None  # latents: decoder folder (default: the one recorded by dumo encode)
@@ -137,7 +139,7 @@ class DataConfig:
             return TOY_DATASETS[self.name].shape
         if self.name == "image_folder":
             return (3, self.resolution, self.resolution) if self.resolution else None
-        if self.name in ("latents", "random_latents"):
+        if self.name in ("latents", "random_latents", "caption_latents"):
             return self.latent_shape
         if self.name == "shapes":
             return ShapesWorld.shape
@@ -180,10 +182,13 @@ def build_dataset(config: DataConfig) -> Dataset:
         return load_captions(config.path, config.resolution)
     if config.name == "random_latents":
         return RandomLatentDataset(tuple(config.latent_shape), config.num_classes)
-    if config.name == "latents":
+    if config.name in ("latents", "caption_latents"):
         if config.path is None:
-            raise DataError("the latents dataset needs data.path: a file written by 'dumo encode'")
-        dataset = LatentDataset(config.path, config.autoencoder_path)
+            raise DataError(f"the {config.name} dataset needs data.path: a folder written by 'dumo encode'")
+        if config.name == "caption_latents":
+            dataset = CaptionLatentDataset(config.path, config.autoencoder_path)
+        else:
+            dataset = LatentDataset(config.path, config.autoencoder_path)
         if config.latent_shape is not None and tuple(config.latent_shape) != dataset.shape:
             raise DataError(
                 f"{config.path} holds latents of shape {dataset.shape}, not data.latent_shape {config.latent_shape}"
@@ -196,12 +201,12 @@ def build_stream(
     dataset: Dataset, config: DataConfig, seed: int, prompts: Prompts | None = None
 ) -> ToyStream | ImageStream | PromptStream:
     """The training stream of ``dataset``; a text dataset's prompts become ``prompts``' conditions."""
-    if isinstance(dataset, (ShapesWorld, CaptionDataset)):
+    if isinstance(dataset, (ShapesWorld, CaptionDataset, CaptionLatentDataset)):
         if prompts is None:
             raise ValueError(f"the {dataset.name} dataset needs the prompts' encoding (dataset_prompts)")
         if isinstance(dataset, ShapesWorld):
             return PromptStream(ShapesStream(dataset, config.batch_size, seed), prompts)
-        return PromptStream(CaptionStream(dataset, config.batch_size, seed, config.hflip), prompts)
+        return PromptStream(CaptionStream(dataset, config.batch_size, seed, config.hflip), prompts)  # type: ignore[arg-type]
     if isinstance(dataset, ImageDataset):
         return ImageStream(dataset, config.batch_size, config.conditional, seed, config.hflip)
     return ToyStream(dataset, config.batch_size, config.conditional, seed)
@@ -209,7 +214,10 @@ def build_stream(
 
 def dataset_prompts(dataset: Dataset, config: TextConfig) -> Prompts | None:
     """How the prompts of ``dataset`` become conditions for a new run (None: the data has no prompts):
-    the small encoder's vocabulary is the shapes world's words or the captions' words."""
+    the small encoder's vocabulary is the shapes world's words or the captions' words (captioned latents:
+    also the embeddings ``dumo encode --text-encoder`` stored with them)."""
+    if isinstance(dataset, CaptionLatentDataset):
+        return caption_latent_prompts(dataset, config)
     if isinstance(dataset, ShapesWorld):
         return Prompts(text_spec(config, words=vocabulary()), config)
     if isinstance(dataset, CaptionDataset):
@@ -234,6 +242,7 @@ def conditioning_classes(dataset: Dataset, config: DataConfig) -> int:
 __all__ = [
     "Batch",
     "CaptionDataset",
+    "CaptionLatentDataset",
     "PromptStream",
     "Prompts",
     "ShapesWorld",

@@ -128,10 +128,14 @@ class ImageSource:
     class_names: list[str] | None
     image_shape: tuple[int, ...]
     identity: dict  # data name, folder, resolution and a digest of the items: part of every shard
+    captions: list[str] | None = None  # a caption dataset: the caption of each item, kept in the shards
 
 
 def image_source(name: str, path: str | None, resolution: int | None) -> ImageSource:
-    """The dataset ``name`` as a source of images; an image folder is listed, not read."""
+    """The dataset ``name`` as a source of images; an image folder (or a caption folder or manifest) is
+    listed, not read."""
+    if name == "captions":
+        return caption_source(path, resolution)
     if name != "image_folder":
         from dumo.data import DataConfig, build_dataset
 
@@ -159,6 +163,36 @@ def image_source(name: str, path: str | None, resolution: int | None) -> ImageSo
         "items_sha256": digest.hexdigest(),
     }
     return ImageSource(name, FolderImages(files, resolution, shape), len(class_names), class_names, shape, identity)
+
+
+def caption_source(path: str | None, resolution: int | None) -> ImageSource:
+    """A caption folder or ``.jsonl`` manifest (:mod:`dumo.data.captions`) as a source of images whose
+    captions travel into the shards."""
+    from dumo.data.captions import list_caption_folder, read_manifest
+
+    if path is None:
+        raise DataError("--data captions needs --data-path: a caption folder or a .jsonl manifest")
+    where = Path(path).expanduser()
+    files, captions = read_manifest(where) if where.suffix.lower() == ".jsonl" else list_caption_folder(where)
+    try:
+        first, _ = read_rgb(files[0], resolution)
+    except OSError as error:
+        raise DataError(f"cannot read image {files[0]}: {error}") from None
+    shape = (first.shape[2], first.shape[0], first.shape[1])
+    # the images (relative to the folder or manifest) and their captions identify the set
+    root = where if where.is_dir() else where.parent
+    digest = hashlib.sha256()
+    for file, caption in zip(files, captions):
+        name = file.relative_to(root).as_posix() if file.is_relative_to(root) else str(file)
+        digest.update(f"{name}\t{caption}\n".encode())
+    identity = {
+        "data": "captions",
+        "data_path": str(where.resolve()),
+        "resolution": resolution,
+        "items_sha256": digest.hexdigest(),
+    }
+    items = FolderImages([(file, 0) for file in files], resolution, shape)
+    return ImageSource("captions", items, 0, None, shape, identity, list(captions))
 
 
 @dataclass
@@ -302,6 +336,9 @@ def write_shards(
             "transparent_images": str(transparent),
             "encoding": json.dumps(encoding, sort_keys=True),
         }
+        if source.captions is not None:  # the originals' captions, in order (mirrors repeat them)
+            first = k * shard_size
+            metadata["captions"] = json.dumps(source.captions[first : first + shard_images(k, count, shard_size)])
         save_checkpoint(out / shard_name(k), tensors, metadata, kind=SHARD_FORMAT)
         originals, mirrors, labels, transparent = [], [], [], 0
         written += 1
@@ -314,6 +351,18 @@ def write_shards(
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def recorded_text_encoders(out: Path, encoding: dict) -> list[dict]:
+    """The text encoders whose caption embeddings an earlier index of this same encoding listed (a rerun
+    keeps them: their embeddings are still in the folder)."""
+    try:
+        previous = json.loads((out / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(previous, dict) or previous.get("encoding") != encoding:
+        return []
+    return list(previous.get("text_encoders") or [])
 
 
 def write_index(source: ImageSource, out: Path, encoding: dict, num_shards: int, shard_size: int) -> EncodeSummary:
@@ -363,6 +412,9 @@ def write_index(source: ImageSource, out: Path, encoding: dict, num_shards: int,
         "encoding": encoding,
         "shards": entries,
     }
+    if source.captions is not None:  # shards carry captions: data.name caption_latents reads them
+        index["captions"] = True
+        index["text_encoders"] = recorded_text_encoders(out, encoding)
     atomic_write(out / INDEX_NAME, (json.dumps(index, indent=1) + "\n").encode())
     return EncodeSummary(
         count, num_latents, num_shards, 0, tuple(latent_shape), mean.tolist(), std.tolist(), transparent

@@ -32,7 +32,7 @@ from dumo.conditioning.text import TextEncoderError, WordTokenizer
 from dumo.data.images import DataError
 from dumo.schema import require
 
-TEXT_DATASETS = ("shapes", "captions")  # the datasets whose samples come with a prompt
+TEXT_DATASETS = ("shapes", "captions", "caption_latents")  # the datasets whose samples come with a prompt
 DEFAULT_CACHE = "~/.cache/dumo/text-embeddings"
 
 
@@ -49,6 +49,9 @@ class TextConfig:
     min_count: int = 1  # small, captions: words seen fewer times become [UNK]
     layer: int | None = None  # pretrained: the hidden state to read (null: the last; e.g. -2)
     cache: str | None = None  # pretrained: folder of the embedding cache (default ~/.cache/dumo/text-embeddings)
+    # pretrained, caption_latents: the embeddings must come from the latent folder (dumo encode --text-encoder);
+    # training never loads the encoder, and refuses data without them
+    precomputed: bool = False
 
     def validate(self, prefix: str) -> None:
         require(self.max_tokens >= 1, f"{prefix}.max_tokens must be >= 1; got {self.max_tokens}")
@@ -60,6 +63,10 @@ class TextConfig:
         require(
             self.encoder == "small" or self.path is not None,
             f"{prefix}.encoder=pretrained needs {prefix}.path: a local transformers folder",
+        )
+        require(
+            not self.precomputed or self.encoder == "pretrained",
+            f"{prefix}.precomputed applies to text.encoder=pretrained (the small encoder is trained with the model)",
         )
 
 

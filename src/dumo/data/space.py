@@ -83,7 +83,8 @@ class SampleSpace:
     @classmethod
     def of(cls, dataset: ToyDataset | ImageDataset | ShapesWorld, text: TextSpec | None = None) -> SampleSpace:
         fingerprint, summary = data_fingerprint(dataset), data_summary(dataset)
-        if isinstance(dataset, ShapesWorld) or hasattr(dataset, "captions"):
+        pixels_with_captions = hasattr(dataset, "captions") and not isinstance(dataset, LatentDataset)
+        if isinstance(dataset, ShapesWorld) or pixels_with_captions:
             record = None if text is None else text.to_dict()
             shape = tuple(dataset.shape)
             return cls("images", dataset.name, shape, 0, fingerprint=fingerprint, summary=summary, text=record)
@@ -120,6 +121,7 @@ class SampleSpace:
                 autoencoder=autoencoder,
                 fingerprint=fingerprint,
                 summary=summary,
+                text=None if text is None else text.to_dict(),  # captioned latents
             )
         return cls(
             "images",

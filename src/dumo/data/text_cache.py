@@ -77,11 +77,15 @@ class TextEmbeddingCache:
 
     def embed(self, prompts: Sequence[str]) -> TextCondition:
         """The embeddings of ``prompts`` on the CPU, equal to ``encoder.encode(prompts)``."""
-        keys = [prompt_key(self.fingerprint, prompt) for prompt in prompts]
-        missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if k not in self._shard_of))
+        self.precompute(prompts)
+        return self._read([prompt_key(self.fingerprint, prompt) for prompt in prompts])
+
+    def precompute(self, prompts: Sequence[str]) -> int:
+        """Encode and store the prompts not stored yet, reading nothing back; how many were encoded."""
+        missing = list(dict.fromkeys(p for p in prompts if prompt_key(self.fingerprint, p) not in self._shard_of))
         for start in range(0, len(missing), self.shard_prompts):
             self._store(missing[start : start + self.shard_prompts])
-        return self._read(keys)
+        return len(missing)
 
     def _store(self, prompts: list[str]) -> None:
         tensors: dict[str, Tensor] = {}
