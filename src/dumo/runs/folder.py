@@ -26,6 +26,7 @@ from dumo.runs.layout import (
     CORRUPT_SUFFIX,
     EVAL_LOG,
     HISTORY_FILE,
+    LORA_DIR,
     LOCK_FILE,
     OWN_FILES_IN,
     RUN_NAMES,
@@ -232,6 +233,7 @@ def names_written_by(config: Config) -> list[str]:
         SAMPLES_DIR: True,
         TENSORBOARD_DIR: cfg.tensorboard,
         SNAPSHOT_DIR: bool(cfg.snapshot_steps) or cfg.snapshot_every > 0,
+        LORA_DIR: config.model.lora is not None,
     }
     return [name for name in RUN_NAMES if wanted[name]]
 
