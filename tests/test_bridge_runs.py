@@ -132,3 +132,111 @@ def test_a_diffusers_config_takes_the_families_stencil_and_refuses_coarse_target
             raw[section] = values
         with pytest.raises(ConfigError, match=message):
             config_from_dict(raw)
+
+
+SAMPLE_WITHOUT_DUMO = """
+import sys
+sys.modules["dumo"] = None  # any import of dumo fails
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+folder, latents_file, out_file = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(folder)
+pipe.set_progress_bar_config(disable=True)
+latents = torch.from_numpy(np.load(latents_file))
+common = dict(guidance_scale=1.0, height=32, width=32, use_resolution_binning=False, max_sequence_length=8)
+seen = []  # what the pipeline gives its transformer: its own encoding of the prompt
+pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+one = pipe("a red cat", latents=latents, num_inference_steps=1, output_type="latent", **common).images
+embeds, mask = seen[0]["encoder_hidden_states"], seen[0]["encoder_attention_mask"]
+two = pipe("a red cat", latents=latents, sigmas=[1.0, 0.5], output_type="latent", **common).images
+image = pipe("a red cat", latents=latents, sigmas=[1.0, 0.5], output_type="np", **common).images
+np.savez(out_file, embeds=embeds.detach().numpy(), mask=mask.numpy(), one=one.numpy(), two=two.numpy(), image=image)
+"""
+
+
+def test_export_diffusers_writes_a_pipeline_that_samples_one_and_two_steps_without_dumo(files, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from dumo.cli import main
+    from dumo.runs.loading import load_run
+    from dumo.samplers import flow_map_sample
+
+    run, out = tmp_path / "run", tmp_path / "one-step"
+    Trainer(tiny(files, "sana", "model.lora={rank: 2}", "optim.lr=0.01"), run).run()
+    assert main(["export", str(run), "--diffusers", str(out)]) == 0
+    (out / "mine.txt").write_text("keep")
+    capsys.readouterr()
+    assert main(["export", str(run), "--diffusers", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "exists; pass --force" in err, err
+    assert (out / "mine.txt").read_text() == "keep"
+    assert main(["export", str(run), "--diffusers", str(out), "--force"]) == 0
+    assert not (out / "mine.txt").exists()
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    np.save(tmp_path / "latents.npy", latents.numpy())
+    (tmp_path / "sample.py").write_text(SAMPLE_WITHOUT_DUMO)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "sample.py"), str(out), str(tmp_path / "latents.npy"), str(tmp_path / "o.npz")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    produced = np.load(tmp_path / "o.npz")
+    loaded = load_run(run)
+    cond = loaded.prompt_condition(["a red cat"])  # dumo's cached encoding: the pipeline's own
+    assert torch.equal(cond.mask, torch.from_numpy(produced["mask"]).bool())
+    real = cond.mask[..., None]  # the transformer masks the padding out; dumo stores it as zeros
+    assert torch.allclose(cond.tokens * real, torch.from_numpy(produced["embeds"]) * real, atol=1e-5)
+    with torch.no_grad():
+        one_step = latents - loaded.model(latents, torch.ones(1), cond=cond).u
+        two_steps = flow_map_sample(loaded.model, latents, [1.0, 0.5], cond, stochasticity=0.0)
+    scale = one_step.abs().max()
+    assert (torch.from_numpy(produced["one"]) - one_step).abs().max() <= 1e-5 * scale
+    assert (torch.from_numpy(produced["two"]) - two_steps).abs().max() <= 1e-5 * scale
+    assert produced["image"].shape == (1, 32, 32, 3) and np.isfinite(produced["image"]).all()
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_dumo_sample_draws_a_bridged_run_decoded_by_the_pipelines_vae(files, family, tmp_path, capsys):
+    import numpy as np
+
+    from dumo.cli import main
+
+    run = tmp_path / "run"
+    Trainer(tiny(files, family, "train.steps=1"), run).run()
+    out = tmp_path / "samples.npz"
+    guidance = ["--guidance", "2"] if family != "flux" else []
+    status = main(["sample", str(run), "--nfe", "2", "--prompt", "a red cat", "-n", "2", *guidance, "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    images = np.load(out)["arr_0"]
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_prompts_are_encoded_as_the_pipeline_gives_them_to_its_transformer(files, family):
+    import diffusers
+
+    from dumo.conditioning.pipeline_text import NULL_PROMPT, PipelineTextEncoder
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(files[family])
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    guidance = 3.5 if family == "flux" else 2.0  # SANA and SD3: the negative prompt "" in the same call
+    extra = {"use_resolution_binning": False} if family == "sana" else {}
+    pipe("a red cat", num_inference_steps=1, guidance_scale=guidance, height=32, width=32, max_sequence_length=8,
+         output_type="latent", **extra)  # fmt: skip
+    given = seen[0]
+    encoder = PipelineTextEncoder(files[family], max_length=8)
+    cond = encoder.encode([NULL_PROMPT, "a red cat"])
+    rows = slice(0, 2) if family != "flux" else slice(1, 2)
+    real = cond.mask[rows, :, None]  # the transformer masks padding out (SANA); dumo stores it as zeros
+    assert torch.allclose(cond.tokens[rows], given["encoder_hidden_states"].float() * real, atol=1e-5)
+    if family == "sana":
+        assert torch.equal(cond.mask, given["encoder_attention_mask"].bool())
+        assert cond.mask[0].sum() < cond.mask[1].sum()  # "" without the instruction, the prompt with it
+    else:
+        assert torch.allclose(cond.pooled[rows], given["pooled_projections"].float(), atol=1e-5)
+        assert bool(cond.mask.all())  # SD3 and FLUX attend to every token
