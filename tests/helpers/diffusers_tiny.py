@@ -125,9 +125,8 @@ def run_stock_pipeline(
 
 
 def _clip(hidden: int, projection: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     from helpers.text_encoders import vocab_size
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -137,9 +136,8 @@ def _clip(hidden: int, projection: bool):
 
 
 def _t5():
-    from transformers import T5Config, T5EncoderModel
-
     from helpers.text_encoders import vocab_size
+    from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=vocab_size(), d_model=TEXT_DIM, d_kv=4, d_ff=16, num_layers=1, num_heads=3, pad_token_id=0,
@@ -171,7 +169,6 @@ def save_sd3_pipeline(folder):
     (12 wide), an SD-VAE of 4 latent channels downsampling by 2 (scale 1.5, shift 0.1), the tiny
     transformer and a flow-match scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
     from helpers.text_encoders import word_tokenizer
 
     torch.manual_seed(0)
@@ -188,7 +185,6 @@ def save_flux_pipeline(folder):
     """A complete tiny FLUX pipeline folder: CLIP-L (6 wide, its pooled vector), T5 (12 wide), an
     SD-VAE of 4 latent channels downsampling by 2, the tiny transformer and a flow-match scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
     from helpers.text_encoders import word_tokenizer
 
     torch.manual_seed(0)

@@ -45,7 +45,9 @@ def build_dual_head(model: ModelConfig, text: TextSpec | None, text_config: Text
     encoding of the empty prompt, cached), LoRA (``model.lora``) or every weight trainable, and
     gradient checkpointing if asked; ``saved_keys`` names what its checkpoints hold."""
     if text is None or text.encoder != "pipeline":
-        raise ConfigError("model.name=diffusers reads prompts encoded by its pipeline (captioned data, text.encoder=pipeline)")
+        raise ConfigError(
+            "model.name=diffusers reads prompts encoded by its pipeline (captioned data, text.encoder=pipeline)"
+        )
     if detect_fake_mode() is not None:  # counting FLOPs on fake tensors: the architecture, no weights
         transformer, family = skeleton_transformer(model.pretrained)
         null = TextCondition(

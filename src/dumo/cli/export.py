@@ -61,14 +61,18 @@ def run_export(args: argparse.Namespace) -> int:
     from dumo.runs.loading import export_run
 
     if (args.out_dir is None) == (args.diffusers is None):
-        raise ConfigError("give OUT_DIR (dumo's own export) or --diffusers OUT (a diffusers pipeline folder), one of them")
+        raise ConfigError(
+            "give OUT_DIR (dumo's own export) or --diffusers OUT (a diffusers pipeline folder), one of them"
+        )
     if args.force and args.diffusers is None:
         raise ConfigError("--force applies to --diffusers only (OUT_DIR must be new or empty)")
     if args.diffusers is not None:
         from dumo.runs.diffusers_export import export_run_diffusers
 
         out = export_run_diffusers(args.run_dir, args.diffusers, overwrite=args.force)
-        print(f"exported a diffusers pipeline to {out}: DiffusionPipeline.from_pretrained('{out}'), sigmas=[1.0] or [1.0, 0.5]")
+        print(
+            f"exported a diffusers pipeline to {out}: DiffusionPipeline.from_pretrained('{out}'), sigmas=[1.0] or [1.0, 0.5]"
+        )
         return 0
     path = export_run(args.run_dir, args.out_dir)
     print(f"exported EMA weights and config to {path.parent}")

@@ -113,7 +113,9 @@ class PipelineTextEncoder:
             if not (self.folder / name).is_dir():
                 raise TextEncoderError(f"{self.folder} lacks the {name}/ folder that model_index.json names")
             if name.startswith("text_encoder") and not any((self.folder / name).glob("*.safetensors")):
-                raise TextEncoderError(f"{self.folder / name} has no .safetensors weights (dumo reads no pickled weights)")
+                raise TextEncoderError(
+                    f"{self.folder / name} has no .safetensors weights (dumo reads no pickled weights)"
+                )
         if max_length < 1:
             raise TextEncoderError(f"the prompts' max_length must be >= 1; got {max_length}")
         self.sequence_length = max_length

@@ -37,7 +37,9 @@ class EMA:
                 # A no-grad forward of the EMA as theta^- (objective.target_network=ema) leaves the
                 # FSDP root's parameters unsharded (no backward reshards them): shard them again.
                 module.reshard()
-        pairs = [(a, c.detach()) for a, c, kept in zip(self.model.parameters(), model.parameters(), self.averaged) if kept]
+        pairs = [
+            (a, c.detach()) for a, c, kept in zip(self.model.parameters(), model.parameters(), self.averaged) if kept
+        ]
         averages, currents = [a for a, _ in pairs], [c for _, c in pairs]
         if not averages:
             pass
