@@ -249,7 +249,8 @@ def check_diffusers_targets(config: Config) -> None:
     if epsilon < 0.01 and precision != "fp32" and not config.model.allow_coarse_targets:
         raise ConfigError(
             f"objective.target_precision={precision} rounds the target passes far more than objective.epsilon="
-            f"{epsilon:g} can resolve: set objective.target_precision=fp32 (or model.allow_coarse_targets=true to insist)"
+            f"{epsilon:g} can resolve: set objective.target_precision=fp32 "
+            "(or model.allow_coarse_targets=true to insist)"
         )
 
 

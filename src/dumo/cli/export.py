@@ -70,9 +70,8 @@ def run_export(args: argparse.Namespace) -> int:
         from dumo.runs.diffusers_export import export_run_diffusers
 
         out = export_run_diffusers(args.run_dir, args.diffusers, overwrite=args.force)
-        print(
-            f"exported a diffusers pipeline to {out}: DiffusionPipeline.from_pretrained('{out}'), sigmas=[1.0] or [1.0, 0.5]"
-        )
+        advice = "sample it with diffusers alone: sigmas=[1.0] (one step) or [1.0, 0.5] (two)"
+        print(f"exported a diffusers pipeline to {out}; {advice}")
         return 0
     path = export_run(args.run_dir, args.out_dir)
     print(f"exported EMA weights and config to {path.parent}")

@@ -104,7 +104,8 @@ def export_diffusers_pipeline(
 
 def export_run_diffusers(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """The EMA weights of a run on a diffusers pipeline (``model.name: diffusers``), written as that
-    pipeline's folder with the u-head's transformer and the flow-map scheduler (see :func:`export_diffusers_pipeline`)."""
+    pipeline's folder with the u-head's transformer and the flow-map scheduler
+    (see :func:`export_diffusers_pipeline`)."""
     from dumo.runs.loading import load_run
 
     out = Path(out).expanduser()
