@@ -44,7 +44,11 @@ def tiny(files, family: str, *extra: str):
 def test_each_shipped_config_trains_two_steps_on_a_tiny_pipeline(files, family, tmp_path):
     config = tiny(files, family)
     assert config.objective.epsilon == 1e-4 and config.objective.target_precision == "fp32"
-    result = Trainer(config, tmp_path / "run").run()
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.model.transformer.gradient_checkpointing  # the shipped configs turn it on
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert {id(p) for group in trainer.optimizer.param_groups for p in group["params"]} == trainable
+    result = trainer.run()
     assert result.step == 2 and not result.interrupted
     tensors, metadata = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
     assert all(torch.isfinite(tensor).all() for tensor in tensors.values() if tensor.is_floating_point())
@@ -240,3 +244,13 @@ def test_prompts_are_encoded_as_the_pipeline_gives_them_to_its_transformer(files
     else:
         assert torch.allclose(cond.pooled[rows], given["pooled_projections"].float(), atol=1e-5)
         assert bool(cond.mask.all())  # SD3 and FLUX attend to every token
+
+
+def test_dumo_info_counts_the_transformer_and_the_u_head(files, capsys):
+    from dumo.cli import main
+
+    args = [f"model.pretrained={files['sana']}", f"data.path={files['captions']}", "data.resolution=32",
+            "text.max_tokens=8", f"text.cache={files['cache']}"]  # fmt: skip
+    assert main(["info", "configs/t2i/sana-dumo.yaml", "--set", *args]) == 0
+    out = capsys.readouterr().out
+    assert "transformer (v-head included):" in out and "u-head:" in out
