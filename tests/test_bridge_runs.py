@@ -128,6 +128,7 @@ def test_a_diffusers_config_takes_the_families_stencil_and_refuses_coarse_target
         "model.name=diffusers needs model.pretrained": {"model": {"name": "diffusers"}},
         "model.pretrained applies to model.name=diffusers only": {"model": {"name": "DiT-S/2", "pretrained": "x"}},
         "set text.encoder=pipeline": {"text": {"encoder": "small"}},
+        "it starts from model.pretrained": {"train": {"init_from": "runs/teacher"}},
         "model.lora applies to model.name=diffusers only": {"model": {"name": "TextDiT-XS/4", "lora": {"rank": 4}}},
     }
     for message, change in refused.items():
@@ -196,6 +197,14 @@ def test_export_diffusers_writes_a_pipeline_that_samples_one_and_two_steps_witho
     with torch.no_grad():
         one_step = latents - loaded.model(latents, torch.ones(1), cond=cond).u
         two_steps = flow_map_sample(loaded.model, latents, [1.0, 0.5], cond, stochasticity=0.0)
+    assert main(["export", str(run), str(tmp_path / "own")]) == 0  # dumo's own export: the trained tensors only
+    own = load_run(tmp_path / "own")
+    with torch.no_grad():
+        assert torch.equal(
+            own.model(latents, torch.ones(1), cond=cond).u, loaded.model(latents, torch.ones(1), cond=cond).u
+        )
+    capsys.readouterr()
+    assert main(["export", str(run)]) == 2 and "one of them" in capsys.readouterr().err
     scale = one_step.abs().max()
     assert (torch.from_numpy(produced["one"]) - one_step).abs().max() <= 1e-5 * scale
     assert (torch.from_numpy(produced["two"]) - two_steps).abs().max() <= 1e-5 * scale
