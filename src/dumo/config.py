@@ -239,8 +239,9 @@ def diffusers_defaults(model: ModelConfig, objective_raw: dict, text_raw: Any) -
 
 
 def check_diffusers_targets(config: Config) -> None:
-    """Refuse train.init_from (the weights are the pipeline's), and target passes in bf16 or TF32 with a fine finite-difference stencil on a diffusers model:
-    their rounding (about 4e-3 and 5e-4 of each value) divided by 2 epsilon swamps du/dt."""
+    """Refuse train.init_from (the weights are the pipeline's) and, on a diffusers model, target passes
+    in bf16 or TF32 with a fine finite-difference stencil: their rounding (about 4e-3 and 5e-4 of each
+    value) divided by 2 epsilon swamps du/dt."""
     if config.train.init_from is not None:
         raise ConfigError("train.init_from does not apply to model.name=diffusers: it starts from model.pretrained")
     objective = config.objective
