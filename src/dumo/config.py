@@ -17,7 +17,8 @@ import yaml
 
 from dumo.data import DataConfig, TextConfig
 from dumo.errors import ConfigError
-from dumo.models import ModelConfig, find_model
+from dumo.models import ModelConfig, find_model, model_entry
+from dumo.models.registry import DIFFUSERS_FD_EPSILON
 from dumo.objectives import DEFAULT_OBJECTIVE, OBJECTIVES, ObjectiveConfig, objective_config_class
 from dumo.samplers import SAMPLERS
 from dumo.schema import build, require, to_dict
@@ -192,10 +193,17 @@ def config_from_dict(raw: Any) -> Config:
     unknown = [key for key in raw if key not in SECTIONS and key != "objective"]
     if unknown:
         raise ConfigError(f"unknown config section '{unknown[0]}' (sections: {', '.join([*SECTIONS, 'objective'])})")
-    sections = {name: build(cls, raw.get(name), prefix=name) for name, cls in SECTIONS.items()}
+    model = build(ModelConfig, raw.get("model"), prefix="model")
     objective_raw = raw.get("objective") or {}
     if not isinstance(objective_raw, dict):
         raise ConfigError("'objective' must be a mapping of keys to values")
+    text_raw = raw.get("text")
+    if model_entry(model.name).family == "diffusers":
+        objective_raw, text_raw = diffusers_defaults(model, objective_raw, text_raw)
+    sections = {
+        name: model if name == "model" else build(cls, text_raw if name == "text" else raw.get(name), prefix=name)
+        for name, cls in SECTIONS.items()
+    }
     name = objective_raw.get("name", DEFAULT_OBJECTIVE)
     if name not in OBJECTIVES:
         raise ConfigError(f"config key 'objective.name' must be one of {', '.join(OBJECTIVES)}; got {name!r}")
@@ -206,12 +214,60 @@ def config_from_dict(raw: Any) -> Config:
         objective_raw["target_precision"] = "fp32" if objective_raw.pop("fp32_target_passes") else "bf16"
     objective = build(OBJECTIVES[name][0], {**objective_raw, "name": name}, prefix="objective")
     config = Config(objective=objective, **sections)
+    if model_entry(model.name).family == "diffusers":
+        check_diffusers_targets(config)
     if raw.get("text") and not config.data.is_text:
         raise ConfigError(
             f"the text section applies to data with prompts (shapes, captions, caption_latents), not {config.data.name}"
         )
     check_conditions(config)
     return config
+
+
+def diffusers_defaults(model: ModelConfig, objective_raw: dict, text_raw: Any) -> tuple[dict, dict]:
+    """The objective and text sections of a diffusers model: the prompts are encoded by the
+    pipeline's own text encoders (``text.encoder: pipeline``, its folder ``model.pretrained``) and,
+    where the config leaves them unset, the finite-difference stencil is the families' measured
+    ``objective.epsilon`` with fp32 target passes (see docs/diffusers.md)."""
+    if text_raw is not None and not isinstance(text_raw, dict):
+        raise ConfigError("'text' must be a mapping of keys to values")
+    text = dict(text_raw or {})
+    encoder = text.setdefault("encoder", "pipeline")
+    if encoder != "pipeline":
+        raise ConfigError(
+            f"model.name=diffusers reads prompts as its pipeline encodes them: set text.encoder=pipeline, not {encoder}"
+        )
+    if text.get("path") is None:
+        text["path"] = model.pretrained
+    elif str(text["path"]) != model.pretrained:
+        raise ConfigError(f"text.path ({text['path']}) must be model.pretrained ({model.pretrained}) or null")
+    objective = dict(objective_raw)
+    name = objective.get("name", DEFAULT_OBJECTIVE)
+    fields = getattr(OBJECTIVES.get(name, (None,))[0], "__dataclass_fields__", {})
+    if "epsilon" in fields and "epsilon" not in objective:
+        objective["epsilon"] = DIFFUSERS_FD_EPSILON
+        if "fp32_target_passes" not in objective:
+            objective.setdefault("target_precision", "fp32")
+    return objective, text
+
+
+def check_diffusers_targets(config: Config) -> None:
+    """Refuse train.init_from (the weights are the pipeline's) and, on a diffusers model, target passes
+    in bf16 or TF32 with a fine finite-difference stencil: their rounding (about 4e-3 and 5e-4 of each
+    value) divided by 2 epsilon swamps du/dt."""
+    if config.train.init_from is not None:
+        raise ConfigError("train.init_from does not apply to model.name=diffusers: it starts from model.pretrained")
+    objective = config.objective
+    epsilon = getattr(objective, "epsilon", None)
+    precision = getattr(objective, "target_precision", "fp32")
+    if epsilon is None or getattr(objective, "derivative", "") != "finite_difference":
+        return
+    if epsilon < 0.01 and precision != "fp32" and not config.model.allow_coarse_targets:
+        raise ConfigError(
+            f"objective.target_precision={precision} rounds the target passes far more than objective.epsilon="
+            f"{epsilon:g} can resolve: set objective.target_precision=fp32 "
+            "(or model.allow_coarse_targets=true to insist)"
+        )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

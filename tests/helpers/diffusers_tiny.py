@@ -122,3 +122,96 @@ def run_stock_pipeline(
         return pipe(**kwargs, pooled_prompt_embeds=cond.pooled, guidance_scale=1.0, latents=x).images
     out = pipe(**kwargs, pooled_prompt_embeds=cond.pooled, guidance_scale=3.5, latents=pack_latents(x)).images
     return unpack_latents(out, x)
+
+
+def _clip(hidden: int, projection: bool):
+    from helpers.text_encoders import vocab_size
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size(), hidden_size=hidden, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=POOLED_DIM // 2, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+    )  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5():
+    from helpers.text_encoders import vocab_size
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size(), d_model=TEXT_DIM, d_kv=4, d_ff=16, num_layers=1, num_heads=3, pad_token_id=0,
+        eos_token_id=3,
+    )  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def _kl_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=CHANNELS, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=1.5, shift_factor=0.1,
+    )  # fmt: skip
+
+
+def _clip_tokenizer():
+    from helpers.text_encoders import word_tokenizer
+
+    tokenizer = word_tokenizer(bos=True)
+    tokenizer.model_max_length = 8
+    return tokenizer
+
+
+def save_sd3_pipeline(folder):
+    """A complete tiny SD3 pipeline folder: CLIP-L and CLIP-G (with projections, 6 wide each), T5
+    (12 wide), an SD-VAE of 4 latent channels downsampling by 2 (scale 1.5, shift 0.1), the tiny
+    transformer and a flow-match scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from helpers.text_encoders import word_tokenizer
+
+    torch.manual_seed(0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tiny_transformer("sd3"), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_kl_vae(),
+        text_encoder=_clip(6, True), tokenizer=_clip_tokenizer(), text_encoder_2=_clip(6, True),
+        tokenizer_2=_clip_tokenizer(), text_encoder_3=_t5(), tokenizer_3=word_tokenizer(),
+    )  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_flux_pipeline(folder):
+    """A complete tiny FLUX pipeline folder: CLIP-L (6 wide, its pooled vector), T5 (12 wide), an
+    SD-VAE of 4 latent channels downsampling by 2, the tiny transformer and a flow-match scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from helpers.text_encoders import word_tokenizer
+
+    torch.manual_seed(0)
+    pipe = FluxPipeline(
+        transformer=tiny_transformer("flux"), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_kl_vae(),
+        text_encoder=_clip(POOLED_DIM, False), tokenizer=_clip_tokenizer(), text_encoder_2=_t5(),
+        tokenizer_2=word_tokenizer(),
+    )  # fmt: skip
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+PIPELINE_BUILDERS = {"sana": save_sana_pipeline, "sd3": save_sd3_pipeline, "flux": save_flux_pipeline}
+
+
+def save_caption_folder(folder, count: int = 4, side: int = 32):
+    """``count`` random RGB images of ``side`` pixels with captions in the tokenizers' words."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["a red cat", "a blue dog on the mat", "the green bird", "a small cat in the sky", "big red dog"]
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(words[i % len(words)])
+    return folder

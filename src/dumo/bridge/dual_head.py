@@ -23,6 +23,14 @@ from dumo.errors import CheckpointError
 from dumo.models.output import ModelOutput
 
 
+def copied(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose tensors are cloned in the current mode (``copy.deepcopy`` of
+    fake tensors, used to count FLOPs without weights, would put them in another fake mode)."""
+    memo: dict[int, object] = {id(p): nn.Parameter(p.detach().clone(), p.requires_grad) for p in module.parameters()}
+    memo.update({id(b): b.detach().clone() for b in module.buffers()})
+    return copy.deepcopy(module, memo)
+
+
 class DualHeadTransformer(nn.Module):
     """A diffusers flow transformer with a v-head (its own output layers) and a u-head (a copy).
 
@@ -32,12 +40,23 @@ class DualHeadTransformer(nn.Module):
     (the pipeline's encoding of the empty prompt, given by :meth:`set_null_prompt`).
     """
 
+    #: its conditioner's kind: prompts, whose null rows read the null prompt (guidance, prompt dropout)
+    condition_kind = "text"
+
     def __init__(self, transformer: nn.Module, family: Family | None = None):
         super().__init__()
         self.family = family_of(transformer) if family is None else family
         self.transformer = transformer
-        self.u_head: OutputLayers = copy.deepcopy(self.family.output_layers(transformer))
+        self.u_head: OutputLayers = copied(self.family.output_layers(transformer))
         self.head_names = ("v", "u")
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """``train.activation_checkpointing``: the transformer's own (diffusers') recomputation of its
+        blocks in the backward pass; the u-head reads the last hidden states either way."""
+        if enabled:
+            self.transformer.enable_gradient_checkpointing()
+        else:
+            self.transformer.disable_gradient_checkpointing()
 
     @property
     def patch_size(self) -> int:
@@ -53,13 +72,25 @@ class DualHeadTransformer(nn.Module):
         if pooled is not None:
             self.register_buffer("null_pooled", pooled.detach().clone().reshape(1, -1))
 
+    def null_like(self, cond: TextCondition | None) -> TextCondition | None:
+        """``cond`` with every row the null prompt (the unconditional input of guidance)."""
+        return None if cond is None else cond.with_null()
+
+    def drop(self, cond: TextCondition | None, rows: Tensor) -> TextCondition | None:
+        """``cond`` with the rows where ``rows`` holds replaced by the null prompt (prompt dropout)."""
+        return None if cond is None else cond.with_null(rows)
+
+    def is_null(self, cond: TextCondition) -> Tensor:
+        return cond.null
+
     def with_null_prompt(self, cond: TextCondition) -> TextCondition:
         """``cond`` with its null rows replaced by the null prompt."""
-        if not bool(cond.null.any()):
-            return cond
         null_tokens = getattr(self, "null_tokens", None)
         if null_tokens is None:
-            raise CheckpointError("null prompts need the model's null prompt (set_null_prompt) and it has none")
+            if bool(cond.null.any()):
+                raise CheckpointError("null prompts need the model's null prompt (set_null_prompt) and it has none")
+            return cond
+        # replaced by torch.where whether or not a row is null: no data-dependent branch (fake tensors count FLOPs)
         if null_tokens.shape[1:] != cond.tokens.shape[1:]:
             raise CheckpointError(
                 f"the null prompt's embeddings {tuple(null_tokens.shape[1:])} differ from the prompts' "

@@ -11,12 +11,16 @@ from dumo.cli.common import add_set_argument, positive
 def add_parser(subparsers) -> None:
     export = subparsers.add_parser(
         "export",
-        help="write a run's EMA weights (safetensors) and config for sharing",
+        help="write a run's EMA weights (safetensors) and config for sharing, or a diffusers pipeline folder",
         description="Write OUT_DIR/model.safetensors (EMA weights of the latest checkpoint) and OUT_DIR/config.yaml. "
-        "'dumo sample OUT_DIR ...' and 'dumo eval OUT_DIR ...' work on the result.",
+        "'dumo sample OUT_DIR ...' and 'dumo eval OUT_DIR ...' work on the result. A run on a diffusers pipeline "
+        "(model.name diffusers) also exports with --diffusers OUT: the pipeline folder with the u-head as its "
+        "transformer's output and a flow-map Euler scheduler, which samples in 1 or 2 steps with diffusers alone.",
     )
     export.add_argument("run_dir", help="run directory written by 'dumo train'")
-    export.add_argument("out_dir", help="new (or empty) output directory")
+    export.add_argument("out_dir", nargs="?", help="new (or empty) output directory")
+    export.add_argument("--diffusers", metavar="OUT", help="write a plain diffusers pipeline folder OUT instead")
+    export.add_argument("--force", action="store_true", help="--diffusers: replace an existing OUT")
     export.set_defaults(handler=run)
 
     import_weights = subparsers.add_parser(
@@ -53,8 +57,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from dumo.errors import ConfigError
     from dumo.runs.loading import export_run
 
+    if (args.out_dir is None) == (args.diffusers is None):
+        raise ConfigError(
+            "give OUT_DIR (dumo's own export) or --diffusers OUT (a diffusers pipeline folder), one of them"
+        )
+    if args.force and args.diffusers is None:
+        raise ConfigError("--force applies to --diffusers only (OUT_DIR must be new or empty)")
+    if args.diffusers is not None:
+        from dumo.runs.diffusers_export import export_run_diffusers
+
+        out = export_run_diffusers(args.run_dir, args.diffusers, overwrite=args.force)
+        advice = "sample it with diffusers alone: sigmas=[1.0] (one step) or [1.0, 0.5] (two)"
+        print(f"exported a diffusers pipeline to {out}; {advice}")
+        return 0
     path = export_run(args.run_dir, args.out_dir)
     print(f"exported EMA weights and config to {path.parent}")
     return 0

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from dumo.config import load_config
     from dumo.data import config_text_spec
     from dumo.models import count_parameters, describe_model
-    from dumo.network import build_network
+    from dumo.network import build_network, is_diffusers
     from dumo.objectives import objective_class
 
     config = load_config(args.config, args.set)
@@ -51,9 +51,13 @@ def run(args: argparse.Namespace) -> int:
         f"{objective.__name__}"
     )
     print(f"  parameters: {total:,} total ({total / 1e6:.2f}M)")
-    print(f"    backbone: {count_parameters(model.backbone):,}")
-    for name, head in model.heads.items():
-        print(f"    {name}-head:   {count_parameters(head):,}")
+    if is_diffusers(config):  # the pipeline's transformer (its output layers are the v-head) and the u-head
+        print(f"    transformer (v-head included): {count_parameters(model.transformer):,}")
+        print(f"    u-head:   {count_parameters(model.u_head):,}")
+    else:
+        print(f"    backbone: {count_parameters(model.backbone):,}")
+        for name, head in model.heads.items():
+            print(f"    {name}-head:   {count_parameters(head):,}")
     print("effective settings:")
     print("  " + yaml.safe_dump(config.to_dict(), sort_keys=False).replace("\n", "\n  ").rstrip())
     return 0

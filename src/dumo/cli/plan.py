@@ -34,9 +34,21 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dumo.config import load_config
+    from dumo.errors import ConfigError
+    from dumo.network import is_diffusers
     from dumo.plan import format_plan, make_plan
 
     config = load_config(args.config, args.set)
+    if is_diffusers(config):  # a released transformer: its published size, no folder needed
+        from dumo.bridge.memory import format_bridge_plan
+        from dumo.training.throughput import throughput_table
+
+        table = throughput_table()["gpus"]
+        if args.gpu not in table:
+            raise ConfigError(f"unknown GPU kind {args.gpu!r}; the table knows {', '.join(table)}")
+        entry = table[args.gpu]
+        print(format_bridge_plan(config, args.gpus, float(entry["memory_gib"]), entry["name"], args.config))
+        return 0
     plan = make_plan(config, args.gpus, args.gpu, args.mfu, args.dataset_size)
     print(format_plan(plan, args.config))
     return 0

@@ -8,7 +8,10 @@ Two kinds of encoder (``text.encoder``):
   carries token ids and a mask;
 - ``pretrained``: a frozen ``transformers`` encoder from the local folder ``text.path``; data
   carries its embeddings, computed once per prompt and kept in a
-  :class:`~dumo.data.text_cache.TextEmbeddingCache`.
+  :class:`~dumo.data.text_cache.TextEmbeddingCache`;
+- ``pipeline``: the text encoders of the diffusers pipeline folder ``text.path``, called as that
+  pipeline calls them (:class:`~dumo.conditioning.pipeline_text.PipelineTextEncoder`; the encoder of
+  ``model.name: diffusers``), cached alike.
 
 What sampling needs (the tokenizer's vocabulary itself, or the frozen encoder's folder,
 fingerprint and widths) is a :class:`TextSpec`, recorded with the data in every checkpoint and
@@ -40,9 +43,10 @@ DEFAULT_CACHE = "~/.cache/dumo/text-embeddings"
 class TextConfig:
     """The ``text`` section: how prompts are encoded (used by the datasets of :data:`TEXT_DATASETS`)."""
 
-    encoder: Literal["small", "pretrained"] = "small"
-    path: str | None = None  # pretrained: a local transformers folder (or a diffusers pipeline folder)
-    max_tokens: int = 16  # prompts are padded to this many tokens, longer ones cut (with a note)
+    encoder: Literal["small", "pretrained", "pipeline"] = "small"
+    # pretrained: a local transformers folder (or a diffusers pipeline folder); pipeline: the pipeline folder
+    path: str | None = None
+    max_tokens: int = 16  # prompts are padded to this many tokens, longer ones cut (pipeline: max_sequence_length)
     width: int = 128  # small: width of the encoder (the text_dim the TextDiT reads)
     depth: int = 2  # small: transformer layers
     heads: int = 4  # small: attention heads
@@ -62,7 +66,8 @@ class TextConfig:
         require(self.min_count >= 1, f"{prefix}.min_count must be >= 1; got {self.min_count}")
         require(
             self.encoder == "small" or self.path is not None,
-            f"{prefix}.encoder=pretrained needs {prefix}.path: a local transformers folder",
+            f"{prefix}.encoder={self.encoder} needs {prefix}.path: a local "
+            f"{'transformers' if self.encoder == 'pretrained' else 'diffusers pipeline'} folder",
         )
         require(
             not self.precomputed or self.encoder == "pretrained",
@@ -74,7 +79,7 @@ class TextConfig:
 class TextSpec:
     """What a network and sampling need to know of a run's text encoder, without the data."""
 
-    encoder: str  # "small" or "pretrained"
+    encoder: str  # "small", "pretrained" or "pipeline"
     max_tokens: int
     tokenizer: str | None = None  # small: the tokenizer.json text (its vocabulary)
     vocab_size: int = 0  # small
@@ -119,7 +124,7 @@ class Prompts:
         if self._cache is None:
             from dumo.data.text_cache import TextEmbeddingCache
 
-            encoder = load_pretrained(self.config, self.spec.path)
+            encoder = load_pretrained(self.config, self.spec.path, self.spec.encoder)
             if self.spec.fingerprint is not None and encoder.fingerprint() != self.spec.fingerprint:
                 raise DataError(
                     f"the text encoder in {self.spec.path} is not the one this run was trained with (another "
@@ -129,13 +134,18 @@ class Prompts:
         return self._cache
 
 
-def load_pretrained(config: TextConfig, path: str | None = None):
-    """The frozen encoder of ``config`` (from ``path`` when given: the folder a run recorded)."""
+def load_pretrained(config: TextConfig, path: str | None = None, kind: str | None = None):
+    """The frozen encoder of ``config`` (from ``path`` when given: the folder a run recorded): a
+    transformers encoder, or (``kind`` or ``config.encoder`` ``pipeline``) a diffusers pipeline's
+    text encoders, loaded when a prompt is first encoded."""
+    from dumo.conditioning.pipeline_text import PipelineTextEncoder
     from dumo.conditioning.pretrained_text import PretrainedTextEncoder
 
     folder = path or config.path
     if folder is None:
-        raise TextEncoderError("text.encoder=pretrained needs text.path: a local transformers folder")
+        raise TextEncoderError(f"text.encoder={config.encoder} needs text.path: a local folder")
+    if (kind or config.encoder) == "pipeline":
+        return PipelineTextEncoder(folder, max_length=config.max_tokens)
     return PretrainedTextEncoder.from_pretrained(folder, max_length=config.max_tokens, layer=config.layer)
 
 
@@ -151,10 +161,16 @@ def text_spec(
             tokenizer = WordTokenizer.from_sentences(sentences or [], min_count=config.min_count)
         return TextSpec("small", config.max_tokens, tokenizer.to_json(), tokenizer.vocab_size)
     encoder = load_pretrained(config)
-    probe = encoder.encode(["a"])
+    if config.encoder == "pipeline":  # the embedding of the null prompt, cached: no encoder loaded on a hit
+        from dumo.conditioning.pipeline_text import NULL_PROMPT
+        from dumo.data.text_cache import TextEmbeddingCache
+
+        probe = TextEmbeddingCache(Path(config.cache or DEFAULT_CACHE), encoder).embed([NULL_PROMPT])
+    else:
+        probe = encoder.encode(["a"])
     pooled = None if probe.pooled is None else int(probe.pooled.shape[-1])
     return TextSpec(
-        "pretrained",
+        config.encoder,
         encoder.max_length,
         path=str(Path(config.path).expanduser().resolve()),
         fingerprint=encoder.fingerprint(),

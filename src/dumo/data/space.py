@@ -87,7 +87,12 @@ class SampleSpace:
         if isinstance(dataset, ShapesWorld) or pixels_with_captions:
             record = None if text is None else text.to_dict()
             shape = tuple(dataset.shape)
-            return cls("images", dataset.name, shape, 0, fingerprint=fingerprint, summary=summary, text=record)
+            autoencoder = getattr(dataset, "autoencoder", None)  # captioned latents: the VAE that made them
+            kind = "images" if autoencoder is None else "latents"
+            return cls(
+                kind, dataset.name, shape, 0, autoencoder=autoencoder, fingerprint=fingerprint, summary=summary,
+                text=record,
+            )  # fmt: skip
         names = getattr(dataset, "class_names", None)
         if isinstance(dataset, ToyDataset):
             mean, std = dataset.standardisation

@@ -45,6 +45,20 @@ MODEL_NAMES = tuple(name for name, entry in MODEL_REGISTRY.items() if entry.buil
 
 
 @dataclass
+class LoRAConfig:
+    """``model.lora`` of a diffusers model: low-rank adapters on the backbone's attention."""
+
+    rank: int = 32
+    alpha: float | None = None  # null: the rank (a scale of 1)
+    targets: list[str] | None = None  # module names (to_q, to_k, ...); null: every attention projection
+
+    def validate(self, prefix: str) -> None:
+        require(self.rank >= 1, f"{prefix}.rank must be >= 1; got {self.rank}")
+        require(self.alpha is None or self.alpha > 0, f"{prefix}.alpha must be > 0 or null; got {self.alpha}")
+        require(self.targets is None or len(self.targets) > 0, f"{prefix}.targets must name modules or be null")
+
+
+@dataclass
 class ModelConfig:
     name: str = "mlp"  # mlp, unet, DiT-{XS,S,B,L,XL}/{1,2,4}, or TextDiT-... for data with prompts
     hidden_dim: int | None = None  # width; null = the size's own (mlp: 256)
@@ -66,13 +80,29 @@ class ModelConfig:
     # paper's heads, a duplicated final layer). Each head's path keeps the full depth, so init_from maps a
     # shared-trunk checkpoint onto it exactly; the trunk's last blocks run once per head.
     head_blocks: int = 0
+    # diffusers: a local diffusers pipeline folder (SANA, SD3, FLUX) whose transformer gets DuMo's two heads
+    pretrained: str | None = None
+    lora: LoRAConfig | None = None  # diffusers: LoRA on the backbone's attention; null = full fine-tuning
+    # diffusers: accept bf16/tf32 target passes with the family's fine finite-difference stencil (their
+    # rounding, divided by 2 epsilon, swamps du/dt: refused unless this is set)
+    allow_coarse_targets: bool = False
 
     def validate(self, prefix: str) -> None:
         require(
             self.name in MODEL_NAMES,
-            f"{prefix}.name must be mlp, unet, a DiT name like DiT-B/2 or a TextDiT name like TextDiT-B/2; "
-            f"got {self.name!r}",
+            f"{prefix}.name must be mlp, unet, a DiT name like DiT-B/2, a TextDiT name like TextDiT-B/2 or "
+            f"diffusers; got {self.name!r}",
         )
+        is_diffusers = model_entry(self.name).family == "diffusers"
+        require(
+            is_diffusers == (self.pretrained is not None),
+            f"{prefix}.name=diffusers needs {prefix}.pretrained (a local diffusers pipeline folder)"
+            if is_diffusers
+            else f"{prefix}.pretrained applies to {prefix}.name=diffusers only",
+        )
+        if not is_diffusers:
+            for key in ("lora", "allow_coarse_targets"):
+                require(not getattr(self, key), f"{prefix}.{key} applies to {prefix}.name=diffusers only")
         require(self.channels > 0 and all(m > 0 for m in self.channel_mult), f"{prefix}.channels must be > 0")
         require(self.num_res_blocks >= 1, f"{prefix}.num_res_blocks must be >= 1")
         require(0 <= self.dropout < 1, f"{prefix}.dropout must be in [0, 1)")
@@ -92,7 +122,10 @@ class ModelConfig:
             f"{prefix}.position_order applies to DiT models only",
         )
         entry = model_entry(self.name)
-        if entry.family == "text_dit":
+        if entry.family == "diffusers":
+            require(self.head_blocks == 0, f"{prefix}.head_blocks applies to DiT models only")
+            require(self.num_heads is None, f"{prefix}.num_heads applies to DiT models only")
+        elif entry.family == "text_dit":
             require(self.head_blocks == 0, f"{prefix}.head_blocks applies to DiT models only, not TextDiT")
             size = self.dit_size()
             require(
@@ -144,6 +177,8 @@ def build_model(
     A TextDiT reads prompts of width ``text_dim``: embeddings (with pooled vectors of ``pooled_dim``),
     or token ids that its trainable ``text_encoder`` turns into such tokens."""
     data_shape = tuple(data_shape)
+    if model_entry(config.name).family == "diffusers":
+        raise ConfigError("model.name=diffusers is built from its pipeline folder by dumo.network.build_network")
     check_fits(config, data_shape)
     if model_entry(config.name).family == "text_dit":
         if text_dim is None:
@@ -269,6 +304,7 @@ __all__ = [
     "MODEL_REGISTRY",
     "ConditionerFactory",
     "FlowModel",
+    "LoRAConfig",
     "ModelConfig",
     "ModelEntry",
     "ModelOutput",

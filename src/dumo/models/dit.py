@@ -141,6 +141,10 @@ def transformer_blocks(model: nn.Module) -> list[DiTBlock]:
 def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
     """Turn activation checkpointing of every transformer block of ``model`` on or off; returns
     how many blocks there are (0: the network has none, so nothing changed)."""
+    own = getattr(model, "set_activation_checkpointing", None)
+    if own is not None:  # a network that checkpoints its own blocks (a diffusers transformer)
+        own(enabled)
+        return 1
     blocks = transformer_blocks(model)
     for block in blocks:
         block.checkpointed = enabled

@@ -14,7 +14,7 @@ from dumo.errors import ConfigError
 from dumo.models.dit import DIT_SIZES
 from dumo.models.text_dit import TEXT_DIT_SIZES
 
-Family = Literal["mlp", "unet", "dit", "text_dit"]
+Family = Literal["mlp", "unet", "dit", "text_dit", "diffusers"]
 Condition = Literal["none", "class", "text"]
 
 MLP_HIDDEN_DIM, MLP_DEPTH = 256, 4  # the mlp's width and depth when model.hidden_dim / depth are null
@@ -22,7 +22,11 @@ PATCHES = (1, 2, 4)
 UNET_KEYS = ("channels", "channel_mult", "num_res_blocks", "attention_resolutions", "dropout")
 # Keys that some network ignores; the others (name, time_embedding_scale, u_head_init, head_blocks) are always
 # written, head_blocks because validation already refuses it outside DiT.
-OPTIONAL_KEYS = ("hidden_dim", "depth", "num_heads", "position_order", *UNET_KEYS)
+DIFFUSERS_KEYS = ("pretrained", "lora", "allow_coarse_targets")
+OPTIONAL_KEYS = ("hidden_dim", "depth", "num_heads", "position_order", *UNET_KEYS, *DIFFUSERS_KEYS)
+#: objective.epsilon of a diffusers model when its config leaves it unset: every family of
+#: dumo.bridge.families measured 1e-4 (Family.fd_epsilon; tests check that they agree)
+DIFFUSERS_FD_EPSILON = 1e-4
 DIT_KEYS = ("hidden_dim", "depth", "num_heads", "position_order", "head_blocks")
 
 
@@ -74,6 +78,10 @@ def _entries() -> dict[str, ModelEntry]:
             ("hidden_dim", "depth"),
         ),
         "unet": ModelEntry("unet", "unet", "images", None, None, None, None, ("none", "class"), False, UNET_KEYS),
+        # a diffusers pipeline's transformer (SANA, SD3, FLUX): its size is the pipeline's
+        "diffusers": ModelEntry(
+            "diffusers", "diffusers", "images", None, None, None, None, ("text",), False, DIFFUSERS_KEYS
+        ),
     }
     # The transformer families: one entry per (size, patch).
     transformers = (
@@ -130,4 +138,4 @@ def describe(name: str) -> str:
     return f"{name}: {', '.join(parts)}; {entry.data}; {conditions}"
 
 
-__all__ = ["MODEL_REGISTRY", "ModelEntry", "describe", "find_model", "model_entry"]
+__all__ = ["DIFFUSERS_FD_EPSILON", "MODEL_REGISTRY", "ModelEntry", "describe", "find_model", "model_entry"]

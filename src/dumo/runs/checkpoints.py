@@ -47,12 +47,22 @@ def unprefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+def saved_state(module: nn.Module, state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """What a checkpoint keeps of ``module`` (of its ``state``, by default its state dict): every
+    tensor, or only those its ``saved_keys`` name (a diffusers model: its trainable weights and null
+    prompt; the frozen base is read from its pipeline folder)."""
+    state = module.state_dict() if state is None else state
+    keys = getattr(module, "saved_keys", None)
+    return state if keys is None else {key: state[key] for key in keys}
+
+
 def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load a full state dict, naming mismatching keys or shapes in one line instead of a long report.
+    """Load a full state dict (or what :func:`saved_state` keeps of one), naming mismatching keys or
+    shapes in one line instead of a long report.
 
     ``module`` may be sharded with FSDP (every rank passes the same full ``state``).
     """
-    expected = module.state_dict()
+    expected = saved_state(module)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -70,6 +80,9 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> No
         raise CheckpointError(
             f"{source} does not match this model (another architecture or config?): {'; '.join(problems)}"
         )
+    if getattr(module, "saved_keys", None) is not None:
+        module.load_state_dict(state, strict=False)  # the frozen rest stays as the pipeline folder has it
+        return
     load_full_model_state(module, state)
 
 

@@ -102,4 +102,25 @@ def export_diffusers_pipeline(
     return out
 
 
-__all__ = ["EXPORT_NOTE", "export_diffusers_pipeline", "flow_map_scheduler", "u_head_transformer"]
+def export_run_diffusers(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """The EMA weights of a run on a diffusers pipeline (``model.name: diffusers``), written as that
+    pipeline's folder with the u-head's transformer and the flow-map scheduler
+    (see :func:`export_diffusers_pipeline`)."""
+    from dumo.runs.loading import load_run
+
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:  # before loading the model: refusing costs nothing
+        raise CheckpointError(f"{out} exists; pass --force to replace it")
+    run = load_run(run_dir)
+    if not isinstance(run.model, DualHeadTransformer):
+        raise CheckpointError(f"{run_dir} is not a run on a diffusers pipeline (model.name: diffusers)")
+    return export_diffusers_pipeline(run.model, run.config.model.pretrained, out, overwrite=overwrite)
+
+
+__all__ = [
+    "EXPORT_NOTE",
+    "export_diffusers_pipeline",
+    "export_run_diffusers",
+    "flow_map_scheduler",
+    "u_head_transformer",
+]

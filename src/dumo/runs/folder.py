@@ -27,6 +27,7 @@ from dumo.runs.layout import (
     EVAL_LOG,
     HISTORY_FILE,
     LOCK_FILE,
+    LORA_DIR,
     OWN_FILES_IN,
     RUN_NAMES,
     RUN_RECORD,
@@ -233,6 +234,7 @@ def names_written_by(config: Config) -> list[str]:
         SAMPLES_DIR: True,
         TENSORBOARD_DIR: cfg.tensorboard,
         SNAPSHOT_DIR: bool(cfg.snapshot_steps) or cfg.snapshot_every > 0,
+        LORA_DIR: config.model.lora is not None,
     }
     return [name for name in RUN_NAMES if wanted[name]]
 

@@ -20,6 +20,7 @@ LOCK_FILE = ".dumo.lock"  # held (flock) by the process training the run, for th
 HISTORY_FILE = "history.txt"  # one line per start: time, dumo version, command line, starting step
 SAMPLES_DIR = "samples"  # a picture of samples at every evaluation
 TENSORBOARD_DIR = "tensorboard"  # train.tensorboard: the logged scalars and scores as TensorBoard events
+LORA_DIR = "lora"  # a LoRA run on a diffusers model: its EMA adapter in diffusers' format, at the latest checkpoint
 #: dumo's mark on a run folder: the names in it that dumo created. Only a folder with this record (or
 #: a run written before it existed: see is_legacy_run) is resumed or cleared by --overwrite, and
 #: --overwrite deletes only what the record lists.
@@ -97,6 +98,7 @@ RUN_NAMES = (
     SAMPLES_DIR,
     TENSORBOARD_DIR,
     SNAPSHOT_DIR,
+    LORA_DIR,
 )
 
 
@@ -112,6 +114,7 @@ def own_file_patterns() -> dict[str, re.Pattern[str]]:
         SAMPLES_DIR: own(r"step_\d{8,}\.png"),
         TENSORBOARD_DIR: re.compile(r"^events\.out\.tfevents\.[^/]+$"),
         SNAPSHOT_DIR: own(r"(?:ema_step_\d{8,}\.safetensors|scores\.csv)"),
+        LORA_DIR: own(r"(?:pytorch_lora_weights\.safetensors|u_head\.safetensors|step\.txt)"),
     }
 
 

@@ -18,7 +18,7 @@ from dumo.data import Dataset, Prompts, SampleSpace, build_dataset
 from dumo.errors import ConfigError, RunDirError, SamplingError
 from dumo.files import MODEL_FORMAT, load_checkpoint, save_checkpoint
 from dumo.network import build_network
-from dumo.runs.checkpoints import load_weights, unprefixed
+from dumo.runs.checkpoints import load_weights, saved_state, unprefixed
 from dumo.runs.folder import RESUMABLE_KEYS
 from dumo.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, EXPORTED_WEIGHTS, list_checkpoints
 
@@ -195,6 +195,10 @@ def load_run(
         space.autoencoder["path"] = config.data.autoencoder_path  # the decoder moved
     classes = space.num_classes if config.data.conditional else 0
     model = build_network(config, space.shape, classes, space.text_spec)
+    if "pretrained" in metadata:  # a diffusers model: its frozen weights come from that pipeline folder
+        from dumo.bridge.build import check_pretrained
+
+        check_pretrained(model, json.loads(metadata["pretrained"]), str(checkpoint))
     load_weights(model, unprefixed(tensors, weights), str(checkpoint))
     model.to(torch.device(device)).eval().requires_grad_(False)
     return LoadedRun(config, model, space, classes, int(metadata["step"]), Path(checkpoint), dataset)
@@ -214,7 +218,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     save_config(run.config, out_dir / CONFIG_FILE)
     path = out_dir / EXPORTED_WEIGHTS
     metadata = {"step": str(run.step), "config": json.dumps(run.config.to_dict()), "data": run.space.to_json()}
-    save_checkpoint(path, run.model.state_dict(), metadata, kind=MODEL_FORMAT)
+    pretrained = getattr(run.model, "pretrained_record", None)
+    if pretrained is not None:
+        metadata["pretrained"] = json.dumps(pretrained)
+    save_checkpoint(path, saved_state(run.model), metadata, kind=MODEL_FORMAT)
     return path
 
 

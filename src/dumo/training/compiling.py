@@ -31,8 +31,8 @@ CompileMode = bool | Literal["blocks"]
 def check_compile_fits(model: nn.Module, mode: CompileMode, checkpointing: bool) -> None:
     """Refuse, in one line, settings the network cannot take: regional compilation or activation
     checkpointing of a network without transformer blocks (mlp, unet)."""
-    if transformer_blocks(model):
-        return
+    if transformer_blocks(model) or (hasattr(model, "set_activation_checkpointing") and mode != "blocks"):
+        return  # (a network that checkpoints its own blocks, e.g. a diffusers transformer)
     if mode == "blocks":
         raise ConfigError(
             "train.compile=blocks compiles the transformer blocks, and this network has none: use train.compile=true"

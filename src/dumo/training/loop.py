@@ -24,7 +24,7 @@ from dumo.data import SampleSpace, build_dataset, build_stream, conditioning_cla
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
 from dumo.errors import ConfigError, TrainingError
 from dumo.models import set_activation_checkpointing
-from dumo.network import build_network
+from dumo.network import build_network, is_diffusers, network_dataset
 from dumo.objectives import build_objective
 from dumo.runs.folder import RunLock, check_run_dir, prepare_run_dir, record_start, remove_torn_writes
 from dumo.runs.layout import CONFIG_FILE, list_checkpoints
@@ -94,6 +94,8 @@ class Trainer:
         # text data: how its prompts become the network's condition (None: class labels or nothing)
         self.prompts = dataset_prompts(self.dataset, config.text)
         self.text = None if self.prompts is None else self.prompts.spec
+        # a diffusers transformer reads its pipeline's latents and cached prompt embeddings
+        self.dataset = network_dataset(config, self.dataset, self.prompts, self.device)
         self.objective = build_objective(config.objective, self.num_classes)
         if self.objective.wants_teacher() and config.train.init_from is None:
             asking = [f"objective.{key}=teacher" for key, value in vars(config.objective).items() if value == "teacher"]
@@ -106,6 +108,8 @@ class Trainer:
         set_activation_checkpointing(self.model, config.train.activation_checkpointing)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
+        if config.train.parallel == "fsdp" and is_diffusers(config):
+            raise ConfigError("train.parallel=fsdp does not shard a diffusers transformer yet: use ddp")
         if config.train.parallel == "fsdp" and self.objective.needs_forward_ad():
             # refused in a single process too (where FSDP is not applied): the config fails alike everywhere
             raise ConfigError(
@@ -138,7 +142,7 @@ class Trainer:
         elif self.dist.enabled and not self.sharded:
             self.target_model = compile_network(self.model, config.train.compile)
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [parameter for parameter in self.model.parameters() if parameter.requires_grad],  # not a frozen base
             lr=config.optim.lr,
             betas=config.optim.betas,
             weight_decay=config.optim.weight_decay,

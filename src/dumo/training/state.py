@@ -26,6 +26,7 @@ from dumo.runs.checkpoints import (
     optimizer_state_dict,
     optimizer_tensors,
     prefixed,
+    saved_state,
     unprefixed,
 )
 from dumo.runs.folder import RESUMABLE_KEYS, check_global_batch
@@ -33,6 +34,7 @@ from dumo.runs.layout import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     CORRUPT_SUFFIX,
+    LORA_DIR,
     TEACHER_FILE,
     checkpoint_path,
     list_checkpoints,
@@ -50,8 +52,8 @@ NO_CHECKPOINT, RANK0_FAILED = -1, -2
 
 def save(trainer: Trainer) -> Path | None:
     """Write a checkpoint from rank 0. Under FSDP every rank must call it (gathering is collective)."""
-    model_state = full_model_state(trainer.model)
-    ema_state = full_model_state(trainer.ema.model)
+    model_state = saved_state(trainer.model, full_model_state(trainer.model))
+    ema_state = saved_state(trainer.ema.model, full_model_state(trainer.ema.model))
     optimizer_state = full_optimizer_state(trainer.model, trainer.optimizer)
     if not trainer.dist.is_main:
         return None
@@ -74,6 +76,9 @@ def save(trainer: Trainer) -> Path | None:
         "dumo_version": __version__,
         "wall_seconds": repr(trainer.wall_seconds),
     }
+    pretrained = getattr(trainer.model, "pretrained_record", None)
+    if pretrained is not None:  # the pipeline folder the frozen weights are read from
+        metadata["pretrained"] = json.dumps(pretrained)
     path = checkpoint_path(trainer.run_dir, trainer.step)
     try:
         save_checkpoint(path, tensors, metadata)
@@ -83,7 +88,28 @@ def save(trainer: Trainer) -> Path | None:
         raise DiskFullError(f"{error}{resume}") from error
     for old in list_checkpoints(trainer.run_dir)[: -trainer.config.train.keep_checkpoints]:
         old.unlink(missing_ok=True)
+    save_adapter(trainer)
     return path
+
+
+def save_adapter(trainer: Trainer) -> None:
+    """A LoRA run's EMA adapter in diffusers' format (and its u-head) in RUN/lora, replaced at every save."""
+    from dumo.bridge.dual_head import DualHeadTransformer
+
+    model = trainer.ema.model
+    if not isinstance(model, DualHeadTransformer) or trainer.config.model.lora is None:
+        return
+    import shutil
+
+    from dumo.bridge.lora import save_lora
+
+    final = trainer.run_dir / LORA_DIR
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_lora(model, partial)
+    (partial / "step.txt").write_text(f"{trainer.step}\n")
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
 
 
 def save_everywhere(trainer: Trainer) -> None:
@@ -141,6 +167,10 @@ def check_matches(trainer: Trainer, path: Path, metadata: dict[str, str]) -> Non
                 f"{path} was trained with {key}={old!r} but the config now says {new!r}{more}; restore "
                 f"{CONFIG_FILE} or start afresh with --overwrite"
             )
+    if "pretrained" in metadata:
+        from dumo.bridge.build import check_pretrained
+
+        check_pretrained(trainer.model, json.loads(metadata["pretrained"]), str(path))
     if "data" in metadata:
         then = SampleSpace.from_json(metadata["data"])
         if then.fingerprint and then.fingerprint != trainer.space.fingerprint:

@@ -167,7 +167,10 @@ def count_step_cost(config, shape: tuple[int, ...], num_classes: int, activation
             if text is not None:  # prompts of the full length: ids of the small encoder, or embeddings
                 width = () if text.encoder == "small" else (text.text_dim,)
                 tokens = torch.zeros(batch_size, text.max_tokens, *width, dtype=None if width else torch.long)
-                labels = TextCondition(tokens, torch.ones(batch_size, text.max_tokens, dtype=torch.bool))
+                pooled = None  # a diffusers pipeline's pooled vector (SD3, FLUX)
+                if text.encoder == "pipeline" and text.pooled_dim:
+                    pooled = torch.zeros(batch_size, text.pooled_dim)
+                labels = TextCondition(tokens, torch.ones(batch_size, text.max_tokens, dtype=torch.bool), pooled)
             counter = flop_counter()
             model.zero_grad(set_to_none=True)
             with counter:
