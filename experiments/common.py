@@ -109,3 +109,23 @@ def samples(run_dir: Path, num: int, nfe: int = 1) -> np.ndarray:
         x = generate(run.model, run.objective_name, (num, *run.space.shape), nfe, run.config.sample, 0, labels)
         np.save(path, run.space.unstandardise(x).numpy())
     return np.load(path)
+
+
+def run_training(config: Path, run_dir: Path, overrides: list[str]) -> Path:
+    """``dumo train CONFIG --out RUN_DIR --set ...`` in its own process with one CPU thread (several
+    run side by side), its output appended to RUN_DIR.log beside the run; a failure raises."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "dumo", "train", str(config), "--out", str(run_dir)]
+    for item in [*overrides, "train.progress=false"]:
+        command += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    with log_path.open("a") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"training failed: {' '.join(command)} (see {log_path})")
+    return run_dir

@@ -29,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -43,7 +40,6 @@ from common import evaluate_run, last_step, metric, read_log
 from dumo.runs.layout import TRAIN_LOG
 
 ROOT = Path(__file__).resolve().parents[1]
-DUMO = [sys.executable, "-m", "dumo"]
 DEFAULT_SAMPLES = 1000  # the tables' sample count; scores and tables at another count carry it in their names
 NUM_SAMPLES = DEFAULT_SAMPLES  # set by --samples: samples per score (FD of fewer samples is noisier and biased up)
 TABLE_ONLY = False  # set by --table-only: score existing runs as they are, train nothing
@@ -91,15 +87,7 @@ def train(config: Path, run_dir: Path, overrides: list[str]) -> Path:
     wait_while_training(run_dir)
     if scores_file(run_dir).is_file() or (TABLE_ONLY and (run_dir / TRAIN_LOG).is_file()):
         return run_dir  # table-only: score whatever the run reached
-    command = [*DUMO, "train", str(config), "--out", str(run_dir)]
-    for item in [*overrides, "train.progress=false"]:
-        command += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"training failed: {' '.join(command)} (see {run_dir.parent / run_dir.name}.log)")
-    return run_dir
+    return common.run_training(config, run_dir, overrides)
 
 
 def wait_while_training(run_dir: Path) -> None:

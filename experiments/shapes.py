@@ -17,16 +17,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import common
 
 ROOT = Path(__file__).resolve().parents[1]
-DUMO = [sys.executable, "-m", "dumo"]
 SCORES = "shapes-scores.json"
 EULER_STEPS = 50
 
@@ -58,18 +54,9 @@ TITLES = {
 
 def train(config: Path, run_dir: Path, overrides: list[str], table_only: bool) -> Path:
     """``dumo train`` in its own process with one thread; a scored run is left as it is."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
     if (run_dir / SCORES).is_file() or table_only:
         return run_dir
-    command = [*DUMO, "train", str(config), "--out", str(run_dir)]
-    for item in [*overrides, "train.progress=false"]:
-        command += ["--set", item]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with (run_dir.parent / f"{run_dir.name}.log").open("a") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"training failed: {' '.join(command)} (see {run_dir.parent / run_dir.name}.log)")
-    return run_dir
+    return common.run_training(config, run_dir, overrides)
 
 
 def score(run_dir: Path, wanted: dict[str, dict]) -> dict[str, dict[str, float]]:
