@@ -25,7 +25,7 @@ from dumo.errors import DumoError, TrainingError
 from dumo.files import load_checkpoint
 from dumo.objectives.base import ObjectiveOutput
 from dumo.runs.layout import list_checkpoints
-from dumo.runs.sample_files import ShardedNpz
+from dumo.runs.sample_files import PngFolder, ShardedNpz
 from dumo.training import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +224,47 @@ def test_a_full_disk_is_found_before_sampling_into_an_npz(tmp_path, monkeypatch)
     with pytest.raises(DumoError, match=r"no space left on device writing .*arr_0.00000.npy \(needed ~4.8 kB"):
         ShardedNpz(out, 100, 16, Distributed(), {"arr_0": ((4, 4, 3), np.uint8)})
     assert list(tmp_path.iterdir()) == []  # neither parts nor their folder left behind
+
+
+TINY_DIGITS = [
+    "data.name=digits",
+    "data.conditional=true",
+    "model.name=DiT-S/2",
+    "model.hidden_dim=32",
+    "model.depth=1",
+    "model.num_heads=2",
+    "train.eval_samples=50",
+    "train.checkpoint_every=0",
+]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ""])
+def test_a_sampling_that_fails_midway_leaves_nothing_beside_its_output(tmp_path, monkeypatch, suffix):
+    run, out = tmp_path / "run", tmp_path / f"samples{suffix}"
+    Trainer(config(2, *TINY_DIGITS), run).run()
+    # a killed earlier call left its temporary folder (dumo's own name): the next call clears it
+    stale = tmp_path / (".samples.npz.parts" if suffix else ".samples.writing")
+    stale.mkdir()
+    (stale / "arr_0.00000.npy" if suffix else stale / "000000.png").write_bytes(b"stale")
+    assert main(["sample", str(run), "--nfe", "1", "-n", "4", "--batch-size", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", out.name]
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes()
+
+    calls = []
+
+    def fail_after_the_first_chunk(self, *args):
+        calls.append(args)
+        if len(calls) > 1:
+            raise RuntimeError("the sampler failed midway")
+        return original(self, *args)
+
+    writer, method = (ShardedNpz, "write") if suffix else (PngFolder, "sink")
+    original = getattr(writer, method)
+    monkeypatch.setattr(writer, method, fail_after_the_first_chunk)
+    with pytest.raises(RuntimeError, match="failed midway"):
+        main(["sample", str(run), "--nfe", "1", "-n", "6", "--batch-size", "2", "--out", str(out), "--force"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", out.name]  # no .parts, no .writing left
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_bytes()) == before
 
 
 def test_a_full_disk_in_any_other_write_is_one_line(tmp_path, monkeypatch, capsys):

@@ -149,27 +149,33 @@ def run(args: argparse.Namespace) -> int:
                 png_labels = None if labels is None else label_array(labels, args.num)
                 png_writer = PngFolder(png_dir, dist, png_labels, run.space)
                 image_sinks.append(png_writer.sink)
-            stream_from_run(
-                run,
-                nfe,
-                args.num,
-                args.seed,
-                args.method,
-                None,
-                labels,
-                args.batch_size,
-                args.decode_batch,
-                dist,
-                image_sinks,
-                [] if gather is None else [gather.add],
-            )
-            points = None if gather is None else gather.result().cpu()
-            if streamed is not None:
-                streamed.reduce(dist)
-            if writer is not None:
-                writer.finish()
-            if png_writer is not None:
-                png_writer.finish()
+            try:
+                stream_from_run(
+                    run,
+                    nfe,
+                    args.num,
+                    args.seed,
+                    args.method,
+                    None,
+                    labels,
+                    args.batch_size,
+                    args.decode_batch,
+                    dist,
+                    image_sinks,
+                    [] if gather is None else [gather.add],
+                )
+                points = None if gather is None else gather.result().cpu()
+                if streamed is not None:
+                    streamed.reduce(dist)
+                if writer is not None:
+                    writer.finish()
+                if png_writer is not None:
+                    png_writer.finish()
+            except BaseException:
+                for unfinished in (writer, png_writer):
+                    if unfinished is not None:
+                        unfinished.abort()  # nothing half-written is left beside the outputs
+                raise
             if not dist.is_main:
                 continue
             metrics = {} if score is None else score(points, labels)

@@ -136,10 +136,24 @@ def run(args: argparse.Namespace) -> int:
                 sinks = [npz_sink(writer, float_images=not args.uint8)]
             dist.barrier()  # every rank has checked --out before any writes to it
             method, times = args.method, parse_times(args.times)
-            stream_from_run(
-                run, args.nfe, num, args.seed, method, times, labels, args.batch_size, args.decode_batch, dist, sinks
-            )
-            writer.finish()
+            try:
+                stream_from_run(
+                    run,
+                    args.nfe,
+                    num,
+                    args.seed,
+                    method,
+                    times,
+                    labels,
+                    args.batch_size,
+                    args.decode_batch,
+                    dist,
+                    sinks,
+                )
+                writer.finish()
+            except BaseException:
+                writer.abort()  # nothing half-written is left beside --out
+                raise
             if dist.is_main:
                 print(f"wrote {num} samples ({cost}, step {run.step}) to {out}{ranks}")
             return 0

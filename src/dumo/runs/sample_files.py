@@ -52,6 +52,9 @@ class ShardedNpz:
         self.arrays = {key: (tuple(shape), np.dtype(dtype)) for key, (shape, dtype) in arrays.items()}
         self.whole = dict(whole or {})
         self.folder = parts_folder(out)
+        if dist.is_main and self.folder.is_dir() and not self.folder.is_symlink():
+            shutil.rmtree(self.folder)  # left by a killed call: dumo's own temporary name
+        dist.barrier()  # no rank creates its parts before the stale ones are gone
         self.folder.mkdir(parents=True, exist_ok=True)
         count = sum(min(self.batch, num - chunk * self.batch) for chunk in mine)
         self.parts = {}
@@ -74,6 +77,15 @@ class ShardedNpz:
 
     def part(self, key: str, rank: int) -> Path:
         return self.folder / f"{key}.{rank:05d}.npy"
+
+    def abort(self) -> None:
+        """Remove this rank's parts after a failure, and the parts folder once it is empty, so a
+        sampling that fails midway leaves nothing beside the output (each rank calls it on its own)."""
+        self.parts = {}  # unmaps the files
+        for key in self.arrays:
+            self.part(key, self.dist.rank).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.folder.rmdir()  # fails while another rank's parts are still there; the last rank out removes it
 
     def write(self, key: str, start: int, values: np.ndarray) -> None:
         """Samples ``start`` to ``start + len(values) - 1`` (global indices, within one of this rank's chunks)."""
@@ -210,6 +222,11 @@ class PngFolder:
 
     def sink(self, first: int, images, pixels) -> None:
         write_png_folder(self.staging, pixels.permute(0, 2, 3, 1).cpu().numpy(), first)
+
+    def abort(self) -> None:
+        """Remove the staging folder after a failure (rank 0; the old folder is left as it was)."""
+        if self.dist.is_main:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def finish(self) -> None:
         """Wait for every rank's images; rank 0 writes labels.csv and swaps the folder in (all ranks call this)."""
