@@ -224,6 +224,17 @@ def test_a_source_with_another_time_scale_is_refused(tmp_path):
     ).run()
 
 
+def test_the_source_checkpoints_own_config_counts_over_an_edited_config_yaml(tmp_path):
+    teacher_run = tmp_path / "teacher"
+    Trainer(tiny_toy("fm", steps=2, model__time_embedding_scale=1.0), teacher_run).run()
+    edited = (
+        (teacher_run / "config.yaml").read_text().replace("time_embedding_scale: 1.0", "time_embedding_scale: 100.0")
+    )
+    (teacher_run / "config.yaml").write_text(edited)  # now claims this config's scale; the weights were not
+    with pytest.raises(CheckpointError, match="model.time_embedding_scale=1.0, this config has 100.0"):
+        Trainer(tiny_toy("dumo", steps=2, train__init_from=str(teacher_run)), tmp_path / "student").run()
+
+
 @pytest.mark.parametrize("key", ["target_network", "u_velocity"])
 def test_teacher_networks_need_init_from(tmp_path, key):
     with pytest.raises(ConfigError, match=f"objective.{key}=teacher needs train.init_from"):

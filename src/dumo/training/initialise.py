@@ -169,15 +169,28 @@ def head_source(key: str, head_inits: Mapping[str, HeadInit]) -> tuple[str, Head
 SHAPELESS_MODEL_KEYS = ("time_embedding_scale", "position_order")
 
 
-def check_model_keys(path: str | Path, model_config: object) -> None:
-    """Refuse a source run or export whose recorded model keys would make the same tensors compute
-    something else here (a SiT import needs time_embedding_scale 1, say). A bare file records none."""
+def recorded_model_keys(path: str | Path, weights_file: Path) -> dict:
+    """The model section the source recorded: the config stored in the weights file read (a run's
+    checkpoint, an export) over the folder's config.yaml, which a user may have edited or damaged;
+    empty for a bare file that records none."""
+    import json
+
     import yaml
 
+    with safe_open(str(weights_file), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if "config" in metadata:
+        return json.loads(metadata["config"]).get("model") or {}
     config_file = Path(path).expanduser() / CONFIG_FILE
     if not config_file.is_file():
-        return
-    recorded = (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}
+        return {}
+    return (yaml.safe_load(config_file.read_text()) or {}).get("model") or {}
+
+
+def check_model_keys(path: str | Path, weights_file: Path, model_config: object) -> None:
+    """Refuse a source run or export whose recorded model keys would make the same tensors compute
+    something else here (a SiT import needs time_embedding_scale 1, say). A bare file records none."""
+    recorded = recorded_model_keys(path, weights_file)
     for key in SHAPELESS_MODEL_KEYS:
         if key in recorded and recorded[key] != getattr(model_config, key):
             raise CheckpointError(
@@ -195,7 +208,7 @@ def initial_weights(
 ) -> InitialWeights:
     """Read ``path`` and fit its weights to ``model`` (checking ``model_config`` against the source's);
     ``head_inits`` as in :func:`fit_weights`."""
-    if model_config is not None:
-        check_model_keys(path, model_config)
     source, origin = read_weights(path)
+    if model_config is not None:
+        check_model_keys(path, origin, model_config)
     return fit_weights(source, model, u_head_init, origin, head_inits)
