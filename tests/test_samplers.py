@@ -250,6 +250,9 @@ def test_guided_cost_shows_steps_and_network_passes():
     from dumo.samplers import cost_label, network_passes
 
     assert cost_label(1, "flow_map", guided=False) == "1 NFE"
+    assert cost_label(4, "heun", guided=False) == "3 NFE (2 steps)"  # 2 steps, no correction on the last
+    assert cost_label(3, "heun", guided=False) == "3 NFE"
+    assert cost_label(1, "heun", guided=False) == "1 NFE"
     assert cost_label(1, "flow_map", guided=True) == "1 step (2 passes with guidance)"
     assert cost_label(4, "euler", guided=True) == "4 steps (8 passes with guidance)"
     assert cost_label(3, "heun", guided=True) == "2 steps (6 passes with guidance)"  # 3 evaluations, 2 passes each

@@ -214,11 +214,13 @@ def network_passes(nfe: int, method: str, guided: bool) -> int:
 
 
 def cost_label(nfe: int, method: str, guided: bool) -> str:
-    """A draw's cost as shown to people: ``"2 NFE"``; under guidance each evaluation is two network
+    """A draw's cost as shown to people: ``"2 NFE"`` (the evaluations run: ``"3 NFE (2 steps)"`` for
+    Heun with a budget of 4); under guidance each evaluation is two network
     passes, so its steps and passes instead: ``"1 step (2 passes with guidance)"``."""
+    steps, evaluations = sampler_cost(method, nfe)
     if not guided:
-        return f"{nfe} NFE"
-    steps, _ = sampler_cost(method, nfe)
+        # Heun spends 2 steps - 1 evaluations: a budget of 4 runs 2 steps, 3 evaluations
+        return f"{evaluations} NFE" if evaluations == nfe else f"{evaluations} NFE ({steps} steps)"
     return f"{steps} step{'' if steps == 1 else 's'} ({network_passes(nfe, method, guided)} passes with guidance)"
 
 
