@@ -518,7 +518,10 @@ def test_an_imported_dit_latent_model_samples_with_nothing_but_itself(tmp_path, 
     assert run.space.shape == (4, 8, 8) and run.num_classes == 10
     assert run.space.autoencoder["scaling_factor"] == 0.18215 and run.space.autoencoder["path"] == str(vae)
     samples = tmp_path / "s.npz"
+    capsys.readouterr()
     assert main(["sample", str(out), "--nfe", "2", "-n", "3", "--out", str(samples)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "noise (epsilon) predictor in its v-head, not a velocity" in warnings[0], warnings
     images = np.load(samples)["images"]
     assert images.shape == (3, 3, 16, 16) and np.isfinite(images).all()
 

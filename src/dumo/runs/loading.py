@@ -185,6 +185,11 @@ def load_run(
             tensors, metadata = load_checkpoint(checkpoint)
             weights = f"{weights}."
     config = run_config(run_dir / CONFIG_FILE, metadata, Path(checkpoint))
+    if metadata.get("prediction") == "epsilon":  # an imported DiT ('dumo import-weights dit')
+        warn(
+            f"{checkpoint} holds DiT's noise (epsilon) predictor in its v-head, not a velocity: its samples are "
+            "noise-like; it is a starting point for fine-tuning (train.init_from)"
+        )
     dataset = None
     if "data" in metadata:
         space = SampleSpace.from_json(metadata["data"])
