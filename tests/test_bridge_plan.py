@@ -68,6 +68,25 @@ def test_flux_lora_memory_per_gpu_is_the_hand_computed_sum():
     )
 
 
+def test_flux_lora_under_fsdp_divides_the_weights_by_the_gpus_and_holds_one_gathered_block():
+    config = load_config("t2i/flux-dev-lora-dumo.yaml", ["train.parallel=fsdp"])
+    setting = setting_of(config, gpus=16)
+    size = published_size(config.model.pretrained)
+    parts = dumo_memory(size, setting)
+    # by hand, as above over 16 GPUs: the frozen base twice (the model's and the EMA's shards)
+    expected = {
+        "frozen base, model and EMA (fp32, 8 B/param / 16)": 8 * 11_901_408_320 / 16,
+        "trained: weights, gradients, Adam, EMA (20 B/param) / 16": 2_473_452_800 / 16,
+        "bf16 copies of trained weights (autocast) / 16": 247_345_280 / 16,
+        "one gathered block (fp32)": 4 * 11_901_408_320 / 57,
+        "activations (1 images, checkpointed)": (57 + 17) * 4608 * 3072 * 2,
+        "no-grad target passes (2 rows/image)": (5 + 4) * 3072 * 4608 * 2 * 4,
+    }
+    assert parts == pytest.approx(expected, rel=1e-12)
+    ddp = dumo_memory(size, setting_of(load_config("t2i/flux-dev-lora-dumo.yaml"), gpus=16))
+    assert sum(parts.values()) < sum(ddp.values()) / 5
+
+
 def test_plan_names_the_releases_it_knows(capsys):
     from dumo.cli import main
 

@@ -157,11 +157,12 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load an unsharded ``state_dict`` (every rank passes the same one); each rank keeps its shard."""
+def load_full_model_state(model: nn.Module, state: dict[str, Tensor], strict: bool = True) -> None:
+    """Load an unsharded ``state_dict`` (every rank passes the same one); each rank keeps its shard.
+    ``strict=False``: ``state`` may hold only part of the model (a diffusers model's trained weights)."""
     if not is_sharded(model):
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=strict))

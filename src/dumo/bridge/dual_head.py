@@ -58,6 +58,12 @@ class DualHeadTransformer(nn.Module):
         else:
             self.transformer.disable_gradient_checkpointing()
 
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer's blocks (SANA's and SD3's ``transformer_blocks``, FLUX's double- and
+        single-stream ones), which FSDP shards one by one; the embeddings and both heads form the root."""
+        lists = [child for name, child in self.transformer.named_children() if name.endswith("blocks")]
+        return [block for blocks in lists if isinstance(blocks, nn.ModuleList) for block in blocks]
+
     @property
     def patch_size(self) -> int:
         return int(getattr(self.transformer.config, "patch_size", 1) or 1)

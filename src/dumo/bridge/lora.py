@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from dumo.bridge.dual_head import DualHeadTransformer
 from dumo.errors import CheckpointError
@@ -81,8 +81,9 @@ def merged_transformer(transformer: nn.Module) -> nn.Module:
     return plain
 
 
-def save_lora(model: DualHeadTransformer, out: str | Path) -> Path:
-    """Write the backbone's adapter (diffusers' LoRA format) and the u-head's output layers to ``out``."""
+def save_lora(model: DualHeadTransformer, out: str | Path, state: dict[str, Tensor] | None = None) -> Path:
+    """Write the backbone's adapter (diffusers' LoRA format) and the u-head's output layers to ``out``:
+    ``model``'s own, or those of ``state``, a full state dict of it (a sharded model's, gathered)."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -92,8 +93,16 @@ def save_lora(model: DualHeadTransformer, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pipeline_class = getattr(diffusers, model.family.pipeline_class)
-    layers = get_peft_model_state_dict(model.transformer)
+    if state is None:
+        layers = get_peft_model_state_dict(model.transformer)
+        u_head = model.u_head_state()
+    else:
+        transformer = {
+            key.removeprefix("transformer."): v for key, v in state.items() if key.startswith("transformer.")
+        }
+        layers = get_peft_model_state_dict(model.transformer, state_dict=transformer)
+        u_head = {key.removeprefix("u_head."): value for key, value in state.items() if key.startswith("u_head.")}
     pipeline_class.save_lora_weights(out, transformer_lora_layers=layers, safe_serialization=True)
-    u_head = {name: tensor.detach().contiguous() for name, tensor in model.u_head_state().items()}
+    u_head = {name: tensor.detach().contiguous() for name, tensor in u_head.items()}
     save_file(u_head, str(out / U_HEAD_FILE), metadata={"format": "pt", "dumo": "u-head output layers"})
     return out

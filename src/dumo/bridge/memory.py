@@ -4,7 +4,8 @@ that keeps a teacher, a student and a critic (DMD2-style), for ``dumo plan``.
 Nothing is loaded: the sizes are numbers from each model's published ``transformer/config.json``
 (the Hugging Face repositories named in :data:`PUBLISHED`), and the parameter counts are those of
 diffusers' classes built from those configs (on the meta device). The rules, in bytes, per GPU
-under DDP (every GPU holds everything):
+under DDP (every GPU holds everything; under FSDP the weights and their states are divided by the
+GPUs, see :func:`dumo_memory`):
 
 - full fine-tuning: fp32 weights, gradients, Adam's two moments and the EMA: 20 bytes a parameter
   (the transformer and the u-head, a copy of its output layers);
@@ -99,6 +100,7 @@ class BridgeSetting:
     checkpointing: bool
     target_rows: int  # no-grad rows per image (DuMo: 2, with guidance 3)
     fp32_targets: bool
+    shards: int = 1  # GPUs the weights are sharded over (train.parallel: fsdp); 1 under DDP
 
 
 def tokens(size: PublishedSize, resolution: int) -> int:
@@ -131,14 +133,24 @@ def trainable_parameters(size: PublishedSize, setting: BridgeSetting) -> int:
 
 
 def dumo_memory(size: PublishedSize, setting: BridgeSetting) -> dict[str, float]:
-    """Bytes per GPU of DuMo on ``size`` (DDP), by part."""
+    """Bytes per GPU of DuMo on ``size`` (DDP, or FSDP over ``setting.shards`` GPUs), by part.
+
+    Under FSDP each GPU keeps 1/shards of every weight and state, plus one block's gathered weights
+    at a time; the EMA model is sharded apart from the model, so a LoRA run's frozen base is held
+    twice (model and EMA), each in shards."""
     trainable = trainable_parameters(size, setting)
+    shards = setting.shards
     parts: dict[str, float] = {}
     if setting.lora_rank is not None:
-        parts["frozen base (fp32, 4 B/param)"] = 4.0 * size.parameters
-    parts["trained: weights, gradients, Adam, EMA (20 B/param)"] = 20.0 * trainable
+        if shards == 1:
+            parts["frozen base (fp32, 4 B/param)"] = 4.0 * size.parameters
+        else:
+            parts[f"frozen base, model and EMA (fp32, 8 B/param / {shards})"] = 8.0 * size.parameters / shards
+    parts["trained: weights, gradients, Adam, EMA (20 B/param)" + sharded(shards)] = 20.0 * trainable / shards
     if setting.bf16:  # autocast caches the casts of weights that require grad until the forward pass ends
-        parts["bf16 copies of trained weights (autocast)"] = 2.0 * trainable
+        parts["bf16 copies of trained weights (autocast)" + sharded(shards)] = 2.0 * trainable / shards
+    if shards > 1:  # FSDP gathers one block's full weights (and frees them) at a time
+        parts["one gathered block (fp32)"] = 4.0 * size.parameters / size.blocks
     checkpointed = "checkpointed" if setting.checkpointing else "no checkpointing"
     parts[f"activations ({setting.micro_batch} images, {checkpointed})"] = activation_bytes(size, setting)
     parts[f"no-grad target passes ({setting.target_rows} rows/image)"] = target_pass_bytes(size, setting)
@@ -147,18 +159,25 @@ def dumo_memory(size: PublishedSize, setting: BridgeSetting) -> dict[str, float]
 
 def distillation_memory(size: PublishedSize, setting: BridgeSetting) -> dict[str, float]:
     """Bytes per GPU of a distillation keeping a frozen teacher, a student and a critic trained as
-    DuMo's model is (fully, or LoRA on one shared frozen base) (DDP), by part."""
+    DuMo's model is (fully, or LoRA on one shared frozen base; DDP, or FSDP over ``setting.shards``), by part."""
     trainable = trainable_parameters(size, setting)
     shared = " = the shared frozen base" if setting.lora_rank is not None else ""
+    split = sharded(setting.shards)  # under FSDP each of the three is sharded as DuMo's model is
     parts = {
-        f"teacher (frozen, fp32{shared})": 4.0 * size.parameters,
-        "student: weights, gradients, Adam, EMA (20 B/param)": 20.0 * trainable,
-        "critic: weights, gradients, Adam (16 B/param)": 16.0 * trainable,
+        f"teacher (frozen, fp32{shared}){split}": 4.0 * size.parameters / setting.shards,
+        f"student: weights, gradients, Adam, EMA (20 B/param){split}": 20.0 * trainable / setting.shards,
+        f"critic: weights, gradients, Adam (16 B/param){split}": 16.0 * trainable / setting.shards,
     }
     if setting.bf16:
-        parts["bf16 copies of trained weights (autocast)"] = 2.0 * 2 * trainable
+        parts[f"bf16 copies of trained weights (autocast){split}"] = 2.0 * 2 * trainable / setting.shards
+    if setting.shards > 1:
+        parts["one gathered block (fp32)"] = 4.0 * size.parameters / size.blocks
     parts["activations (student and critic)"] = 2 * activation_bytes(size, setting)
     return parts
+
+
+def sharded(shards: int) -> str:
+    return "" if shards == 1 else f" / {shards}"
 
 
 def setting_of(config, gpus: int) -> BridgeSetting:
@@ -174,6 +193,7 @@ def setting_of(config, gpus: int) -> BridgeSetting:
         checkpointing=config.train.activation_checkpointing,
         target_rows=rows,
         fp32_targets=getattr(objective, "target_precision", "fp32") == "fp32",
+        shards=gpus if config.train.parallel == "fsdp" else 1,
     )
 
 
@@ -183,21 +203,24 @@ def format_bridge_plan(config, gpus: int, gpu_memory_gib: float, gpu_name: str, 
     setting = setting_of(config, gpus)
     training = "full fine-tuning" if setting.lora_rank is None else f"LoRA rank {setting.lora_rank}"
     trainable = trainable_parameters(size, setting)
+    strategy = "DDP" if setting.shards == 1 else f"FSDP, {setting.shards}"
     lines = [
         f"plan of {config_name or 'the config'} on {gpus} x {gpu_name} ({'bf16' if setting.bf16 else 'fp32'})",
         f"  network      {size.name}: {size.parameters:,} transformer parameters ({size.source}) + u-head "
         f"{size.head_parameters:,}; {training}, {trainable:,} trainable",
         f"  tokens       {tokens(size, setting.resolution):,} per image at {setting.resolution} px "
         f"({setting.micro_batch} images per GPU per forward-backward)",
-        f"  memory/GPU (DDP)                                       {'DuMo':>9s} {'distill':>9s}   (GiB)",
     ]
     dumo, distill = dumo_memory(size, setting), distillation_memory(size, setting)
-    for name, value in dumo.items():
-        lines.append(f"    DuMo: {name:50s} {value / GIB:9.2f}")
-    for name, value in distill.items():
-        lines.append(f"    distillation: {name:42s} {'':9s} {value / GIB:9.2f}")
+    rows = [(f"DuMo: {name}", value, None) for name, value in dumo.items()]
+    rows += [(f"distillation: {name}", None, value) for name, value in distill.items()]
+    width = max(len(name) for name, _, _ in rows)
+    lines.append(f"  memory/GPU ({strategy}){'':{width - len(strategy) - 11}s} {'DuMo':>9s} {'distill':>9s}   (GiB)")
+    for name, ours, theirs in rows:
+        shown = [f"{value / GIB:9.2f}" if value is not None else f"{'':9s}" for value in (ours, theirs)]
+        lines.append(f"    {name:{width}s} {shown[0]} {shown[1]}".rstrip())
     dumo_total, distill_total = sum(dumo.values()), sum(distill.values())
-    lines.append(f"    {'total':56s} {dumo_total / GIB:9.2f} {distill_total / GIB:9.2f}   of {gpu_memory_gib:g}")
+    lines.append(f"    {'total':{width}s} {dumo_total / GIB:9.2f} {distill_total / GIB:9.2f}   of {gpu_memory_gib:g}")
     if dumo_total > gpu_memory_gib * GIB:
         lines.append(
             "  note: DuMo exceeds one GPU's memory here: LoRA (model.lora), gradient checkpointing, a smaller "

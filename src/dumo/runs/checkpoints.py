@@ -53,7 +53,9 @@ def saved_state(module: nn.Module, state: dict[str, Tensor] | None = None) -> di
     prompt; the frozen base is read from its pipeline folder)."""
     state = module.state_dict() if state is None else state
     keys = getattr(module, "saved_keys", None)
-    return state if keys is None else {key: state[key] for key in keys}
+    if keys is None or not state:  # empty: a rank other than 0 after gathering a sharded model's state
+        return state
+    return {key: state[key] for key in keys}
 
 
 def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -80,10 +82,8 @@ def load_weights(module: nn.Module, state: dict[str, Tensor], source: str) -> No
         raise CheckpointError(
             f"{source} does not match this model (another architecture or config?): {'; '.join(problems)}"
         )
-    if getattr(module, "saved_keys", None) is not None:
-        module.load_state_dict(state, strict=False)  # the frozen rest stays as the pipeline folder has it
-        return
-    load_full_model_state(module, state)
+    # with saved_keys (a diffusers model) the frozen rest stays as the pipeline folder has it
+    load_full_model_state(module, state, strict=getattr(module, "saved_keys", None) is None)
 
 
 def optimizer_tensors(state_dict: dict) -> tuple[dict[str, Tensor], str]:

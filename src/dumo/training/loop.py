@@ -24,7 +24,7 @@ from dumo.data import SampleSpace, build_dataset, build_stream, conditioning_cla
 from dumo.distributed import from_environment, resolve_device, shard_randomness, shard_seed
 from dumo.errors import ConfigError, TrainingError
 from dumo.models import set_activation_checkpointing
-from dumo.network import build_network, is_diffusers, network_dataset
+from dumo.network import build_network, network_dataset
 from dumo.objectives import build_objective
 from dumo.runs.folder import RunLock, check_run_dir, prepare_run_dir, record_start, remove_torn_writes
 from dumo.runs.layout import CONFIG_FILE, list_checkpoints
@@ -108,8 +108,6 @@ class Trainer:
         set_activation_checkpointing(self.model, config.train.activation_checkpointing)
         self.ema = EMA(self.model, config.train.ema_decay, config.train.ema_warmup)
         self.sharded = self.dist.enabled and config.train.parallel == "fsdp"
-        if config.train.parallel == "fsdp" and is_diffusers(config):
-            raise ConfigError("train.parallel=fsdp does not shard a diffusers transformer yet: use ddp")
         if config.train.parallel == "fsdp" and self.objective.needs_forward_ad():
             # refused in a single process too (where FSDP is not applied): the config fails alike everywhere
             raise ConfigError(

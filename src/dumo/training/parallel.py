@@ -25,8 +25,12 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     """The modules FSDP shards one by one: each residual or transformer block of the backbone.
 
     Parameters outside them (embeddings, heads) form the root unit. One unit per block keeps
-    only one block's full weights in memory at a time during the forward pass.
+    only one block's full weights in memory at a time during the forward pass. A network that
+    names its own blocks (a diffusers transformer's, :meth:`DualHeadTransformer.shard_units`) is asked.
     """
+    own = getattr(model, "shard_units", None)
+    if callable(own):
+        return list(own())
     blocks = getattr(getattr(model, "backbone", model), "blocks", None)
     return list(blocks) if isinstance(blocks, nn.ModuleList) else []
 
@@ -90,6 +94,13 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def optimised_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimiser's parameters in its own order, the order ``optimizer.state_dict()``
+    numbers them in (with frozen weights, a LoRA run's base, not every parameter of the model)."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    return [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+
+
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """``optimizer.state_dict()`` as a single process would have it. Collective when sharded."""
     if not is_sharded(model):
@@ -101,7 +112,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     )
     if not by_name:  # ranks other than 0 receive nothing with cpu_offload
         return {"state": {}, "param_groups": []}
-    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    index = {name: i for i, name in enumerate(optimised_names(model, optimizer))}
     return {
         "state": {index[name]: entries for name, entries in by_name["state"].items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
@@ -115,7 +126,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = [name for name, _ in model.named_parameters()]
+    names = optimised_names(model, optimizer)
     by_name = {
         "state": {names[i]: entries for i, entries in state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],

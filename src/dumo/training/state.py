@@ -88,12 +88,13 @@ def save(trainer: Trainer) -> Path | None:
         raise DiskFullError(f"{error}{resume}") from error
     for old in list_checkpoints(trainer.run_dir)[: -trainer.config.train.keep_checkpoints]:
         old.unlink(missing_ok=True)
-    save_adapter(trainer)
+    save_adapter(trainer, ema_state)
     return path
 
 
-def save_adapter(trainer: Trainer) -> None:
-    """A LoRA run's EMA adapter in diffusers' format (and its u-head) in RUN/lora, replaced at every save."""
+def save_adapter(trainer: Trainer, ema_state: dict[str, torch.Tensor]) -> None:
+    """A LoRA run's EMA adapter in diffusers' format (and its u-head) in RUN/lora, replaced at every
+    save; from ``ema_state``, the EMA model's gathered state (under FSDP rank 0 holds no full weights)."""
     from dumo.bridge.dual_head import DualHeadTransformer
 
     model = trainer.ema.model
@@ -106,7 +107,7 @@ def save_adapter(trainer: Trainer) -> None:
     final = trainer.run_dir / LORA_DIR
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save_lora(model, partial)
+    save_lora(model, partial, ema_state)
     (partial / "step.txt").write_text(f"{trainer.step}\n")
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
