@@ -25,7 +25,7 @@ from dumo.data.shapes import (
     sample_prompt,
     shape_mask,
 )
-from dumo.metrics.shapes import find_objects, judge, judge_image
+from dumo.metrics.shapes import FAILURES, find_objects, judge, judge_image
 
 EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -284,6 +284,34 @@ def test_judge_fails_images_that_break_a_rule(rule):
         assert len(images) >= 6
     report = judge(images, [judged] * len(images))
     assert report.accuracy("all") == 0.0 and all(report.reasons)
+    assert report.failures == [FAILURE_OF_RULE[rule]] * len(images)
+    assert report.failure_counts()[FAILURE_OF_RULE[rule]] == len(images)
+    assert f"failed, by the first rule broken: {FAILURES[FAILURE_OF_RULE[rule]]} {len(images)}" in report.format()
+
+
+FAILURE_OF_RULE = {  # the failure each broken rule is counted under
+    **dict.fromkeys(
+        ("wrong colour", "wrong shape", "fewer than rendered", "more than rendered", "extra object", "missing object"),
+        "wrong_objects",
+    ),
+    "wrong relation": "position",
+    "swapped relation": "position",
+    "empty image": "no_objects",
+    "off-palette object": "off_palette",
+    "upside-down triangle": "unknown_shape",
+    "squashed square": "unknown_shape",
+}
+
+
+def test_failures_are_counted_per_split_and_clean_renders_have_none(prompts, renders):
+    report = judge(renders, prompts)
+    assert set(report.failures) == {""} and "failed" not in report.format()
+    images = render_prompts(["a red circle", "a yellow triangle", "a red circle"], seed=0)
+    images[1] = np.flipud(images[1])
+    images[2] = 0
+    report = judge(images, ["a red circle", "a yellow triangle", "a red circle"])
+    assert report.failure_counts("seen") == {**dict.fromkeys(FAILURES, 0), "no_objects": 1}
+    assert report.failure_counts("held_out") == {**dict.fromkeys(FAILURES, 0), "unknown_shape": 1}
 
 
 def test_empty_images_fail_every_category():

@@ -273,6 +273,10 @@ def test_eval_judges_seen_and_held_out_prompts(text_run, tmp_path, capsys):
     assert "4 images" in out and "held-out" in out and "overall" in out
     scores = json.loads(report.read_text())["nfe"]["1"]
     assert set(scores) == {"seen", "held_out", "all"} and set(scores["seen"]) == {*CATEGORIES, "overall"}
+    failed = json.loads(report.read_text())["failures"]["1"]
+    passed = round(scores["all"]["single"] * 4)  # both prompts are single objects
+    assert set(failed) == {"seen", "held_out", "all"} and sum(failed["all"].values()) == 4 - passed
+    assert sum(failed["seen"].values()) + sum(failed["held_out"].values()) == sum(failed["all"].values())
     status, out, err = run_main(capsys, "eval", text_run, "--nfe", 2)  # the world's evaluation prompts
     assert status == 0 and "seen           111" in out, err
 

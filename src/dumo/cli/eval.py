@@ -241,7 +241,7 @@ def judge_prompts(args: argparse.Namespace, dist, run) -> int:
         print(
             f"{args.run_dir}: {run.objective_name}, step {run.step}, {len(texts)} images of {source}, seed {args.seed}"
         )
-    results = {}
+    results, failures = {}, {}
     for nfe in args.nfe:
         cost = sampling_cost(run.model, run.objective_name, nfe, run.config.sample, args.method, True)
         _, points = generate_from_run(
@@ -252,6 +252,7 @@ def judge_prompts(args: argparse.Namespace, dist, run) -> int:
         images = to_uint8(run.space.unstandardise(points)).permute(0, 2, 3, 1).numpy()
         report = judge(images, texts, held_out)
         results[str(nfe)] = report.scores()
+        failures[str(nfe)] = {split: report.failure_counts(split) for split in ("seen", "held_out", "all")}
         print(f"  {cost}")
         print("    " + report.format().replace("\n", "\n    "))
     if args.json is not None and dist.is_main:
@@ -264,6 +265,7 @@ def judge_prompts(args: argparse.Namespace, dist, run) -> int:
             "seed": args.seed,
             "guidance_scale": run.config.sample.guidance_scale,
             "nfe": results,
+            "failures": failures,  # per NFE and split: images failed, by the first rule broken
         }
         with atomic_output(Path(args.json).expanduser()) as tmp:
             tmp.write_text(json.dumps(record, indent=2) + "\n")

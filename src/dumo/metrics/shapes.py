@@ -24,6 +24,8 @@ GenEval's checks with pixel rules instead of a detector, tolerant of what a gene
 4. The image passes if its objects are exactly those the prompt names (colours, shapes, counts;
    an extra, missing or unrecognised object fails it) and, for a position prompt, object 1's
    centroid is on the named side of object 2's by at least 2 px on that axis.
+   A failing image is counted under the first of these rules it breaks (:data:`FAILURES`), so a
+   report says what a model gets wrong: colours, shapes, counts or positions.
 
 Accuracy is the fraction of images that pass, per category; "overall" is the mean of the
 categories' accuracies (GenEval's score), reported apart for prompts that name a held-out pair.
@@ -77,12 +79,24 @@ class Detected:
         return f"a {self.colour} {shape} at ({self.centre[0]:.1f}, {self.centre[1]:.1f})"
 
 
+#: why an image fails, in the order the judge checks: the first rule an image breaks names its failure
+FAILURES = {
+    "off_palette": "an object of no palette colour",
+    "unknown_shape": "an object of no known shape",
+    "no_objects": "no objects",
+    "wrong_objects": "objects missing or extra (colour, shape or count)",
+    "position": "objects right, position wrong",
+}
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """Whether an image passes, and why not; true exactly when it passes."""
+    """Whether an image passes, and why not (``failure``: a key of FAILURES, and the detail); true
+    exactly when it passes."""
 
     passed: bool
     reason: str = ""
+    failure: str = ""
 
     def __bool__(self) -> bool:
         return self.passed
@@ -163,23 +177,23 @@ def judge_image(image: np.ndarray, prompt: str | PromptSpec) -> Verdict:
     objects, strays = find_objects(image)
     if strays:
         row, col = strays[0]
-        return Verdict(False, f"an object of no palette colour at ({row:.1f}, {col:.1f})")
+        return Verdict(False, f"an object of no palette colour at ({row:.1f}, {col:.1f})", "off_palette")
     unknown = [o for o in objects if o.shape is None]
     if unknown:
-        return Verdict(False, unknown[0].describe())
+        return Verdict(False, unknown[0].describe(), "unknown_shape")
     if not objects:
-        return Verdict(False, "no objects found")
+        return Verdict(False, "no objects found", "no_objects")
     found = Counter((o.colour, o.shape) for o in objects)
     expected = Counter(spec.counts())
     if found != expected:
         missing, extra = expected - found, found - expected
         parts = [f"missing {n} {c} {s}" for (c, s), n in sorted(missing.items())]
         parts += [f"{n} extra {c} {s}" for (c, s), n in sorted(extra.items())]
-        return Verdict(False, "; ".join(parts))
+        return Verdict(False, "; ".join(parts), "wrong_objects")
     if spec.relation is not None:
         first, second = (next(o for o in objects if (o.colour, o.shape) == (p.colour, p.shape)) for p in spec.objects)
         if not relation_holds(spec.relation, first.centre, second.centre):
-            return Verdict(False, f"{first.describe()} is not {spec.relation} {second.describe()}")
+            return Verdict(False, f"{first.describe()} is not {spec.relation} {second.describe()}", "position")
     return Verdict(True)
 
 
@@ -192,6 +206,7 @@ class ShapesReport:
     held_out: list[bool]  # whether the image's prompt names a held-out pair
     passed: list[bool]
     reasons: list[str]  # "" where the image passed
+    failures: list[str]  # a key of FAILURES, "" where the image passed
     held_out_pairs: frozenset[tuple[str, str]]
 
     def accuracy(self, split: str = "all", category: str = "overall") -> float | None:
@@ -215,6 +230,16 @@ class ShapesReport:
         columns = (*CATEGORIES, "overall")
         return {split: {c: self.accuracy(split, c) for c in columns} for split in ("seen", "held_out", "all")}
 
+    def failure_counts(self, split: str = "all") -> dict[str, int]:
+        """How many images of split "seen", "held_out" or "all" fail for each reason (FAILURES' order)."""
+        chosen = [
+            f
+            for f, held in zip(self.failures, self.held_out, strict=True)
+            if split in ("all", "held_out" if held else "seen")
+        ]
+        found = Counter(chosen)
+        return {kind: found[kind] for kind in FAILURES}
+
     def format(self) -> str:
         """A table: a row per split (with its number of images), a column per category and overall."""
         pairs = ", ".join(f"{c} {s}" for c, s in sorted(self.held_out_pairs)) or "none"
@@ -223,6 +248,10 @@ class ShapesReport:
         for split, title in (("seen", "seen"), ("held_out", "held-out"), ("all", "all")):
             cells = ["-" if a is None else f"{a:.3f}" for a in self.scores()[split].values()]
             lines.append(f"{title:10}{self.count(split):>8}" + "".join(f"{cell:>13}" for cell in cells))
+        failed = {kind: n for kind, n in self.failure_counts().items() if n}
+        if failed:
+            listed = "; ".join(f"{FAILURES[kind]} {n}" for kind, n in failed.items())
+            lines.append(f"failed, by the first rule broken: {listed}")
         return "\n".join(lines)
 
 
@@ -243,5 +272,6 @@ def judge(
         held_out=[names_held_out(s, held) for s in specs],
         passed=[v.passed for v in verdicts],
         reasons=[v.reason for v in verdicts],
+        failures=[v.failure for v in verdicts],
         held_out_pairs=held,
     )
