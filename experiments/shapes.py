@@ -8,8 +8,9 @@ Per seed: configs/shapes/fm.yaml (the teacher), dumo-from-fm.yaml from it (train
 meanflow.yaml; each a ``dumo train`` process with one CPU thread, ``--jobs`` at once (the teacher before
 its student). A finished run is not trained again and an interrupted one resumes. Each run's scores are
 kept in its folder (shapes-scores.json), so the table can be rebuilt at no cost. The table (results.md):
-the judge's overall accuracy (the mean over the four prompt categories) on seen and held-out prompts, one
-image per prompt (seed 0), mean +- std over the seeds.
+the judge's overall accuracy (the mean over the four prompt categories) on seen and held-out prompts,
+``--per-prompt`` images per evaluation prompt (default 4: 748 images; sampling seed 0), mean +- std over the
+training seeds.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def train(config: Path, run_dir: Path, overrides: list[str], table_only: bool) -
     return common.run_training(config, run_dir, overrides)
 
 
-def score(run_dir: Path, wanted: dict[str, dict]) -> dict[str, dict[str, float]]:
+def score(run_dir: Path, wanted: dict[str, dict], per_prompt: int) -> dict[str, dict[str, float]]:
     """{evaluation: {"seen": accuracy, "held_out": accuracy}} of the run's EMA weights, cached in the run."""
     import torch
 
@@ -70,6 +71,8 @@ def score(run_dir: Path, wanted: dict[str, dict]) -> dict[str, dict[str, float]]
 
     path = run_dir / SCORES
     scores = json.loads(path.read_text()) if path.is_file() else {}
+    if scores.get("per_prompt", 1) != per_prompt:  # scored with another number of images: score again
+        scores = {}
     missing = {name: spec for name, spec in wanted.items() if name not in scores}
     if missing and list_checkpoints(run_dir):
         torch.set_num_threads(1)
@@ -88,9 +91,11 @@ def score(run_dir: Path, wanted: dict[str, dict]) -> dict[str, dict[str, float]]
                 (spec["nfe"],),
                 0,
                 spec.get("method", "auto"),
+                per_prompt=per_prompt,
             )
             scores[name] = {split: result[f"{split}_{spec['nfe']}nfe"] for split in ("seen", "held_out")}
         scores["training"] = common.training_time(run_dir)
+        scores["per_prompt"] = per_prompt
         path.write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -103,7 +108,7 @@ def runs_of_seed(args: argparse.Namespace, seed: int) -> list:
     def run(name: str, extra: list[str]):
         folder = args.out / f"{name}-s{seed}"
         train(config / f"{CONFIGS[name]}.yaml", folder, [f"train.seed={seed}", *extra], args.table_only)
-        return name, seed, score(folder, wanted[name]) if folder.is_dir() else {}
+        return name, seed, score(folder, wanted[name], args.per_prompt) if folder.is_dir() else {}
 
     def teacher_and_student():
         teacher = run("fm", [])
@@ -155,6 +160,7 @@ def main() -> None:
     stage.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "shapes")
     stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each; default 2)")
     stage.add_argument("--guidance", type=float, default=2.0, help="the teacher's guided row: CFG scale (default 2)")
+    stage.add_argument("--per-prompt", type=int, default=4, help="images per evaluation prompt (default 4)")
     stage.add_argument("--table-only", action="store_true", help="tabulate the runs that exist, train nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,12 @@ def test_compare_tabulates_seen_and_held_out_accuracy_of_the_runs_there(tmp_path
     assert [row.split("|")[2].strip() for row in rows] == ["50 NFE", "50 NFE, guidance 2"]
     scores = json.loads((tmp_path / "fm-s0" / "shapes-scores.json").read_text())
     assert 0 <= scores["50 NFE"]["seen"] <= 1 and scores["training"]["step"] == 2
+    assert scores["per_prompt"] == 4  # 748 images: 4 of each of the 187 evaluation prompts
     assert (tmp_path / "results.md").read_text().count("| FM teacher") == 2
+    # scores made with another number of images per prompt are not reused
+    result = subprocess.run([*command, "--out", str(tmp_path), "--per-prompt", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "fm-s0" / "shapes-scores.json").read_text())["per_prompt"] == 1
 
 
 def test_info_counts_a_text_model_with_its_encoder(capsys):

@@ -71,15 +71,18 @@ def shapes_accuracy(
     seed: int = 0,
     method: str = "auto",
     device: torch.device | str = "cpu",
+    per_prompt: int = 1,
 ) -> dict[str, float]:
-    """The shapes judge's overall accuracy on one sample per evaluation prompt of ``world`` (its
-    held-out pairs), at each NFE, keyed ``seen_1nfe`` and ``held_out_1nfe`` (the prompts that name
-    no held-out pair, and those that do)."""
+    """The shapes judge's overall accuracy on ``per_prompt`` samples of each evaluation prompt of
+    ``world`` (its held-out pairs), at each NFE, keyed ``seen_1nfe`` and ``held_out_1nfe`` (the
+    prompts that name no held-out pair, and those that do)."""
     from dumo.data.shapes import evaluation_prompts
     from dumo.metrics.shapes import judge
 
+    if per_prompt < 1:
+        raise ValueError(f"per_prompt must be >= 1; got {per_prompt}")
     chosen = evaluation_prompts(world.held_out)
-    texts = chosen.seen + chosen.held_out
+    texts = [text for text in chosen.seen + chosen.held_out for _ in range(per_prompt)]
     cond = prompts.condition(texts).to(device)
     results = {}
     for nfe in nfes:
