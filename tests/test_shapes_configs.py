@@ -52,6 +52,7 @@ def test_compare_tabulates_seen_and_held_out_accuracy_of_the_runs_there(tmp_path
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| FM teacher")]
     assert [row.split("|")[2].strip() for row in rows] == ["50 NFE", "50 NFE, guidance 2"]
+    assert [row.split("|")[6].strip() for row in rows] == ["1.00", "1.00"]  # training time over the teacher's
     scores = json.loads((tmp_path / "fm-s0" / "shapes-scores.json").read_text())
     assert 0 <= scores["50 NFE"]["seen"] <= 1 and scores["training"]["step"] == 2
     assert scores["per_prompt"] == 4  # 748 images: 4 of each of the 187 evaluation prompts
