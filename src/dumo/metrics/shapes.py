@@ -197,6 +197,11 @@ def judge_image(image: np.ndarray, prompt: str | PromptSpec) -> Verdict:
     return Verdict(True)
 
 
+def in_split(held_out: bool, split: str) -> bool:
+    """Whether an image (its prompt naming a held-out pair or not) belongs to split "seen", "held_out" or "all"."""
+    return split in ("all", "held_out" if held_out else "seen")
+
+
 @dataclass(frozen=True)
 class ShapesReport:
     """Per-image results of :func:`judge` and the accuracies they make."""
@@ -218,12 +223,12 @@ class ShapesReport:
         chosen = [
             passed
             for passed, kind, held in zip(self.passed, self.categories, self.held_out, strict=True)
-            if kind == category and split in ("all", "held_out" if held else "seen")
+            if kind == category and in_split(held, split)
         ]
         return float(np.mean(chosen)) if chosen else None
 
     def count(self, split: str = "all") -> int:
-        return sum(split in ("all", "held_out" if held else "seen") for held in self.held_out)
+        return sum(in_split(held, split) for held in self.held_out)
 
     def scores(self) -> dict[str, dict[str, float | None]]:
         """{split: {category or "overall": accuracy}} for the splits seen, held_out and all."""
@@ -232,11 +237,7 @@ class ShapesReport:
 
     def failure_counts(self, split: str = "all") -> dict[str, int]:
         """How many images of split "seen", "held_out" or "all" fail for each reason (FAILURES' order)."""
-        chosen = [
-            f
-            for f, held in zip(self.failures, self.held_out, strict=True)
-            if split in ("all", "held_out" if held else "seen")
-        ]
+        chosen = [f for f, held in zip(self.failures, self.held_out, strict=True) if in_split(held, split)]
         found = Counter(chosen)
         return {kind: found[kind] for kind in FAILURES}
 
