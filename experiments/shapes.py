@@ -3,6 +3,7 @@ from scratch, judged on the world's evaluation prompts (seen, and naming held-ou
 
     .venv/bin/python experiments/shapes.py compare --seeds 0 1 --out experiments/results/shapes
     .venv/bin/python experiments/shapes.py compare --seeds 0 1 --out DIR --table-only   # tabulate what exists
+    .venv/bin/python experiments/shapes.py compare --out DIR --set model.name=TextDiT-XS/2  # all four on another net
 
 Per seed: configs/shapes/fm.yaml (the teacher), dumo-from-fm.yaml from it (train.init_from), dumo.yaml and
 meanflow.yaml; each a ``dumo train`` process with one CPU thread, ``--jobs`` at once (the teacher before
@@ -107,7 +108,8 @@ def runs_of_seed(args: argparse.Namespace, seed: int) -> list:
 
     def run(name: str, extra: list[str]):
         folder = args.out / f"{name}-s{seed}"
-        train(config / f"{CONFIGS[name]}.yaml", folder, [f"train.seed={seed}", *extra], args.table_only)
+        overrides = [*args.overrides, f"train.seed={seed}", *extra]
+        train(config / f"{CONFIGS[name]}.yaml", folder, overrides, args.table_only)
         return name, seed, score(folder, wanted[name], args.per_prompt) if folder.is_dir() else {}
 
     def teacher_and_student():
@@ -153,7 +155,8 @@ def compare(args: argparse.Namespace) -> None:
     lines = [
         "# Shapes world: text-to-image accuracy (the shapes judge, overall = mean of the four categories)",
         "",
-        f"    python experiments/shapes.py compare --seeds {' '.join(map(str, args.seeds))} --out {args.out}",
+        f"    python experiments/shapes.py compare --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
+        + (f" --set {' '.join(args.overrides)}" if args.overrides else ""),
         "",
         *table(results, args.guidance),
     ]
@@ -170,6 +173,14 @@ def main() -> None:
     stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each; default 2)")
     stage.add_argument("--guidance", type=float, default=2.0, help="the teacher's guided row: CFG scale (default 2)")
     stage.add_argument("--per-prompt", type=int, default=4, help="images per evaluation prompt (default 4)")
+    stage.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every run (teacher and student alike), e.g. model.name=TextDiT-XS/2",
+    )
     stage.add_argument("--table-only", action="store_true", help="tabulate the runs that exist, train nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
+from conftest import load_script  # noqa: E402
+
 from dumo.config import load_config  # noqa: E402
 from dumo.training import Trainer  # noqa: E402
 
@@ -61,6 +63,25 @@ def test_compare_tabulates_seen_and_held_out_accuracy_of_the_runs_there(tmp_path
     result = subprocess.run([*command, "--out", str(tmp_path), "--per-prompt", "1"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "fm-s0" / "shapes-scores.json").read_text())["per_prompt"] == 1
+
+
+def test_compare_passes_its_overrides_to_the_teacher_and_the_student_alike(tmp_path, monkeypatch):
+    shapes = load_script(ROOT / "experiments" / "shapes.py")
+    trained = {}
+
+    def train(config, folder, overrides, table_only):
+        trained[folder.name] = overrides
+
+    monkeypatch.setattr(shapes, "train", train)
+    monkeypatch.setattr(shapes, "score", lambda folder, wanted, per_prompt: {})
+    argv = ["shapes.py", "compare", "--seeds", "3", "--out", str(tmp_path), "--jobs", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--set", "model.name=TextDiT-XS/2", "optim.lr=0.001"])
+    shapes.main()
+    assert sorted(trained) == ["dumo-from-fm-s3", "dumo-s3", "fm-s3", "meanflow-s3"]
+    for overrides in trained.values():  # the student can start from its teacher only on the same network
+        assert overrides[:3] == ["model.name=TextDiT-XS/2", "optim.lr=0.001", "train.seed=3"]
+    assert trained["dumo-from-fm-s3"][3] == f"train.init_from={tmp_path / 'fm-s3'}"
+    assert "--set model.name=TextDiT-XS/2 optim.lr=0.001" in (tmp_path / "results.md").read_text()
 
 
 def test_info_counts_a_text_model_with_its_encoder(capsys):
