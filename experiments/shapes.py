@@ -24,6 +24,8 @@ from pathlib import Path
 
 import common
 
+from dumo.cli.common import add_set_argument
+
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = "shapes-scores.json"
 EULER_STEPS = 50
@@ -108,7 +110,7 @@ def runs_of_seed(args: argparse.Namespace, seed: int) -> list:
 
     def run(name: str, extra: list[str]):
         folder = args.out / f"{name}-s{seed}"
-        overrides = [*args.overrides, f"train.seed={seed}", *extra]
+        overrides = [*args.set, f"train.seed={seed}", *extra]
         train(config / f"{CONFIGS[name]}.yaml", folder, overrides, args.table_only)
         return name, seed, score(folder, wanted[name], args.per_prompt) if folder.is_dir() else {}
 
@@ -156,7 +158,7 @@ def compare(args: argparse.Namespace) -> None:
         "# Shapes world: text-to-image accuracy (the shapes judge, overall = mean of the four categories)",
         "",
         f"    python experiments/shapes.py compare --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
-        + (f" --set {' '.join(args.overrides)}" if args.overrides else ""),
+        + (f" --set {' '.join(args.set)}" if args.set else ""),
         "",
         *table(results, args.guidance),
     ]
@@ -173,14 +175,7 @@ def main() -> None:
     stage.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each; default 2)")
     stage.add_argument("--guidance", type=float, default=2.0, help="the teacher's guided row: CFG scale (default 2)")
     stage.add_argument("--per-prompt", type=int, default=4, help="images per evaluation prompt (default 4)")
-    stage.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for every run (teacher and student alike), e.g. model.name=TextDiT-XS/2",
-    )
+    add_set_argument(stage)  # for every run, teacher and student alike (e.g. model.name=TextDiT-XS/2)
     stage.add_argument("--table-only", action="store_true", help="tabulate the runs that exist, train nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def test_compare_passes_its_overrides_to_the_teacher_and_the_student_alike(tmp_p
     monkeypatch.setattr(shapes, "train", train)
     monkeypatch.setattr(shapes, "score", lambda folder, wanted, per_prompt: {})
     argv = ["shapes.py", "compare", "--seeds", "3", "--out", str(tmp_path), "--jobs", "1"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--set", "model.name=TextDiT-XS/2", "optim.lr=0.001"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--set", "model.name=TextDiT-XS/2", "--set", "optim.lr=0.001"])
     shapes.main()
     assert sorted(trained) == ["dumo-from-fm-s3", "dumo-s3", "fm-s3", "meanflow-s3"]
     for overrides in trained.values():  # the student can start from its teacher only on the same network
