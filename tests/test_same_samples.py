@@ -1,5 +1,8 @@
 """The package redesign moved code, not arithmetic: the same runs train to the same weights and
-draw the same samples, bit for bit, as the code before it did on this machine.
+draw the same samples as the code before it did: bit for bit on a machine of the kind that wrote the
+fixtures. Another CPU's kernels may sum in another order (one differed by 3e-7 in the samples): there
+the exports' samples must agree within 1e-5, the short digits run's weights within 1e-2 (relative),
+and the moons run, whose 300 steps grow the rounding, is skipped with that reason.
 
 The fixtures in ``tests/data/before-redesign`` were written by its ``make.sh`` with dumo as it was
 before the redesign: exports of a short moons run (the demo's config) and a short digits DuMo run,
@@ -26,6 +29,12 @@ RUNS = {
     ),
 }
 SAMPLES = {"moons": ("npy", 256), "digits": ("npz", 32)}
+# Another CPU's rounding, not a change of arithmetic: a moved sign or factor is off by far more.
+SAMPLE_TOLERANCE = 1e-5
+WEIGHT_TOLERANCE = 1e-2  # relative: training carries rounding forward over its steps
+# On another CPU the 300 moons steps grow a 3e-7 rounding difference to 28% of a bias; the 60 digits
+# steps keep it under 4e-4, so only digits is compared there.
+ROUNDING_GROWS = {"moons"}
 
 
 def dumo(*args: str) -> None:
@@ -51,7 +60,8 @@ def test_exports_from_before_sample_the_same(run, tmp_path):
         before = read_samples(next(FIXTURES.glob(f"{run}-{nfe}nfe.*")))
         now = draw(FIXTURES / run, run, nfe, tmp_path)
         assert now.dtype == before.dtype and now.shape == before.shape
-        assert np.array_equal(now, before), f"{run} {nfe} NFE: max difference {np.abs(now - before).max()}"
+        difference = float(np.abs(now.astype(np.float64) - before.astype(np.float64)).max())
+        assert difference <= SAMPLE_TOLERANCE, f"{run} {nfe} NFE: max difference {difference}"
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
@@ -61,8 +71,28 @@ def test_the_same_run_trains_to_the_same_weights(run, tmp_path):
     dumo("export", str(tmp_path / "run"), str(tmp_path / "export"))
     before, now = load_file(FIXTURES / run / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
     assert sorted(now) == sorted(before)
-    differing = [name for name in before if not np.array_equal(before[name], now[name])]
-    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
-    assert np.array_equal(
-        draw(tmp_path / "export", run, 1, tmp_path), read_samples(next(FIXTURES.glob(f"{run}-1nfe.*")))
-    )
+    samples = draw(tmp_path / "export", run, 1, tmp_path)
+    before_samples = read_samples(next(FIXTURES.glob(f"{run}-1nfe.*")))
+    if same_arithmetic(run, tmp_path):  # the fixtures' kind of machine: bit for bit
+        differing = [name for name in before if not np.array_equal(before[name], now[name])]
+        assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+        assert np.array_equal(samples, before_samples)
+        return
+    if run in ROUNDING_GROWS:
+        pytest.skip(f"{run}: this CPU rounds unlike the fixtures' machine and {RUNS[run][1][0]} carry that far")
+    differences = {name: relative_difference(now[name], before[name]) for name in before}
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= WEIGHT_TOLERANCE, f"{run}: {worst} differs by {differences[worst]:.3g} (relative)"
+    assert relative_difference(samples, before_samples) <= WEIGHT_TOLERANCE
+
+
+def same_arithmetic(run: str, out_dir: Path) -> bool:
+    """Whether this machine draws the fixtures' own samples from their export bit for bit."""
+    before = read_samples(next(FIXTURES.glob(f"{run}-1nfe.*")))
+    return np.array_equal(draw(FIXTURES / run, run, 1, out_dir / "arithmetic"), before)
+
+
+def relative_difference(now: np.ndarray, before: np.ndarray) -> float:
+    """||now - before|| / ||before||, in float64."""
+    now, before = now.astype(np.float64), before.astype(np.float64)
+    return float(np.linalg.norm(now - before) / max(np.linalg.norm(before), 1e-12))
