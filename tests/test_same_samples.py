@@ -9,9 +9,11 @@ before the redesign: exports of a short moons run (the demo's config) and a shor
 and samples drawn from them. Single-threaded on both sides, so the arithmetic is the same.
 """
 
+import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,26 +56,41 @@ def read_samples(path: Path) -> np.ndarray:
     return np.load(path) if path.suffix == ".npy" else np.load(path)["images"]
 
 
+@pytest.fixture(scope="module")
+def drawn_from_fixtures(tmp_path_factory) -> Callable[[str, int], np.ndarray]:
+    """Samples of the fixtures' own exports drawn by today's code, each (run, NFE) drawn once."""
+    out_dir = tmp_path_factory.mktemp("from-fixtures")
+    return functools.cache(lambda run, nfe: draw(FIXTURES / run, run, nfe, out_dir))
+
+
+def stored_samples(run: str, nfe: int) -> np.ndarray:
+    return read_samples(next(FIXTURES.glob(f"{run}-{nfe}nfe.*")))
+
+
+def same_arithmetic(run: str, drawn_from_fixtures) -> bool:
+    """Whether this machine draws the fixtures' own 1-NFE samples from their export bit for bit."""
+    return np.array_equal(drawn_from_fixtures(run, 1), stored_samples(run, 1))
+
+
 @pytest.mark.parametrize("run", sorted(RUNS))
-def test_exports_from_before_sample_the_same(run, tmp_path):
+def test_exports_from_before_sample_the_same(run, drawn_from_fixtures):
+    exact = same_arithmetic(run, drawn_from_fixtures)
     for nfe in (1, 2):
-        before = read_samples(next(FIXTURES.glob(f"{run}-{nfe}nfe.*")))
-        now = draw(FIXTURES / run, run, nfe, tmp_path)
+        before, now = stored_samples(run, nfe), drawn_from_fixtures(run, nfe)
         assert now.dtype == before.dtype and now.shape == before.shape
         difference = float(np.abs(now.astype(np.float64) - before.astype(np.float64)).max())
-        assert difference <= SAMPLE_TOLERANCE, f"{run} {nfe} NFE: max difference {difference}"
+        assert difference <= (0.0 if exact else SAMPLE_TOLERANCE), f"{run} {nfe} NFE: max difference {difference}"
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
-def test_the_same_run_trains_to_the_same_weights(run, tmp_path):
+def test_the_same_run_trains_to_the_same_weights(run, tmp_path, drawn_from_fixtures):
     config, overrides = RUNS[run]
     dumo("train", config, "--out", str(tmp_path / "run"), "--set", *overrides)
     dumo("export", str(tmp_path / "run"), str(tmp_path / "export"))
     before, now = load_file(FIXTURES / run / "model.safetensors"), load_file(tmp_path / "export" / "model.safetensors")
     assert sorted(now) == sorted(before)
-    samples = draw(tmp_path / "export", run, 1, tmp_path)
-    before_samples = read_samples(next(FIXTURES.glob(f"{run}-1nfe.*")))
-    if same_arithmetic(run, tmp_path):  # the fixtures' kind of machine: bit for bit
+    samples, before_samples = draw(tmp_path / "export", run, 1, tmp_path), stored_samples(run, 1)
+    if same_arithmetic(run, drawn_from_fixtures):  # the fixtures' kind of machine: bit for bit
         differing = [name for name in before if not np.array_equal(before[name], now[name])]
         assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
         assert np.array_equal(samples, before_samples)
@@ -84,12 +101,6 @@ def test_the_same_run_trains_to_the_same_weights(run, tmp_path):
     worst = max(differences, key=differences.get)
     assert differences[worst] <= WEIGHT_TOLERANCE, f"{run}: {worst} differs by {differences[worst]:.3g} (relative)"
     assert relative_difference(samples, before_samples) <= WEIGHT_TOLERANCE
-
-
-def same_arithmetic(run: str, out_dir: Path) -> bool:
-    """Whether this machine draws the fixtures' own samples from their export bit for bit."""
-    before = read_samples(next(FIXTURES.glob(f"{run}-1nfe.*")))
-    return np.array_equal(draw(FIXTURES / run, run, 1, out_dir / "arithmetic"), before)
 
 
 def relative_difference(now: np.ndarray, before: np.ndarray) -> float:
